@@ -1,0 +1,1817 @@
+"""A small Mixture-of-Experts language model and the routing-noise experiment built on it.
+
+    python llm.py                     # 18 runs: noise_std {0,0.1,0.5} x lb weight {0.01,0} x seeds {42,43,44}
+    python llm.py --preset smoke      # the same sweep, tiny, on the shipped sample corpus: CPU, offline, < 1 min
+    python llm.py --bench             # time the training step against a per-expert-loop reference
+    torchrun --nproc-per-node=4 llm.py --out results.csv   # the same runs spread over 4 GPUs
+
+Each run appends one row to the CSV as it finishes; rerunning the same command skips finished runs. After the
+sweep a markdown report with paired statistics and plots is written beside the CSV (`--report CSV` rebuilds it).
+Sections: config, model, data, optimiser and schedule, train and evaluate, benchmark, sweep/CSV/report, CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import typing
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+SAMPLE_CORPUS = HERE / "data_cache" / "sample_corpus.txt"
+DEFAULT_CSV = "moe_routing_noise_experiment_results.csv"
+DOC_CHARS = 3000  # each document is cut to its first 3000 characters, as in the original
+CACHE_FORMAT = 1  # bump when the token cache layout changes
+
+
+class UserError(Exception):
+    """Bad input or environment: main() prints it as one line and exits 2."""
+
+
+def warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+
+def _f(default, group: str, help: str, **kw):
+    return field(default=default, metadata={"group": group, "help": help}, **kw)
+
+
+@dataclass
+class MoEModelConfig:
+    # model
+    d_model: int = _f(384, "model", "hidden size")
+    n_heads: int = _f(8, "model", "attention heads (d_model must divide evenly)")
+    n_layers: int = _f(6, "model", "transformer blocks")
+    d_ff: int = _f(1536, "model", "hidden size of each expert's feed-forward layer")
+    num_experts: int = _f(8, "model", "experts per MoE layer")
+    expert_top_k: int = _f(2, "model", "experts each token is routed to")
+    dropout: float = _f(0.1, "model", "dropout on embeddings, residual branches, attention and expert hidden")
+    vocab_size: typing.Optional[int] = _f(None, "model", "vocabulary size; default: the tokenizer's")
+    # routing (swept: set with --noise-std / --lb-weight)
+    noise_std: float = _f(0.1, "routing", "std of Gaussian noise added to router logits in training")
+    load_balancing_weight: float = _f(0.01, "routing", "weight of the load-balancing loss (0 = off)")
+    # training
+    batch_size: int = _f(24, "training", "sequences per micro-batch")
+    max_steps: int = _f(400, "training", "optimizer updates per run")
+    gradient_accumulation_steps: int = _f(1, "training", "micro-batches per update")
+    muon_lr: float = _f(0.01, "training", "Muon learning rate (AdamW uses a tenth of it)")
+    weight_decay: float = _f(0.1, "training", "AdamW weight decay (Muon uses none, as the original)")
+    grad_clip: float = _f(1.0, "training", "gradient-norm clip (0 = off)")
+    use_amp: bool = _f(True, "training", "mixed precision on GPU (bf16, or fp16 with a GradScaler)")
+    eval_every: int = _f(500, "training", "evaluate every N updates (the final update is always evaluated)")
+    eval_steps: int = _f(100, "training", "validation batches per evaluation (fewer if the split is smaller)")
+    log_every: int = _f(10, "training", "read training metrics back from the device every N updates")
+    seed: int = _f(42, "training", "seed for weights, batches, dropout and noise (swept: --seeds)")
+    # data
+    max_seq_len: int = _f(512, "data", "tokens per training window")
+    num_documents: int = _f(2000, "data", "documents read from the corpus")
+    max_tokens: int = _f(500_000, "data", "tokens kept from those documents")
+    dataset: str = _f("HuggingFaceTB/smollm-corpus", "data", "Hugging Face dataset id")
+    dataset_config: str = _f("cosmopedia-v2", "data", "dataset configuration")
+    data_files: tuple = _f((), "data", "local .txt/.jsonl/.json/.parquet files instead of the hub dataset")
+    tokenizer: str = _f("HuggingFaceTB/SmolLM-135M", "data", "hub id, local tokenizer folder, or 'bytes'")
+    cache_dir: str = _f("data_cache", "data", "where tokenized corpora are cached")
+    # computed, not constructor arguments
+    d_k: int = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.data_files = tuple(str(p) for p in self.data_files)
+        self.validate()
+        self.d_k = self.d_model // self.n_heads
+
+    def validate(self):
+        positive = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
+                    "max_steps", "gradient_accumulation_steps", "eval_every", "eval_steps", "log_every",
+                    "max_seq_len", "num_documents", "max_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise UserError(f"--d-model {self.d_model} must split into --n-heads {self.n_heads} heads of even "
+                            f"size (rotary embeddings rotate pairs); try --d-model {self.n_heads * 64}")
+        if self.expert_top_k > self.num_experts:
+            raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
+                            f"{self.num_experts}; choose top-k <= experts")
+        for name in ("noise_std", "load_balancing_weight", "muon_lr", "weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
+
+
+SWEPT = ("noise_std", "load_balancing_weight", "seed")  # set per run by the sweep, not by single-value flags
+RESULT_NEUTRAL = ("cache_dir", "log_every")  # do not change the numbers, so not part of a run's identity
+
+PRESETS = {
+    # Tiny model, byte tokenizer and the shipped sample corpus: the whole 18-run sweep in under a minute on CPU.
+    "smoke": dict(tokenizer="bytes", data_files=(str(SAMPLE_CORPUS),), d_model=64, n_heads=4, n_layers=2,
+                  d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=15, eval_steps=4,
+                  log_every=5, num_documents=1000, max_tokens=100_000),
+}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def config_hash(config: MoEModelConfig, data_key: str = "") -> str:
+    """Identity of a run: every result-affecting field plus the exact data, so resume never mixes setups."""
+    d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k",)}
+    return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model
+
+class Rotary(nn.Module):
+    """Rotary position embedding, interleaved-pair convention (dims 2i and 2i+1 rotate together), base 10000."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x):  # x (B, H, T, hd)
+        T = x.size(-2)
+        cos, sin = self.cos[:T], self.sin[:T]  # (T, hd/2)
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # (B, H, T, hd/2) each
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+        return out.flatten(-2).type_as(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        self.n_heads, self.d_k, self.dropout = cfg.n_heads, cfg.d_k, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.w_o = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = Rotary(cfg.d_k, cfg.max_seq_len)
+
+    def forward(self, x):  # x (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_k).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
+        q, k = self.rotary(q), self.rotary(k)
+        # SDPA picks the fastest kernel available (flash / memory-efficient on GPU) for causal attention.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.w_o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class TopKRouter(nn.Module):
+    """Linear gate in float32; noise on the logits only in training; top-k picks, softmax over the k combines."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        # A buffer, not a Python float: changing it between runs must not recompile the graph.
+        self.register_buffer("noise_std", torch.zeros(()), persistent=False)
+
+    def forward(self, x):  # x (N, C)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E) float32
+            if self.training:
+                logits = logits + torch.randn_like(logits) * self.noise_std
+            probs = logits.softmax(dim=-1)  # (N, E) full softmax, for the balancing loss
+            top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
+            top_w = top_logits.softmax(dim=-1)  # (N, k) combine weights
+        return top_w, top_idx, probs
+
+
+def load_balancing_loss(probs, counts, n_assignments: int):
+    """num_experts * sum_i f_i * P_i: f_i = share of (token, slot) assignments to expert i, P_i = mean prob.
+    Perfectly balanced routing gives 1.0."""
+    f = counts.float() / n_assignments  # (E,)
+    return probs.size(-1) * (f * probs.mean(dim=0)).sum()
+
+
+def _has_grouped_mm() -> bool:
+    return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
+
+
+def grouped_mm(a, b, offs):
+    """a (M, K) rows sorted by group, b (G, K, N), offs (G,) int32 group ends -> (M, N)."""
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+class MixtureOfExperts(nn.Module):
+    """Dropless top-k MoE. Expert weights are stacked (E, out, in) so all experts run as one grouped matmul.
+
+    dispatch: "grouped" sorts token copies by expert and runs two grouped GEMMs, no host sync (the default);
+    "sorted" is the same sort with a Python loop over experts (one sync per layer; for builds without
+    grouped_mm); "loop" mirrors the original (boolean mask per expert, a host sync per expert) and is the
+    reference the tests and the benchmark compare against.
+    """
+
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k, self.dropout = cfg.num_experts, cfg.expert_top_k, cfg.dropout
+        self.router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.expert_top_k)
+        self.w1 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_ff, cfg.d_model))  # (E, d_ff, C)
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))  # (E, C, d_ff)
+        self.dispatch = "sorted"  # ModelCache switches CUDA models to "grouped" where the kernel runs
+
+    def _compute_dtype(self, x):
+        # grouped_mm is not on autocast's cast lists, so cast by hand to what autocast would use.
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    def _expert_ffn(self, xs, e: int, dt):  # xs (n, C) -> (n, C): one expert, as the original's Expert
+        h = F.dropout(F.silu(xs @ self.w1[e].to(dt).T), self.dropout, self.training)
+        return h @ self.w2[e].to(dt).T
+
+    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), counts (E,)
+        B, T, C = x.shape
+        N, k, E = B * T, self.top_k, self.num_experts
+        x_flat = x.reshape(N, C)
+        top_w, top_idx, probs = self.router(x_flat)  # (N, k), (N, k), (N, E)
+        flat_idx = top_idx.reshape(-1)  # (N*k,) expert of each token copy
+        # scatter_add instead of bincount: bincount sizes its output from the data and would sync with the host.
+        counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat_idx,
+                                                                                  torch.ones_like(flat_idx))
+        aux = load_balancing_loss(probs, counts, N * k)
+        dt = self._compute_dtype(x)
+        if self.dispatch == "loop":
+            return self._forward_loop(x_flat, top_w, top_idx, dt).view(B, T, C), aux, counts
+        order = flat_idx.argsort(stable=True)  # (N*k,) copies grouped by expert
+        xs = x_flat[order // k].to(dt)  # (N*k, C) each copy's token
+        if self.dispatch == "grouped":
+            offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+            h = grouped_mm(xs, self.w1.to(dt).transpose(-2, -1), offs)  # (N*k, d_ff)
+            h = F.dropout(F.silu(h), self.dropout, self.training)
+            ys = grouped_mm(h, self.w2.to(dt).transpose(-2, -1), offs)  # (N*k, C)
+        else:
+            ends = counts.cumsum(0).tolist()
+            ys = torch.cat([self._expert_ffn(xs[s:e_], e, dt) for e, (s, e_) in enumerate(zip([0] + ends, ends))])
+        # Un-sort with a gather (deterministic, unlike index_add's atomics), then weight and sum the k copies.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
+        y = ys[inverse].view(N, k, C).float()  # (N, k, C) in token order
+        out = (y * top_w.unsqueeze(-1)).sum(dim=1)  # (N, C) float32 accumulation
+        return out.to(x.dtype).view(B, T, C), aux, counts
+
+    def _forward_loop(self, x_flat, top_w, top_idx, dt):
+        out = torch.zeros(x_flat.shape, dtype=torch.float32, device=x_flat.device)
+        for e in range(self.num_experts):
+            mask = top_idx == e  # (N, k)
+            rows = mask.any(dim=-1)  # (N,)
+            if rows.any():  # the original's per-expert host sync
+                w = (top_w * mask).sum(dim=-1)[rows]  # (n,) this expert's combine weight per token
+                out[rows] += w.unsqueeze(-1) * self._expert_ffn(x_flat[rows].to(dt), e, dt).float()
+        return out.to(x_flat.dtype)
+
+
+CE_CHUNK_LOGITS = 2 ** 27  # logits alive at once in the fused loss: 512 MB in fp32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of h @ W.T, plus the count of correct top-1 predictions, in row chunks.
+
+    Hand-written because torch has no fused linear + cross-entropy: the plain form stores (N, V) logits
+    (1.2 GB in bf16 at the default shape, twice that in fp32 for the loss) and its log-softmax backward is a
+    slow separate pass. Here each chunk's gradient (softmax - one-hot) is formed while its logits exist and
+    only grad_h (N, C) and grad_W (V, C) are kept; backward just scales them. Checked against F.cross_entropy
+    in tests/test_llm.py."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, compute_dtype, need_grad: bool):  # h (N, C), W (V, C), targets (N,)
+        N, V = h.size(0), W.size(0)
+        chunk = max(1, CE_CHUNK_LOGITS // V)  # rows per chunk
+        hc, Wc = h.to(compute_dtype), W.to(compute_dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        correct = torch.zeros((), dtype=torch.int64, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_W = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if need_grad else None
+        for s in range(0, N, chunk):
+            t = targets[s:s + chunk, None]  # (n, 1)
+            logits = (hc[s:s + chunk] @ Wc.T).float()  # (n, V)
+            correct += (logits.argmax(dim=-1, keepdim=True) == t).sum()
+            logp = logits.log_softmax(dim=-1)  # (n, V)
+            loss -= logp.gather(1, t).sum()
+            if need_grad:
+                g = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))  # softmax - one-hot
+                g = g.to(compute_dtype)
+                grad_h[s:s + chunk] = g @ Wc / N  # the 1/N of the mean goes on the small (n, C) side
+                grad_W += g.T @ hc[s:s + chunk]
+        if need_grad:
+            grad_W /= N
+        ctx.mark_non_differentiable(correct)
+        ctx.w_dtype = W.dtype
+        ctx.save_for_backward(grad_h, grad_W)
+        return loss / N, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), (grad_W * grad_loss).to(ctx.w_dtype), None, None, None
+
+
+class MoETransformerBlock(nn.Module):
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
+        self.attention = MultiHeadAttention(cfg)
+        self.feed_forward = MixtureOfExperts(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):  # x (B, T, C)
+        x = x + self.dropout(self.attention(self.norm1(x)))
+        moe_out, aux, counts = self.feed_forward(self.norm2(x))
+        return x + self.dropout(moe_out), aux, counts
+
+
+class MoEMinimalLLM(nn.Module):
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        assert cfg.vocab_size, "vocab_size is resolved from the data before the model is built"
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(MoETransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.token_embedding.weight  # tied
+        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)  # buffer: no recompiles per run
+        self.fused_ce = True
+        self.reset_parameters(cfg.seed)
+
+    def reset_parameters(self, seed: int):
+        """Same seed, same weights: runs of one seed start identical in every condition."""
+        torch.manual_seed(seed)
+        for name, p in self.named_parameters():  # named_parameters visits the tied weight once
+            if p.ndim >= 2:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            else:
+                nn.init.ones_(p)  # RMSNorm gains
+
+    def set_routing(self, noise_std: float, load_balancing_weight: float):
+        self.lb_weight.fill_(load_balancing_weight)
+        for block in self.blocks:
+            block.feed_forward.router.noise_std.fill_(noise_std)
+
+    def set_dispatch(self, dispatch: str):
+        """"grouped" / "sorted" (fast paths) or "loop" (the original's, which also uses the plain loss)."""
+        self.fused_ce = dispatch != "loop"
+        for block in self.blocks:
+            block.feed_forward.dispatch = dispatch
+
+    def forward(self, idx, targets):
+        """idx, targets (B, T) -> loss (), cross-entropy (), aux loss (), routing counts (L, E), correct ()."""
+        x = self.dropout(self.token_embedding(idx) * math.sqrt(self.cfg.d_model))  # (B, T, C)
+        aux_total, layer_counts = 0.0, []
+        for block in self.blocks:
+            x, aux, counts = block(x)
+            aux_total = aux_total + aux
+            layer_counts.append(counts)
+        h = self.dropout(self.norm(x)).flatten(0, 1)  # (B*T, C)
+        y = targets.flatten()  # (B*T,)
+        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        # fp16 would underflow the fused loss's per-token gradients before the GradScaler can scale them up.
+        if self.fused_ce and dt != torch.float16:
+            need_grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+            ce, correct = LinearCrossEntropy.apply(h, self.lm_head.weight, y, dt, need_grad)
+        else:  # the plain form, as the original: kept as the reference
+            logits = self.lm_head(h)  # (B*T, V)
+            ce = F.cross_entropy(logits.float(), y)
+            correct = (logits.argmax(dim=-1) == y).sum()
+        return ce + self.lb_weight * aux_total, ce, aux_total, torch.stack(layer_counts), correct
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token): a token uses top_k of num_experts experts."""
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.cfg
+    expert = sum(b.feed_forward.w1.numel() + b.feed_forward.w2.numel() for b in model.blocks)
+    return total, total - expert + expert * cfg.expert_top_k // cfg.num_experts
+
+
+def flops_per_token(cfg: MoEModelConfig) -> float:
+    """Training FLOPs per token, nanoGPT's estimate: 6 x active matmul weights + attention scores."""
+    per_layer = 4 * cfg.d_model ** 2 + cfg.d_model * cfg.num_experts + 2 * cfg.expert_top_k * cfg.d_model * cfg.d_ff
+    matmul_weights = cfg.n_layers * per_layer + cfg.vocab_size * cfg.d_model
+    return 6 * matmul_weights + 12 * cfg.n_layers * cfg.d_model * cfg.max_seq_len
+
+
+def expert_usage_cv(counts) -> float:
+    """Coefficient of variation of per-expert counts: population std / mean (0 = perfectly balanced)."""
+    c = np.asarray(counts, dtype=np.float64)
+    return float(c.std() / c.mean()) if c.mean() > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocabulary 256): needs no files and no network."""
+    vocab_size = 256
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """A quick TCP probe, so an offline user hears so in seconds rather than after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    ok = []
+
+    def probe():  # in a thread: getaddrinfo itself has no timeout
+        try:
+            socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return bool(ok)
+
+
+OFFLINE_HINT = ("to work offline use --data-files FILE [FILE ...] with --tokenizer bytes (or a local tokenizer "
+                "folder), or --preset smoke")
+
+
+def load_tokenizer(name: str):
+    if name == "bytes":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name, use_fast=True)
+    except Exception as e:
+        raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}); {OFFLINE_HINT}") from None
+
+
+def _data_files(cfg: MoEModelConfig) -> list[dict]:
+    out = []
+    for p in cfg.data_files:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.json/.parquet files")
+        if path.stat().st_size == 0:
+            raise UserError(f"data file is empty: {p}; pass files that contain text")
+        st = path.stat()
+        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def data_key(cfg: MoEModelConfig) -> dict:
+    """Everything the token stream depends on; the cache file name is its hash."""
+    files = _data_files(cfg)
+    return {"format": CACHE_FORMAT, "dataset": None if files else cfg.dataset,
+            "dataset_config": None if files else cfg.dataset_config, "files": files, "tokenizer": cfg.tokenizer,
+            "num_documents": cfg.num_documents, "max_tokens": cfg.max_tokens, "doc_chars": DOC_CHARS}
+
+
+def _iter_documents(cfg: MoEModelConfig, files: list[dict]):
+    from datasets import load_dataset
+    if files:
+        suffixes = {Path(f["path"]).suffix.lower() for f in files}
+        builder = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        kinds = {builder.get(s) for s in suffixes}
+        if None in kinds or len(kinds) > 1:
+            raise UserError(f"--data-files must all be one kind: .txt/.md, .jsonl/.json or .parquet (got "
+                            f"{', '.join(sorted(suffixes))})")
+        kind = kinds.pop()
+        # Plain text: one document per paragraph (blank-line separated), not per line or per file.
+        extra = {"sample_by": "paragraph"} if kind == "text" else {}
+        ds = load_dataset(kind, data_files=[f["path"] for f in files], split="train", streaming=True, **extra)
+    else:
+        ds = load_dataset(cfg.dataset, cfg.dataset_config, split="train", streaming=True)
+    for row in ds:
+        if "text" not in row:
+            raise UserError(f"the data has no 'text' column (columns: {', '.join(row)}); provide a 'text' field")
+        if row["text"] and row["text"].strip():
+            yield row["text"][:DOC_CHARS]
+
+
+def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False) -> tuple[np.ndarray, dict]:
+    """Token stream for cfg, from data_cache/ when present (no network), else built and cached.
+
+    The cache is a plain .npy array plus a JSON sidecar with the key; anything unreadable or mismatched is
+    rebuilt with a warning, never trusted."""
+    key = data_key(cfg)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(cfg.cache_dir)
+    npy, meta_path = cache / f"tokens_{digest}.npy", cache / f"tokens_{digest}.json"
+    if npy.exists() or meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            tokens = np.load(npy, allow_pickle=False)
+            if meta.get("key") != key or len(tokens) != meta["n_tokens"] or tokens.ndim != 1:
+                raise ValueError("contents do not match the sidecar")
+            meta["cache_file"] = str(npy)
+            return tokens, meta
+        except Exception as e:
+            warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding it")
+
+    files = key["files"]
+    needs_hub = not files or cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).expanduser().exists()
+    if needs_hub and not _hub_reachable():
+        # Set before datasets / huggingface_hub are imported: they read it once, and then fail in about a second.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    chunks, n, n_docs, batch = [], 0, 0, []
+    from tqdm.auto import tqdm
+    source = cfg.dataset if not files else f"{len(files)} local file(s)"
+    bar = tqdm(total=cfg.max_tokens, desc=f"tokenizing {source}", unit="tok", disable=quiet, leave=False)
+
+    def flush():  # the fast tokenizers parallelise over a batch of documents
+        nonlocal n
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            chunks.append(np.asarray(ids, dtype=np.int64))
+            n += len(ids)
+            bar.update(len(ids))
+        batch.clear()
+
+    try:
+        for text in itertools.islice(_iter_documents(cfg, files), cfg.num_documents):
+            batch.append(text)
+            n_docs += 1
+            if len(batch) == 256:
+                flush()
+                if n >= cfg.max_tokens:
+                    break
+        if batch:
+            flush()
+    except UserError:
+        raise
+    except Exception as e:
+        where = "the data files" if files else f"dataset {cfg.dataset}/{cfg.dataset_config}"
+        hint = "" if files else f"; {OFFLINE_HINT}"
+        raise UserError(f"cannot read {where}: {type(e).__name__}: {str(e).splitlines()[0][:200]}{hint}") from None
+    finally:
+        bar.close()
+    if n == 0:
+        raise UserError("the corpus produced no tokens; check --data-files / --dataset")
+    tokens = np.concatenate(chunks)[: cfg.max_tokens]
+    tokens = tokens.astype(np.uint16 if vocab <= 65536 else np.int32)
+    meta = {"key": key, "n_tokens": int(len(tokens)), "n_documents": n_docs, "vocab_size": int(vocab),
+            "dtype": str(tokens.dtype), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = npy.with_suffix(f".{os.getpid()}.tmp.npy")  # write then rename: a killed build leaves no half file
+    np.save(tmp, tokens)
+    os.replace(tmp, npy)
+    tmp_meta = meta_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_meta, meta_path)
+    meta["cache_file"] = str(npy)
+    return tokens, meta
+
+
+@dataclass
+class TokenData:
+    """Train stream and fixed validation batches on the device.
+
+    The last 10% of the stream is held out. Validation windows tile it without overlap (stride T+1), so no
+    validation token is ever a training token; training windows are drawn at random from the first 90%."""
+    train: torch.Tensor  # (N_train,) int64
+    val: list  # [(x (B, T), y (B, T))], the same for every run and every evaluation
+    seq_len: int
+    batch_size: int
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, cfg: MoEModelConfig, device) -> "TokenData":
+        T, B = cfg.max_seq_len, cfg.batch_size
+        n_val = len(tokens) // 10
+        n_train = len(tokens) - n_val
+        need = B * (T + 1)
+        if n_val < need or n_train < need:
+            raise UserError(f"the corpus has {len(tokens):,} tokens, too few for one training batch and one "
+                            f"validation batch of {B} x {T + 1} (the last 10% is held out): need at least "
+                            f"{10 * need:,}; add data, or lower --batch-size / --max-seq-len")
+        t = torch.from_numpy(tokens.astype(np.int64))
+        n_windows = n_val // (T + 1)
+        n_batches = min(cfg.eval_steps, n_windows // B)
+        windows = t[n_train:n_train + n_batches * B * (T + 1)].view(n_batches, B, T + 1)
+        val = [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows]
+        return cls(train=t[:n_train].to(device), val=val, seq_len=T, batch_size=B)
+
+    def sample_batch(self, gen: torch.Generator):  # -> x, y (B, T) on the device, no host round trip
+        T = self.seq_len
+        starts = torch.randint(0, len(self.train) - T, (self.batch_size, 1), generator=gen,
+                               device=gen.device)  # (B, 1)
+        idx = starts.to(self.train.device) + torch.arange(T + 1, device=self.train.device)  # (B, T+1)
+        w = self.train[idx]
+        return w[:, :-1], w[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                               dtype=torch.bfloat16):
+    """Orthogonalise each matrix of G (..., A, B) with the quintic Newton-Schulz iteration, batched."""
+    a, b, c = coefficients
+    X = G.to(dtype)
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = X @ X.mT  # (..., A, A)
+        X = a * X + (b * gram + c * gram @ gram) @ X
+    return X.mT if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum, Nesterov, Newton-Schulz orthogonalised update scaled by sqrt(max(1, rows/cols))).
+
+    Written here rather than using torch.optim.Muon because that one takes 2-D parameters only and
+    orthogonalises one matrix at a time: the 96 expert matrices of the default model would be 96 separate
+    chains of small kernels. This one treats a stacked (E, out, in) expert weight as E matrices (each
+    orthogonalised separately, as the original did) and batches every matrix of the same shape into one
+    Newton-Schulz call. tests/test_llm.py checks it against torch.optim.Muon matrix by matrix."""
+
+    def __init__(self, params, lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                 ns_dtype=torch.bfloat16, batched=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+        self.ns_dtype, self.batched = ns_dtype, batched
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            buckets: dict = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mom)
+                update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+                buckets.setdefault(tuple(p.shape[-2:]), []).append((p, update))
+            for (rows, cols), items in buckets.items():
+                stacked = [u.reshape(-1, rows, cols) for _, u in items]  # (n_i, rows, cols) each
+                if self.batched:
+                    ortho = zeropower_via_newtonschulz(torch.cat(stacked), group["ns_steps"], dtype=self.ns_dtype)
+                else:  # one matrix at a time, like the original: the benchmark's reference
+                    ortho = torch.cat([zeropower_via_newtonschulz(m, group["ns_steps"], dtype=self.ns_dtype)
+                                       for s in stacked for m in s.split(1)])
+                scale = lr * math.sqrt(max(1.0, rows / cols))
+                offset = 0
+                for p, _ in items:
+                    n = p.numel() // (rows * cols)
+                    if group["weight_decay"]:
+                        p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(ortho[offset:offset + n].view_as(p).to(p.dtype), alpha=-scale)
+                    offset += n
+
+
+def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, device: torch.device, reference=False):
+    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and norms."""
+    muon_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
+    adam_params = [p for n, p in model.named_parameters() if p.ndim < 2 or "token_embedding" in n]
+    # bf16 Newton-Schulz as the original (and torch.optim.Muon); but CPUs have no fast bf16 matmul, so the fast
+    # path uses fp32 there, which is also more precise. The reference keeps the original's bf16.
+    ns_dtype = torch.bfloat16 if device.type == "cuda" or reference else torch.float32
+    muon = Muon(muon_params, lr=cfg.muon_lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                ns_dtype=ns_dtype, batched=not reference)
+    adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
+                              fused=device.type == "cuda" and not reference)
+    for opt in (muon, adamw):
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return [muon, adamw]
+
+
+def lr_multiplier(step: int, max_steps: int) -> float:
+    """Linear warmup over the first 5% of updates, then cosine from 1.0 down to 0.1."""
+    warmup = max(1, max_steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Train and evaluate
+
+@dataclass
+class Runtime:
+    """Device, precision and compilation, decided once (resolve_runtime) and printed with the reason."""
+    device: torch.device
+    amp_dtype: typing.Optional[torch.dtype]
+    compile: bool
+    reason: str
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        return str(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.amp_dtype or torch.float32).replace("torch.", "")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.Optional[bool] = None,
+                    local_rank: int = 0) -> Runtime:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple MPS is not available; use --device cpu (or auto)")
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if not use_amp:
+            amp, why = None, "fp32 (--no-use-amp)"
+        elif torch.cuda.is_bf16_supported():
+            amp, why = torch.bfloat16, "bf16 autocast (the GPU supports bf16)"
+        else:
+            amp, why = torch.float16, "fp16 autocast with a GradScaler (the GPU lacks bf16)"
+    else:
+        amp, why = None, f"fp32 ({dev.type} has no fast mixed precision path here)"
+    use_compile = dev.type == "cuda" if compile is None else compile
+    why += f"; torch.compile {'on' if use_compile else 'off'} ({'flag' if compile is not None else 'default'})"
+    return Runtime(dev, amp, use_compile, why)
+
+
+class ModelCache:
+    """One model (and its compiled version) per architecture, re-initialised for every run.
+
+    Reusing the module lets torch.compile build its graphs once per sweep instead of once per run; noise and
+    balancing weight are buffers, so changing them between runs does not recompile either."""
+
+    ARCH = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout", "vocab_size",
+            "max_seq_len")
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.models = rt, {}
+
+    def get(self, cfg: MoEModelConfig, dispatch: typing.Optional[str] = None):
+        key = tuple(getattr(cfg, k) for k in self.ARCH) + (dispatch,)
+        if key not in self.models:
+            model = MoEMinimalLLM(cfg).to(self.rt.device)
+            model.set_dispatch(dispatch or default_dispatch(self.rt))
+            self.models[key] = (model, compiled(model) if self.rt.compile else model)
+        model, fn = self.models[key]
+        model.reset_parameters(cfg.seed)
+        model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+        return model, fn
+
+
+def compiled(model: nn.Module):
+    """torch.compile, falling back to eager (with dynamo's warning) if a graph fails to compile."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    for name in ("recompile_limit", "cache_size_limit"):  # one model per architecture in a --grid sweep
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    return torch.compile(model)
+
+
+def default_dispatch(rt: Runtime) -> str:
+    """"grouped" on GPUs whose torch build has bf16 grouped GEMM kernels (tried once), else "sorted".
+
+    On CPU the sorted loop is as fast (no host sync to avoid there) and grouped_mm does not compile."""
+    if rt.device.type != "cuda" or rt.amp_dtype != torch.bfloat16 or not _has_grouped_mm():
+        return "sorted"
+    try:
+        a = torch.randn(32, 16, device=rt.device, dtype=torch.bfloat16)
+        b = torch.randn(2, 16, 16, device=rt.device, dtype=torch.bfloat16)
+        grouped_mm(a, b, torch.tensor([16, 32], dtype=torch.int32, device=rt.device))
+        return "grouped"
+    except Exception:
+        warn("grouped_mm does not run on this GPU with this torch build; using the sorted per-expert loop")
+        return "sorted"
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource  # peak resident memory of the whole process: KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)
+
+
+@torch.no_grad()
+def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> dict:
+    """Cross-entropy, top-1 accuracy and routing counts over the fixed validation batches.
+
+    Everything accumulates on the device; the host reads it once at the end."""
+    model.eval()
+    dev = rt.device
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    correct = torch.zeros((), device=dev, dtype=torch.int64)
+    counts = torch.zeros(model.cfg.n_layers, model.cfg.num_experts, device=dev, dtype=torch.int64)
+    n_tokens = 0
+    for x, y in data.val:
+        with rt.autocast():
+            _, ce, _, layer_counts, n_correct = fn(x, y)
+        loss_sum += ce.double() * y.numel()
+        correct += n_correct
+        counts += layer_counts
+        n_tokens += y.numel()
+    model.train()
+    val_loss = loss_sum.item() / n_tokens
+    per_layer = counts.cpu().numpy()  # (L, E)
+    return {"val_loss": val_loss, "val_accuracy": correct.item() / n_tokens,
+            "val_perplexity": math.exp(val_loss) if val_loss < 700 else float("inf"),
+            "expert_usage_cv": expert_usage_cv(per_layer.sum(axis=0)),
+            "expert_usage_cv_per_layer": [expert_usage_cv(c) for c in per_layer]}
+
+
+def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: ModelCache,
+                    metrics_path: typing.Optional[Path] = None, progress: bool = True) -> dict:
+    """Train one run and return its metrics. A non-finite loss ends the run with status 'diverged'."""
+    from tqdm.auto import tqdm
+    t_run = time.perf_counter()
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    model, fn = models.get(cfg)
+    model.train()
+    optimizers = build_optimizers(model, cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout and router noise
+    params = [p for p in model.parameters()]
+    log = open(metrics_path, "w") if metrics_path else None
+    dev = rt.device
+    ce_acc, aux_acc = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
+    tokens_per_update = cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
+    status, diverged_step, best_ppl, last_eval, steps_done = "ok", None, float("inf"), None, 0
+    bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb {cfg.load_balancing_weight}",
+               unit="step", leave=False, disable=not progress, position=1, dynamic_ncols=True)
+    # Training time excludes evaluation; steady-state tokens/s also excludes the first log interval, which
+    # carries torch.compile's graph building in a sweep's first run.
+    t_loop = t_log = time.perf_counter()
+    eval_time = eval_since_log = steady_time = 0.0
+    since_log = steady_steps = 0
+    try:
+        for step in range(cfg.max_steps):
+            mult = lr_multiplier(step, cfg.max_steps)
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * mult
+            for _ in range(cfg.gradient_accumulation_steps):
+                x, y = data.sample_batch(gen)
+                with rt.autocast():
+                    loss, ce, aux, _, n_correct = fn(x, y)
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                ce_acc += ce.detach()
+                aux_acc += aux.detach()
+                # Remember the first non-finite step on the device; the host looks only when it logs.
+                bad = ~torch.isfinite(loss.detach())
+                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            for opt in optimizers:
+                scaler.unscale_(opt)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            steps_done, since_log = step + 1, since_log + 1
+            last = step + 1 == cfg.max_steps
+            if (step + 1) % cfg.log_every == 0 or last:
+                bad_step = int(first_bad.item())  # the one host sync per log interval
+                n_micro = since_log * cfg.gradient_accumulation_steps
+                train_loss, train_aux = ce_acc.item() / n_micro, aux_acc.item() / n_micro
+                acc = n_correct.item() / y.numel()  # last micro-batch
+                now = time.perf_counter()
+                dt = now - t_log - eval_since_log
+                tps = since_log * tokens_per_update / dt
+                if step + 1 > since_log:  # not the first interval
+                    steady_time, steady_steps = steady_time + dt, steady_steps + since_log
+                t_log, eval_since_log = now, 0.0
+                ce_acc.zero_(), aux_acc.zero_()
+                if bad_step >= 0:
+                    status, diverged_step = "diverged", bad_step
+                    bar.write(f"  run diverged: non-finite loss at step {bad_step}")
+                    break
+                bar.set_postfix(loss=f"{train_loss:.3f}", aux=f"{train_aux:.3f}", acc=f"{acc:.3f}",
+                                ppl=f"{math.exp(min(train_loss, 50)):.1f}", tok_s=f"{tps:,.0f}")
+                bar.update(since_log)
+                if log:
+                    log.write(json.dumps({"split": "train", "step": step + 1, "loss": train_loss,
+                                          "aux_loss": train_aux, "accuracy": acc, "tokens_per_s": tps,
+                                          "lr": optimizers[0].param_groups[0]["lr"]}) + "\n")
+                since_log = 0
+            if (step + 1) % cfg.eval_every == 0 or last:
+                _sync(rt)
+                t_eval = time.perf_counter()
+                last_eval = evaluate_model(fn, model, data, rt)
+                best_ppl = min(best_ppl, last_eval["val_perplexity"])
+                eval_time += time.perf_counter() - t_eval
+                eval_since_log += time.perf_counter() - t_eval
+                if log:
+                    log.write(json.dumps({"split": "val", "step": step + 1, "loss": last_eval["val_loss"],
+                                          "accuracy": last_eval["val_accuracy"],
+                                          "perplexity": last_eval["val_perplexity"]}) + "\n")
+                    log.flush()
+    finally:
+        bar.close()
+        if log:
+            log.close()
+    _sync(rt)
+    train_time = time.perf_counter() - t_loop - eval_time
+    if steady_steps == 0:
+        steady_time, steady_steps = train_time, steps_done
+    nan = float("nan")
+    ev = last_eval if status == "ok" else {}
+    return {
+        "val_loss": ev.get("val_loss", nan), "val_accuracy": ev.get("val_accuracy", nan),
+        "val_perplexity": ev.get("val_perplexity", nan),
+        "training_time_minutes": (time.perf_counter() - t_run) / 60, "peak_memory_gb": _peak_memory_gb(rt.device),
+        "best_val_perplexity": best_ppl if status == "ok" else nan,
+        "expert_usage_cv": ev.get("expert_usage_cv", nan), "status": status, "diverged_step": diverged_step,
+        "steps": steps_done, "train_tokens": steps_done * tokens_per_update,
+        "tokens_per_s": steady_steps * tokens_per_update / steady_time if steady_time > 0 else nan,
+        "expert_usage_cv_per_layer": ev.get("expert_usage_cv_per_layer", []),
+    }
+
+
+def set_seed(seed: int):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Benchmark
+
+def _matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
+    """Measured, not looked up: the best of a few large matmuls in the training dtype."""
+    dt = rt.amp_dtype or torch.float32
+    n = 8192 if rt.device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=rt.device, dtype=dt)
+    b = torch.randn(n, n, device=rt.device, dtype=dt)
+    best = float("inf")
+    for _ in range(5):
+        _sync(rt)
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        _sync(rt)
+        best = min(best, (time.perf_counter() - t) / 3)
+    return 2 * n ** 3 / best / 1e12, f"{str(dt).replace('torch.', '')} {n}x{n} matmul"
+
+
+def _sync(rt: Runtime):
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict:
+    """Median training-step time of this project's step and of a per-expert-loop reference, same process."""
+    cfg = replace(cfg, vocab_size=cfg.vocab_size or 49152)
+    peak, peak_what = _matmul_peak_tflops(rt)
+    flops = flops_per_token(cfg)
+    tokens = cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device),
+                torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device))
+               for _ in range(4)]
+    impls = []
+    for name, reference in (("this project", False), ("per-expert-loop reference", True)):
+        model = MoEMinimalLLM(cfg).to(rt.device)
+        model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+        model.set_dispatch("loop" if reference else default_dispatch(rt))
+        fn = compiled(model) if rt.compile and not reference else model
+        opts = build_optimizers(model, cfg, rt.device, reference=reference)
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+        params = list(model.parameters())
+
+        def step(i):
+            for j in range(cfg.gradient_accumulation_steps):
+                x, y = batches[(i + j) % len(batches)]
+                with rt.autocast():
+                    loss = fn(x, y)[0]
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            for o in opts:
+                scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for o in opts:
+                scaler.step(o)
+            scaler.update()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        t = time.perf_counter()
+        for i in range(warmup):
+            step(i)
+        _sync(rt)
+        warmup_s = time.perf_counter() - t
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            step(i)
+            _sync(rt)
+            times.append(time.perf_counter() - t)
+        step_s = float(np.median(times))
+        tflops = flops * tokens / step_s / 1e12
+        impls.append({"impl": name, "device": rt.device_name, "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
+                      "tflops": tflops, "mfu": tflops / peak, "peak_mem_gb": _peak_memory_gb(rt.device),
+                      "warmup_s": warmup_s})
+        del model, fn, opts
+    return {"speedup": impls[1]["step_ms"] / impls[0]["step_ms"], "peak_tflops": peak, "peak_measured_with": peak_what,
+            "flops_per_token": flops, "tokens_per_step": tokens, "dtype": rt.dtype_name, "compile": rt.compile,
+            "torch": torch.__version__, "impls": impls}
+
+
+def print_benchmark(res: dict):
+    print(f"\nbenchmark: {res['tokens_per_step']:,} tokens/step, {res['flops_per_token'] / 1e9:.3f} GFLOP/token, "
+          f"{res['dtype']}, compile {'on' if res['compile'] else 'off'}, torch {res['torch']}")
+    print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} (MFU is against this)")
+    print(f"{'impl':<28}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}{'warmup s':>10}")
+    for r in res["impls"]:
+        print(f"{r['impl']:<28}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.2f}"
+              f"{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}{r['warmup_s']:>10.1f}")
+    print(f"speed-up over the per-expert-loop reference: {res['speedup']:.2f}x")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweep, CSV and report
+
+FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
+                 "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv")
+TAIL_COLUMNS = ("status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_per_layer",
+                "device", "dtype", "run_id", "config_hash", "config_json")
+_SHORT = {"noise_std": "noise", "load_balancing_weight": "lb"}
+# Read as text: a hex hash can be all digits, and a one-layer CV list would otherwise become a float.
+_TEXT_COLUMNS = ("status", "expert_usage_cv_per_layer", "device", "dtype", "run_id", "config_hash", "config_json")
+
+
+def condition_columns(df):
+    cols = list(df.columns)
+    return ["noise_std", "load_balancing_weight"] + cols[cols.index("expert_usage_cv") + 1:cols.index("status")]
+
+
+def _ok_mask(df):
+    return df["status"].astype(str).str.strip().eq("ok")
+
+
+def _num(df, col):
+    import pandas as pd
+    return pd.to_numeric(df[col], errors="coerce")
+
+
+def _groups(df):
+    """(condition tuple, rows) in order of first appearance in the CSV, diverged rows included."""
+    return list(df.groupby(condition_columns(df), sort=False, dropna=False))
+
+
+def _fmt_value(v):
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))  # CSV values round-trip exactly, so this reads "0.0", "0.01", "1e-05"
+    return str(v.item() if isinstance(v, np.generic) else v)
+
+
+def _cond_label(cond: dict) -> str:
+    return ", ".join(f"{_SHORT.get(k, k)}={_fmt_value(v)}" for k, v in cond.items())
+
+
+def condition_table(df, metric="best_val_perplexity", confidence=0.95):
+    """One row per condition: mean/std/t-CI of `metric` over ok runs; n_diverged counts the rest."""
+    import pandas as pd
+    from scipy import stats
+    cc, rows = condition_columns(df), []
+    for key, g in _groups(df):
+        ok = g[_ok_mask(g)]
+        x = _num(ok, metric).dropna().to_numpy(float)
+        n = len(x)
+        mean = x.mean() if n else math.nan
+        std = x.std(ddof=1) if n > 1 else math.nan
+        lo, hi = (stats.t.interval(confidence, n - 1, loc=mean, scale=std / math.sqrt(n)) if n > 1
+                  else (math.nan, math.nan))
+        rows.append({**dict(zip(cc, key)), "n": n, "mean": mean, "std": std, "ci_low": lo, "ci_high": hi,
+                     "mean_val_loss": _num(ok, "val_loss").mean(), "mean_cv": _num(ok, "expert_usage_cv").mean(),
+                     "mean_minutes": _num(ok, "training_time_minutes").mean(), "n_diverged": len(g) - len(ok)})
+    return pd.DataFrame(rows)
+
+
+def baseline_condition(df) -> dict:
+    cc = condition_columns(df)
+    noise, lbw = _num(df, "noise_std"), _num(df, "load_balancing_weight")
+    hits = df[np.isclose(noise, 0.0) & np.isclose(lbw, 0.01)]
+    row = hits.iloc[0] if len(hits) else df[_ok_mask(df)].iloc[0]
+    return {c: (row[c].item() if isinstance(row[c], np.generic) else row[c]) for c in cc}
+
+
+def _holm(p):
+    # Holm's step-down adjustment by hand: scipy only ships BH/BY (false_discovery_control).
+    p = np.asarray(p, float)
+    m, order = len(p), np.argsort(p)
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adj
+    return out
+
+
+def paired_comparisons(df, metric="best_val_perplexity", alpha=0.05):
+    """Every condition minus the baseline, paired on seed (seeds ok in both); Holm over all tested ones."""
+    import pandas as pd
+    from scipy import stats
+    cc, base = condition_columns(df), baseline_condition(df)
+    bkey = tuple(base[c] for c in cc)
+    by_seed = {key: _num(g[_ok_mask(g)], metric).groupby(g["seed"]).mean().dropna() for key, g in _groups(df)}
+    b, rows = by_seed[bkey], []
+    for key, s in by_seed.items():
+        if key == bkey:
+            continue
+        seeds = sorted(set(s.index) & set(b.index))
+        x, y = s[seeds].to_numpy(float), b[seeds].to_numpy(float)
+        r = {**dict(zip(cc, key)), "n_pairs": len(seeds), "mean_diff": math.nan, "ci_low": math.nan,
+             "ci_high": math.nan, "t": math.nan, "p_value": math.nan}
+        if len(seeds) >= 2:
+            with warnings.catch_warnings():  # identical differences give t = nan/inf; reported as such
+                warnings.simplefilter("ignore")
+                res = stats.ttest_rel(x, y)
+                ci = res.confidence_interval(1 - alpha)
+            r.update(mean_diff=float((x - y).mean()), ci_low=ci.low, ci_high=ci.high, t=res.statistic,
+                     p_value=res.pvalue)
+        rows.append(r)
+    out = pd.DataFrame(rows, columns=cc + ["n_pairs", "mean_diff", "ci_low", "ci_high", "t", "p_value"])
+    tested = out["p_value"].notna()
+    out["p_holm"] = math.nan
+    out.loc[tested, "p_holm"] = _holm(out.loc[tested, "p_value"])
+    out["significant"] = out["p_holm"].lt(alpha)
+    return out
+
+
+def _per_layer(v) -> list:
+    if isinstance(v, (int, float, np.number)):  # a one-layer list that pandas read as a number
+        return [] if math.isnan(v) else [float(v)]
+    return [float(x) for x in str(v).split(";") if x.strip()]
+
+
+def layer_usage_table(df):
+    import pandas as pd
+    cc, ok = condition_columns(df), df[_ok_mask(df)]
+    layers = pd.DataFrame([_per_layer(v) for v in ok["expert_usage_cv_per_layer"]], index=ok.index)
+    layers.columns = [f"layer_{i}" for i in layers.columns]
+    return pd.concat([ok[cc], layers], axis=1).groupby(cc, sort=False, dropna=False).mean().reset_index()
+
+
+def _runs_dir(csv_path) -> Path:
+    p = Path(csv_path)
+    return p.with_name(p.stem + "_runs")
+
+
+def _read_results(csv_path):
+    import pandas as pd
+    p = Path(csv_path)
+    if not p.is_file():
+        raise ValueError(f"results CSV not found: {p}")
+    try:
+        df = pd.read_csv(p, dtype={c: str for c in _TEXT_COLUMNS})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as e:
+        raise ValueError(f"cannot read {p} as a results CSV: {e}".splitlines()[0]) from None
+    missing = [c for c in FIRST_COLUMNS + TAIL_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{p} is not a results CSV of this tool: missing column(s) {', '.join(missing)}")
+    if df.empty:
+        raise ValueError(f"{p} has no runs yet")
+    if not _ok_mask(df).any():
+        raise ValueError(f"{p} has no successful runs ({len(df)} run(s), none with status 'ok')")
+    return df
+
+
+def _read_curves(csv_path, df):
+    """Long-form curves of every run with a metrics.jsonl, plus the run_ids that have none."""
+    import pandas as pd
+    cc, recs, missing = condition_columns(df), [], []
+    for _, row in df.iterrows():
+        f = _runs_dir(csv_path) / str(row["run_id"]) / "metrics.jsonl"
+        if not f.is_file():
+            missing.append(str(row["run_id"]))
+            continue
+        base = {**{c: row[c] for c in cc}, "seed": row["seed"], "run_id": row["run_id"], "status": row["status"]}
+        for line in f.read_text().splitlines():
+            try:  # a run killed mid-write leaves a torn last line
+                m = json.loads(line)
+                recs.append({**base, "split": m["split"], "step": int(m["step"]), "loss": float(m["loss"])})
+            except (ValueError, KeyError, TypeError):
+                continue
+    cols = cc + ["seed", "run_id", "status", "split", "step", "loss"]
+    return pd.DataFrame(recs, columns=cols), missing
+
+
+def load_curves(csv_path):
+    return _read_curves(csv_path, _read_results(csv_path))[0]
+
+
+def report_paths(csv_path):
+    p = Path(csv_path)
+    prefix = "experiment" if p.name == DEFAULT_CSV else p.stem
+    return p.parent / f"{prefix}_analysis.md", prefix
+
+
+def write_plots(csv_path, df=None, curves=None) -> list:
+    """Perplexity and expert-CV per condition, and (if any run logged them) seed-averaged loss curves.
+    `curves` lets write_report pass the curves it already read."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    df = _read_results(csv_path) if df is None else df
+    curves = _read_curves(csv_path, df)[0] if curves is None else curves
+    out_dir, prefix = Path(csv_path).parent, report_paths(csv_path)[1]
+    cc, table, ok = condition_columns(df), condition_table(df), df[_ok_mask(df)]
+    labels = _labels(table, cc)
+    ys, paths = np.arange(len(table))[::-1], []  # first condition on top
+
+    def per_condition(metric, title, xlabel, name, ci):
+        t = condition_table(df, metric)
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(t)))
+        for y, cond in zip(ys, t[cc].to_dict("records")):
+            sel = np.logical_and.reduce([ok[c].eq(v) for c, v in cond.items()])
+            ax.scatter(_num(ok[sel], metric), np.full(sel.sum(), y), s=14, color="0.55", zorder=3,
+                       label="single seed" if y == ys[0] else None)
+        err = np.abs(np.vstack([t["mean"] - t["ci_low"], t["ci_high"] - t["mean"]])) if ci else None
+        ax.errorbar(t["mean"], ys, xerr=err, fmt="o", color="C0", capsize=4, zorder=4,
+                    label="mean ± 95% CI" if ci else "mean")
+        ax.set_yticks(ys, labels)
+        ax.set(title=title, xlabel=xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        path = out_dir / f"{prefix}_{name}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+
+    per_condition("best_val_perplexity", "Best validation perplexity per condition", "perplexity (lower is better)",
+                  "perplexity", ci=True)
+    per_condition("expert_usage_cv", "Expert-usage imbalance per condition",
+                  "coefficient of variation of tokens per expert (0 = balanced)", "expert_cv", ci=False)
+    curves = curves[curves["status"].astype(str).str.strip().eq("ok")]
+    if len(curves):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        style, handles = {lab: (f"C{i % 10}", "-" if i < 10 else "--") for i, lab in enumerate(labels)}, {}
+        for ax, split in zip(axes, ("train", "val")):
+            c = curves[curves["split"] == split]
+            # mean over the seeds that logged each step, so a short or missing seed does not shift the curve
+            mean = c.groupby(cc + ["step"], sort=False, dropna=False)["loss"].mean().reset_index()
+            for key, g in mean.groupby(cc, sort=False, dropna=False):
+                lab = _cond_label(dict(zip(cc, key)))
+                color, ls = style.get(lab, ("k", ":"))
+                g = g.sort_values("step")
+                handles[lab], = ax.plot(g["step"], g["loss"], ls, color=color, ms=3,
+                                        marker="o" if split == "val" else None, label=lab)
+            ax.set(title=f"{split} loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
+            ax.grid(alpha=0.3)
+        axes[1].legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles],
+                       fontsize=8)
+        path = out_dir / f"{prefix}_loss_curves.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _md_table(headers, rows, left=1) -> str:
+    """A GitHub markdown table (tabulate, which DataFrame.to_markdown needs, is not a dependency)."""
+    cell = lambda v: str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(cell, headers)) + " |",
+             "|" + "|".join([":---"] * left + ["---:"] * (len(headers) - left)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+
+
+def _fx(x, d=2, sign=False) -> str:
+    x = float(x)
+    return "n/a" if math.isnan(x) else f"{x:+.{d}f}" if sign else f"{x:.{d}f}"
+
+
+def _fp(p, eq=False) -> str:
+    p = float(p)
+    if math.isnan(p):
+        return "n/a"
+    return ("< 0.001" if eq else "<0.001") if p < 0.001 else ("= " if eq else "") + f"{p:.3f}"
+
+
+def _labels(t, cc) -> list:
+    return [_cond_label(d) for d in t[cc].to_dict("records")]  # per-column dtypes: top_k=2, not 2.0
+
+
+def _setup_paragraph(df, cc) -> list:
+    ok, status = _ok_mask(df), df["status"].astype(str).str.strip()
+    n_div = int(status.eq("diverged").sum())
+    other = len(df) - int(ok.sum()) - n_div
+    seeds = ", ".join(_fmt_value(s) for s in sorted(df["seed"].dropna().unique()))
+    factors = "; ".join(f"`{c}` ∈ {{{', '.join(_fmt_value(v) for v in df[c].drop_duplicates())}}}"
+                        for c in cc if df[c].nunique(dropna=False) > 1) or "none (a single condition)"
+    distinct = lambda col: ", ".join(str(v) for v in df.loc[ok, col].dropna().unique()) or "n/a"
+    tokens = ", ".join(f"{int(t):,}" for t in _num(df[ok], "train_tokens").dropna().unique()) or "n/a"
+    steps = ", ".join(f"{int(t):,}" for t in _num(df[ok], "steps").dropna().unique()) or "n/a"
+    n_cond = len(df[cc].drop_duplicates())
+    text = (f"The sweep has {len(df)} runs ({int(ok.sum())} ok, {n_div} diverged"
+            + (f", {other} other" if other else "") + f") in {n_cond} condition{'s' if n_cond > 1 else ''}, "
+            f"each with seeds {seeds}. "
+            f"Swept factors: {factors}. Each run trained for {steps} optimizer steps on {tokens} tokens, "
+            f"on {distinct('device')} in {distinct('dtype')}.")
+    configs = []
+    for s in df["config_json"].dropna():
+        try:
+            configs.append(json.loads(s))
+        except ValueError:
+            pass
+    if not configs:
+        return [text, "", "The runs' configuration was not recorded (no readable `config_json`)."]
+    same = lambda k: all(k in c for c in configs) and len({json.dumps(c[k], sort_keys=True) for c in configs}) == 1
+    shared = [k for k in configs[0] if same(k)]
+    varying = [k for k in dict.fromkeys(k for c in configs for k in c) if k not in shared and k not in cc + ["seed"]]
+    show = lambda v: v if isinstance(v, str) else json.dumps(v)
+    lines = [text, "", "Shared configuration (identical in every run): "
+             + ", ".join(f"`{k}={show(configs[0][k])}`" for k in shared) + "."]
+    if varying:  # a CSV that mixes setups: say so rather than hide it
+        lines += ["", "Also differing between runs although not a swept factor: " + ", ".join(varying) + "."]
+    return lines
+
+
+def _findings(pc, cc, base_label, alpha) -> list:
+    tested = pc[pc["p_value"].notna()]
+    m, out = len(tested), []
+    label = dict(zip(pc.index, _labels(pc, cc))).get
+    level = f"{100 * (1 - alpha):g}%"
+    if pc.empty:
+        return ["There is only one condition, so there is nothing to compare."]
+    if not pc["n_pairs"].any():
+        return [f"The baseline ({base_label}) has no ok run, so nothing could be compared with it."]
+    if m:
+        pre = f"At alpha = {alpha:g} (Holm-corrected over {m} comparison{'s' if m > 1 else ''}), "
+        sig = tested[tested["significant"]]
+        for i, (k, r) in enumerate(sig.iterrows()):
+            lo, hi = (r.ci_low, r.ci_high) if r.mean_diff > 0 else (-r.ci_high, -r.ci_low)  # CI of the gap "by"
+            out.append((pre if i == 0 else "") + f"{label(k)} has {'higher' if r.mean_diff > 0 else 'lower'} best "
+                       f"validation perplexity than the baseline ({base_label}) by {abs(r.mean_diff):.2f} ({level} CI "
+                       f"{lo:.2f} to {hi:.2f}, p_holm {_fp(r.p_holm, eq=True)}).")
+        if len(sig) and len(sig) < m:
+            out.append("No other condition differs significantly from the baseline.")
+        elif not len(sig):
+            kbig = tested["mean_diff"].abs().idxmax()
+            big = tested.loc[kbig]
+            n = sorted(set(tested["n_pairs"]))
+            n_txt = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+            out.append(pre + f"no condition differs significantly from the baseline ({base_label}). The largest "
+                       f"observed difference is {label(kbig)}: {big.mean_diff:+.2f} ({level} CI {big.ci_low:.2f} to "
+                       f"{big.ci_high:.2f}, unadjusted p {_fp(big.p_value, eq=True)}).")
+            if n[-1] <= 5:
+                out.append(f"With only {n_txt} paired seeds per comparison these tests have little power, so this "
+                           "is not evidence that the conditions perform the same.")
+    few = pc[pc["n_pairs"] < 2]
+    if len(few):
+        out.append("Not tested (fewer than 2 seeds ok in both the condition and the baseline): "
+                   + ", ".join(f"{label(k)} ({int(r.n_pairs)} pair{'s' if r.n_pairs != 1 else ''})"
+                               for k, r in few.iterrows()) + ".")
+    flat = pc[(pc["n_pairs"] >= 2) & pc["p_value"].isna()]
+    if len(flat):  # scipy gives t = nan when every paired difference is exactly 0
+        out.append("Not tested (identical results to the baseline on every seed): "
+                   + ", ".join(map(label, flat.index)) + ".")
+    return out
+
+
+def write_report(csv_path, alpha=0.05):
+    """Markdown report (setup, per-condition table, paired tests, expert usage, divergences, plots) beside the CSV."""
+    csv_path = Path(csv_path)
+    df = _read_results(csv_path)
+    report, _ = report_paths(csv_path)
+    cc, ok = condition_columns(df), df[_ok_mask(df)]
+    level = f"{100 * (1 - alpha):g}%"
+    curves, no_curves = _read_curves(csv_path, df)
+    plots = write_plots(csv_path, df, curves)
+    md = [f"# MoE routing experiment: analysis of `{csv_path.name}`", ""] + _setup_paragraph(df, cc)
+
+    table = condition_table(df, confidence=1 - alpha)
+    md += ["", "## Results per condition", "",
+           f"Best validation perplexity over ok runs (mean ± sample std over seeds, {level} t-interval); "
+           "lower is better. CV is the expert-usage coefficient of variation.", "",
+           _md_table(["Condition", "n", "Best val PPL", f"{level} CI", "Val loss", "Mean CV", "Minutes", "Diverged"],
+                     [[lab, int(r.n), _fx(r["mean"]) + ("" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"),
+                       f"{_fx(r.ci_low)} to {_fx(r.ci_high)}" if r.n > 1 else "n/a", _fx(r.mean_val_loss, 3),
+                       _fx(r.mean_cv, 3), _fx(r.mean_minutes), int(r.n_diverged)]
+                      for lab, (_, r) in zip(_labels(table, cc), table.iterrows())])]
+
+    base = baseline_condition(df)
+    base_label = _cond_label(base)
+    pc = paired_comparisons(df, alpha=alpha)
+    md += ["", "## Paired comparisons against the baseline", "",
+           f"Baseline: {base_label}. Each condition is paired with the baseline by seed (seeds ok in both); "
+           f"Δ = condition − baseline in best validation perplexity, so a negative Δ is better. Paired t-test, "
+           f"p-values Holm-corrected over all tested comparisons.", ""]
+    if len(pc):
+        md += [_md_table(["Condition", "Pairs", "Δ best val PPL", f"{level} CI", "t", "p", "p (Holm)", "Significant"],
+                         [[lab, int(r.n_pairs), _fx(r.mean_diff, sign=True),
+                           "n/a" if math.isnan(r.ci_low) else f"{r.ci_low:.2f} to {r.ci_high:.2f}", _fx(r.t),
+                           _fp(r.p_value), _fp(r.p_holm), "yes" if r.significant else "no"]
+                          for lab, (_, r) in zip(_labels(pc, cc), pc.iterrows())]), ""]
+    md += [" ".join(_findings(pc, cc, base_label, alpha))]
+
+    lt = layer_usage_table(df)
+    layers = dict(zip(map(tuple, lt[cc].itertuples(index=False)), (r for _, r in lt.iterrows())))
+    keys = list(map(tuple, table[cc].itertuples(index=False)))
+    lcols = sorted({c for r in layers.values() for c in r.index if c.startswith("layer_")},
+                   key=lambda c: int(c.split("_")[1]))
+    md += ["", "## Expert usage", "",
+           "CV = std / mean of the tokens routed to each expert (0 = perfectly balanced); per-layer values are "
+           "averaged over the condition's ok seeds.", "",
+           _md_table(["Condition", "Mean CV"] + [c.replace("_", " ") for c in lcols],
+                     [[lab, _fx(r.mean_cv, 3)] + [_fx(layers[k][c], 3) if k in layers else "n/a" for c in lcols]
+                      for lab, k, (_, r) in zip(_labels(table, cc), keys, table.iterrows())])]
+    lbw, cv = _num(ok, "load_balancing_weight"), _num(ok, "expert_usage_cv")
+    if cv[lbw == 0].notna().any() and cv[lbw > 0].notna().any():
+        weights = ", ".join(_fmt_value(w) for w in lbw[lbw > 0].unique())
+        md += ["", f"Without the balancing loss (weight 0), mean expert-usage CV is {cv[lbw == 0].mean():.3f} vs "
+                   f"{cv[lbw > 0].mean():.3f} with it (weight {weights}), averaged over the other factors and seeds."]
+
+    bad = df[~_ok_mask(df)]
+    md += ["", "## Diverged runs", ""]
+    steps = _num(bad, "diverged_step")
+    md += [_md_table(["Run", "Condition", "Seed", "Step"],
+                     [[r.run_id, lab, _fmt_value(r.seed), "n/a" if math.isnan(steps[i]) else int(steps[i])]
+                      for lab, (i, r) in zip(_labels(bad, cc), bad.iterrows())], left=2) if len(bad) else "None."]
+
+    names = {"perplexity": "Best validation perplexity", "expert_cv": "Expert-usage CV", "loss_curves": "Loss curves"}
+    md += ["", "## Plots", ""]
+    for p in plots:
+        kind = next(k for k in names if p.stem.endswith(k))
+        md += [f"![{names[kind]}]({p.name})", ""]
+    if no_curves and len(no_curves) == len(df):
+        md += [f"Loss curves not drawn: no run has a `metrics.jsonl` under `{_runs_dir(csv_path).name}/`."]
+    elif no_curves:
+        md += [f"Loss curves leave out {len(no_curves)} run(s) without a `metrics.jsonl`: "
+               + ", ".join(no_curves) + "."]
+    if len(bad) and len(no_curves) < len(df):
+        md += ["", "Diverged runs are left out of the averaged curves."]
+    report.write_text("\n".join(md).rstrip() + "\n")
+    return report
+
+
+def run_id_for(cfg: MoEModelConfig, grid_fields: list[str], chash: str) -> str:
+    parts = [f"n{cfg.noise_std:g}", f"lb{cfg.load_balancing_weight:g}"]
+    parts += [f"{_flag(k)}{getattr(cfg, k)}" for k in grid_fields]
+    return "_".join(parts + [f"s{cfg.seed}", chash[:8]])
+
+
+def csv_header(grid_fields: list[str]) -> list[str]:
+    return list(FIRST_COLUMNS) + list(grid_fields) + list(TAIL_COLUMNS)
+
+
+def read_done(path: Path, header: list[str]) -> set[str]:
+    """config_hash of every finished run in an existing CSV (a torn last line is ignored with a warning)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return set()
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if rows[0] != header:
+        raise UserError(f"{path} has different columns than this sweep writes (another --grid?); pass --fresh to "
+                        f"start a new file (the old one is kept as a backup) or choose another --out")
+    done, col, width = set(), header.index("config_hash"), len(header)
+    for i, row in enumerate(rows[1:], start=2):
+        if len(row) != width:
+            warn(f"{path}: line {i} is incomplete (a run killed while writing?); ignoring it")
+            continue
+        if row[header.index("status")] in ("ok", "diverged"):
+            done.add(row[col])
+    return done
+
+
+def append_row(path: Path, header: list[str], row: dict):
+    """Append one complete line under an exclusive lock, then fsync: concurrent ranks never interleave."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    with open(path, "a+", newline="") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: single-process sweeps only
+            pass
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            w.writerow(header)
+        else:
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":  # a torn line from a killed writer: start ours on a fresh line
+                buf.write("\n")
+        w.writerow([_csv_value(row.get(k)) for k in header])
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else repr(v)
+    if isinstance(v, (list, tuple)):
+        return ";".join(f"{x:.6g}" for x in v)
+    return v
+
+
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """--grid FIELD=V1,V2 -> {field: [typed values]}; the field must be a MoEModelConfig constructor field."""
+    hints = typing.get_type_hints(MoEModelConfig)
+    names = {f.name for f in fields(MoEModelConfig) if f.init}
+    grid = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise UserError(f"--grid {item!r}: expected FIELD=V1,V2 (for example expert_top_k=1,2)")
+        if name not in names:
+            raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: {', '.join(sorted(names))}")
+        typ = _scalar_type(hints[name])
+        if typ not in (int, float, bool, str):
+            raise UserError(f"--grid: field {name!r} cannot be swept")
+        try:
+            grid[name] = [_parse_scalar(typ, v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--grid {item!r}: values must be {typ.__name__}") from None
+    return grid
+
+
+def _scalar_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def _parse_scalar(typ, text: str):
+    if typ is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(text)
+        return text.lower() in ("true", "1")
+    return typ(text)
+
+
+def sweep_configs(base: MoEModelConfig, axes: dict[str, list]) -> list[MoEModelConfig]:
+    """The Cartesian product of the axes, in the order given (the last axis, seeds, varies fastest)."""
+    names = list(axes)
+    return [replace(base, **dict(zip(names, combo))) for combo in itertools.product(*axes.values())]
+
+
+def _dist_setup():
+    """(rank, world, local_rank); under torchrun, a gloo process group used only for broadcast and barriers."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if not torch.cuda.is_available():  # CPU ranks share the cores; spinning OpenMP threads would fight
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():  # runs take minutes, so waits at barriers are long
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: list[str], rt_args: dict) -> int:
+    rank, world, local_rank = _dist_setup()
+    main_rank = rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    out = Path(args.out)
+    header = csv_header(grid_fields)
+    configs = sweep_configs(base, axes)
+    design = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+    say(f"MoE routing experiment: {design} = {len(configs)} runs" + (f" over {world} processes" if world > 1 else ""))
+    for k, v in axes.items():
+        say(f"  {k}: {', '.join(map(str, v))}")
+
+    if args.fresh and main_rank and out.exists():
+        backup = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{out.suffix}")
+        out.rename(backup)
+        say(f"--fresh: moved the existing {out} to {backup}")
+    _barrier(world)
+    rt = resolve_runtime(local_rank=local_rank, **rt_args)
+    # Local rank 0 builds the token cache first; the others then read it rather than racing to build it.
+    if local_rank != 0:
+        _barrier(world)
+    tokens, meta = load_and_cache_data(base, quiet=not main_rank)
+    if local_rank == 0:
+        _barrier(world)
+    vocab = base.vocab_size or meta["vocab_size"]
+    if int(tokens.max()) >= vocab:
+        raise UserError(f"--vocab-size {vocab} is smaller than the tokenizer's ids (max {int(tokens.max())})")
+    configs = [replace(c, vocab_size=vocab) for c in configs]
+    dkey = json.dumps(meta["key"], sort_keys=True)
+    data = TokenData.from_tokens(tokens, configs[0], rt.device)
+    say(f"device: {rt.device_name}; {rt.reason}")
+    say(f"data: {meta['n_tokens']:,} tokens from {meta['n_documents']:,} documents (cache {meta['cache_file']}); "
+        f"train {len(data.train):,} tokens, validation {len(data.val)} batches of {base.batch_size} x "
+        f"{base.max_seq_len} (non-overlapping, after the training tokens)")
+    if len(data.val) < base.eval_steps:
+        say(f"  note: the held-out 10% holds {len(data.val)} validation batches, fewer than --eval-steps "
+            f"{base.eval_steps}; every evaluation uses all of them")
+    models = ModelCache(rt)
+    total, active = count_parameters(models.get(configs[0])[0])
+    say(f"model: {total:,} parameters, {active:,} active per token; "
+        f"{flops_per_token(configs[0]) / 1e9:.3f} GFLOP per training token")
+    say("config: " + json.dumps({k: v for k, v in asdict(configs[0]).items() if k not in SWEPT + ("d_k",)}))
+
+    runs = [(c, config_hash(c, dkey)) for c in configs]
+    if main_rank:
+        done = read_done(out, header)
+        todo = [i for i, (_, h) in enumerate(runs) if h not in done]
+    else:
+        todo = None
+    if world > 1:  # one rank reads the CSV and decides, so every rank works from the same list
+        import torch.distributed as dist
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0]
+    if len(todo) < len(runs):
+        say(f"resuming {out}: {len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to go")
+    mine = todo[rank::world]
+    runs_dir = out.with_name(out.stem + "_runs")
+    from tqdm.auto import tqdm
+    overall = tqdm(total=len(todo), desc="sweep", unit="run", position=0, disable=None if main_rank else True,
+                   bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}", dynamic_ncols=True)
+    t_sweep = time.perf_counter()
+    try:
+        for k, i in enumerate(mine):
+            cfg, chash = runs[i]
+            rid = run_id_for(cfg, grid_fields, chash)
+            run_dir = runs_dir / rid
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+            overall.set_description_str(rid)
+            result = train_moe_model(cfg, data, rt, models, run_dir / "metrics.jsonl",
+                                     progress=main_rank and sys.stderr.isatty())
+            row = {**asdict(cfg), **result, "device": rt.device_name, "dtype": rt.dtype_name, "run_id": rid,
+                   "config_hash": chash,
+                   "config_json": json.dumps({k: v for k, v in asdict(cfg).items() if k != "d_k"})}
+            append_row(out, header, row)
+            eta = (time.perf_counter() - t_sweep) / (k + 1) * (len(mine) - k - 1)
+            msg = (f"run {k + 1}/{len(mine)} ({rid}): {result['status']}, best val ppl "
+                   f"{result['best_val_perplexity']:.2f}, cv {result['expert_usage_cv']:.3f}, "
+                   f"{result['training_time_minutes']:.2f} min, {result['tokens_per_s']:,.0f} tok/s; "
+                   f"ETA {eta / 60:.1f} min")
+            tqdm.write(msg) if main_rank else print(f"[rank {rank}] {msg}", flush=True)
+            overall.update(world if world > 1 else 1)
+    finally:
+        overall.close()
+    _barrier(world)
+    if main_rank:
+        say(f"\nresults: {out}")
+        print_summary(out)
+        try:
+            report = write_report(out)
+            say(f"report: {report}")
+        except ValueError as e:
+            say(f"report not written: {e}")
+    return 0
+
+
+def print_summary(path: Path):
+    import pandas as pd
+    df = pd.read_csv(path)
+    table = condition_table(df)
+    print(f"\n{'condition':<40}{'n':>3}  {'best val ppl':>18}{'mean cv':>10}{'mean min':>10}")
+    for _, r in table.iterrows():
+        cond = ", ".join(f"{c}={r[c]}" for c in condition_columns(df))
+        std = "" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"
+        print(f"{cond:<40}{int(r['n']):>3}  {r['mean']:>10.2f}{std:<8}{r['mean_cv']:>10.3f}{r['mean_minutes']:>10.2f}"
+              + (f"  ({int(r['n_diverged'])} diverged)" if r["n_diverged"] else ""))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a small Mixture-of-Experts LM over a sweep of routing settings and write a CSV.",
+        epilog="Every MoEModelConfig field has a flag; a flag given explicitly overrides --preset.")
+    g = p.add_argument_group("sweep")
+    g.add_argument("--noise-std", type=float, nargs="+", default=[0.0, 0.1, 0.5], metavar="F",
+                   help="router noise std values to sweep (default: 0.0 0.1 0.5)")
+    g.add_argument("--lb-weight", type=float, nargs="+", default=[0.01, 0.0], metavar="F",
+                   help="load-balancing loss weights to sweep (default: 0.01 0.0)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], metavar="N",
+                   help="seeds per condition (default: 42 43 44)")
+    g.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="also sweep any config field, e.g. --grid expert_top_k=1,2 (repeatable)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny model on the shipped sample corpus "
+                   "(CPU, offline, under a minute)")
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--out", default=DEFAULT_CSV, metavar="CSV", help=f"results CSV (default: {DEFAULT_CSV})")
+    g.add_argument("--fresh", action="store_true",
+                   help="start a new CSV (an existing one is renamed to a .bak file); default: resume it")
+    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+                   help="auto: cuda, else mps, else cpu")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument("--dry-run", action="store_true", help="print every run's resolved config; train nothing")
+    g.add_argument("--report", metavar="CSV", help="only (re)write the markdown report and plots for CSV")
+    g.add_argument("--bench", action="store_true",
+                   help="time the training step against a per-expert-loop reference on random tokens")
+    g.add_argument("--bench-steps", type=int, default=None, metavar="N",
+                   help="timed steps for --bench (default: 30 on GPU, 5 on CPU)")
+    g.add_argument("--bench-out", metavar="JSON", help="also write the --bench figures as JSON")
+    hints = typing.get_type_hints(MoEModelConfig)
+    groups = {}
+    for f in fields(MoEModelConfig):
+        if not f.init or f.name in SWEPT:
+            continue
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(f"config: {group}")
+        typ, kw = _scalar_type(hints[f.name]), {}
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif hints[f.name] is tuple:
+            kw.update(nargs="+", metavar="PATH")
+        else:
+            kw.update(type=typ, metavar=typ.__name__.upper())
+        groups[group].add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,
+                                   help=f"{f.metadata['help']} (default: {f.default})", **kw)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.report:
+            try:
+                print(f"report: {write_report(Path(args.report))}")
+            except (FileNotFoundError, ValueError) as e:
+                raise UserError(f"cannot write a report for {args.report}: {e}") from None
+            return 0
+        for name, values in (("--noise-std", args.noise_std), ("--lb-weight", args.lb_weight)):
+            if any(not v >= 0 for v in values):
+                raise UserError(f"{name} values must be >= 0 (got {' '.join(map(str, values))})")
+        overrides = {f.name: getattr(args, f.name) for f in fields(MoEModelConfig)
+                     if f.name not in SWEPT and hasattr(args, f.name)}
+        base = MoEModelConfig(**{**PRESETS.get(args.preset, {}), **overrides})
+        grid = parse_grid(args.grid)
+        axes = {k: v for k, v in grid.items() if k not in SWEPT}
+        axes.update(noise_std=grid.get("noise_std", args.noise_std),
+                    load_balancing_weight=grid.get("load_balancing_weight", args.lb_weight),
+                    seed=grid.get("seed", args.seeds))
+        for combo in itertools.product(*axes.values()):  # validate every run before any trains
+            replace(base, **dict(zip(axes, combo)))
+        grid_fields = [k for k in axes if k not in SWEPT]
+        rt_args = dict(device=args.device, use_amp=base.use_amp, compile=args.compile)
+        if args.bench:
+            rt = resolve_runtime(**rt_args)
+            print(f"device: {rt.device_name}; {rt.reason}")
+            steps = args.bench_steps or (30 if rt.device.type == "cuda" else 5)
+            res = benchmark(replace(base, noise_std=args.noise_std[-1], load_balancing_weight=args.lb_weight[0]),
+                            rt, steps=steps, warmup=10 if rt.compile else 2)
+            print_benchmark(res)
+            if args.bench_out:
+                Path(args.bench_out).write_text(json.dumps(res, indent=1))
+            return 0
+        if args.dry_run:
+            configs = sweep_configs(base, axes)
+            print(f"dry run: {len(configs)} runs ({' x '.join(f'{len(v)} {k}' for k, v in axes.items())}); "
+                  f"nothing is trained")
+            for i, c in enumerate(configs, 1):
+                d = {k: v for k, v in asdict(c).items() if k != "d_k"}
+                print(f"run {i}/{len(configs)}: {json.dumps(d)}")
+            return 0
+        return run_sweep(args, base, axes, grid_fields, rt_args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,742 @@
+"""Ask Gemini or Kimi from the command line, and turn a research idea into a reviewed experiment plan.
+
+    python simple_llm.py kimi "Summarise mixture-of-experts routing in five bullets"
+    python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: shows every prompt
+    python simple_llm.py chain research_prompt.md --out-dir plans/ --resume
+
+Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in a .env file (see .env.example).
+The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) -> Final_Plan
+(gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+# ------------------------------------------------------------------------------------------------------------
+# Constants and defaults
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CODE = HERE / "llm.py"
+DEFAULT_SYSTEM = HERE / "research_system_prompt.md"
+MANIFEST = "chain_run.json"
+
+# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit too.
+DEFAULT_MAX_TOKENS = 16384
+DEFAULT_TIMEOUT = 300.0  # seconds for the connection and between streamed chunks: Gemini thinks before it writes
+DEFAULT_RETRIES = 4
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is treated as a hard failure
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    key_env: str  # environment variable holding the API key
+    model: str  # default model id
+    model_env: str  # environment variable overriding the model id
+    base_env: str  # environment variable overriding the endpoint (proxy, gateway, local server)
+    base_url: str | None  # None = the SDK's own default
+
+
+PROVIDERS = {
+    "gemini": Provider("GEMINI_API_KEY", "gemini-2.5-pro", "GEMINI_MODEL", "GEMINI_BASE_URL", None),
+    "kimi": Provider("NOVITA_API_KEY", "moonshotai/kimi-k2-0905", "KIMI_MODEL", "NOVITA_BASE_URL",
+                     "https://api.novita.ai/openai"),
+}
+
+# The built-in chain. --steps FILE.json replaces it with a list of the same shape.
+DEFAULT_STEPS = [
+    {"title": "Research_Plan", "model": "kimi", "prompt": """{system_prompt}
+
+You are planning experiments on the mixture-of-experts language model below. The researcher's idea:
+
+{user_input}
+
+The current code (llm.py):
+
+{code_content}
+
+Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to compare
+(name the llm.py settings or code changes for each), seeds, metrics, expected run time, and the total number
+of runs. Keep to the constraints above."""},
+    {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
+
+The researcher's idea:
+
+{user_input}
+
+The code the plan builds on (llm.py):
+
+{code_content}
+
+A proposed research plan:
+
+{step1_result}
+
+Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few seeds to
+separate the effects, metrics that cannot show the claimed effect, steps the code does not support, and
+anything that breaks the constraints. For each problem, suggest a concrete fix."""},
+    {"title": "Critique_Analysis", "model": "kimi", "prompt": """{system_prompt}
+
+The original plan:
+
+{step1_result}
+
+A critical review of it:
+
+{step2_result}
+
+Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would cost in
+runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping from the original
+plan and push back on criticism that does not hold."""},
+    {"title": "Final_Plan", "model": "gemini", "prompt": """{system_prompt}
+
+The researcher's idea:
+
+{user_input}
+
+The code (llm.py):
+
+{code_content}
+
+The original plan:
+
+{step1_result}
+
+The critical review:
+
+{step2_result}
+
+The analysis of that review:
+
+{step3_result}
+
+Write the final research plan in at most 1000 words: goals and questions, the exact conditions and the
+llm.py settings or code changes for each, seeds, metrics and how results will be compared fairly, the time per
+run and in total, and the total number of experiments, stated at the start."""},
+]
+
+
+class UserError(Exception):
+    """Something the user can fix (bad input, missing key): shown as one line, exit 2."""
+    exit_code = 2
+
+
+class ProviderError(UserError):
+    """The provider refused or failed to answer: shown as one line, exit 1."""
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(redact(message))
+
+
+class ChainError(ProviderError):
+    """A chain step failed; carries the step so the CLI can say how to resume."""
+
+    def __init__(self, message: str, step: int, out_dir: Path):
+        super().__init__(message)
+        self.step, self.out_dir = step, out_dir
+
+
+_SECRETS: set[str] = set()
+
+
+def redact(text: str) -> str:
+    """SDK errors can echo request details: no key value ever leaves this process."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+def load_env() -> None:
+    """Read .env from the current directory, else from beside this script; set variables always win.
+
+    SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a real .env never leaks in).
+    """
+    if not os.environ.get("SIMPLE_LLM_NO_DOTENV"):
+        from dotenv import load_dotenv
+        for candidate in (Path.cwd() / ".env", HERE / ".env"):
+            if candidate.is_file():
+                load_dotenv(candidate, override=False)
+                break
+    for p in PROVIDERS.values():
+        if len(os.environ.get(p.key_env, "")) >= 4:
+            _SECRETS.add(os.environ[p.key_env])
+
+
+def api_key(name: str) -> str:
+    var = PROVIDERS[name].key_env
+    key = os.environ.get(var, "").strip()
+    if not key:
+        raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then rerun")
+    _SECRETS.add(key)
+    return key
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Provider calls: one streaming function per provider, both behind SimpleLLM.call_model
+
+
+@dataclasses.dataclass
+class Settings:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str
+    model_id: str
+    finish_reason: str | None
+    usage: dict
+    seconds: float = 0.0
+
+    @property
+    def cut(self) -> bool:
+        return self.finish_reason in ("length", "MAX_TOKENS")
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _rejected(name: str, status: int, detail: str) -> ProviderError:
+    return ProviderError(f"{name} rejected the key in {PROVIDERS[name].key_env} (HTTP {status}: "
+                         f"{_one_line(detail, 160)}); check the key in .env or the environment")
+
+
+def _stream_kimi(prompt: str, model_id: str, s: Settings, emit) -> Reply:
+    import openai
+    base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
+    # The SDK retries 408/409/429/5xx, timeouts and refused connections with backoff and honours Retry-After.
+    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=s.retries)
+    for attempt in range(s.retries + 1):
+        parts: list[str] = []
+        finish, usage, stream = None, {}, None
+        try:
+            stream = client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=s.max_tokens,
+                stream=True, stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.usage:  # the last chunk: no choices, only the token counts
+                    usage = chunk.usage.model_dump(exclude_none=True)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.delta and choice.delta.content:
+                    parts.append(choice.delta.content)
+                    emit(choice.delta.content)
+                finish = choice.finish_reason or finish
+            return _finished("kimi", parts, model_id, finish, usage)
+        except openai.APIError as e:
+            # The SDK retries only until the response starts; a stream that dies before its first word is
+            # retried here, one that dies later is not (its text is already printed and paid for).
+            if not isinstance(e, openai.APIConnectionError) or stream is None or parts or attempt == s.retries:
+                raise _kimi_error(e, parts, base, s) from None
+            wait = min(0.5 * 2 ** attempt, 8.0) * random.uniform(0.75, 1.0)
+            print(f"kimi: the stream broke before the answer started, retrying in {wait:.1f} s", file=sys.stderr)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _kimi_error(e, parts: list[str], base: str, s: Settings) -> ProviderError:
+    import openai
+    tries = _attempts(s.retries + 1)
+    if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return _rejected("kimi", e.status_code, _openai_detail(e))
+    if isinstance(e, openai.APIStatusError):
+        again = f" {tries}" if e.status_code in RETRY_STATUS else ""
+        return ProviderError(f"kimi: HTTP {e.status_code} from {base}{again}: {_openai_detail(e)}")
+    if isinstance(e, openai.APITimeoutError):
+        return _broken("kimi", parts, f"no data for {s.timeout:g} s from {base}", tries,
+                       "raise --timeout or try later")
+    if isinstance(e, openai.APIConnectionError):
+        return _broken("kimi", parts, f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})", tries,
+                       "check the network or NOVITA_BASE_URL")
+    return ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}")  # an error event mid-stream
+
+
+def _openai_detail(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return _one_line(body["message"])
+    return _one_line(getattr(e, "message", e))
+
+
+def _attempts(n: int) -> str:
+    return f"after {n} attempts" if n > 1 else "(retries are off)"
+
+
+def _broken(name: str, parts: list[str], problem: str, tries: str, fix: str) -> ProviderError:
+    if parts:  # the answer had started: a stream cut off mid-answer, which no retry can pick up again
+        return ProviderError(f"{name}: the answer broke off after {len(''.join(parts)):,} characters: {problem}; "
+                             "try again")
+    return ProviderError(f"{name}: {problem} {tries}; {fix}")
+
+
+def _finished(name: str, parts: list[str], model_id: str, finish, usage: dict) -> Reply:
+    text = "".join(parts)
+    if finish is None:  # every complete answer ends with a finish reason; a clean EOF without one was cut off
+        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish reason); "
+                            "try again")
+    if not text.strip():
+        raise ProviderError(f"{name}: the answer was empty (finish reason {finish})")
+    return Reply(text, model_id, finish, usage)
+
+
+def _server_wait(headers, details) -> float | None:
+    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the error body."""
+    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return float(headers.get(header)) / scale
+        except (TypeError, ValueError, AttributeError):
+            pass
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    for item in (error.get("details") or []) if isinstance(error, dict) else []:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+            try:
+                return float(str(item.get("retryDelay", "")).rstrip("s"))
+            except ValueError:
+                pass
+    return None
+
+
+def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
+    import httpx2
+    from google import genai
+    from google.genai import errors, types
+    base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
+    # The SDK's own retries ignore Retry-After, so it is told not to retry and the loop below does it instead.
+    http = types.HttpOptions(timeout=int(s.timeout * 1000), retry_options=types.HttpRetryOptions(attempts=1))
+    if base:
+        http.base_url = base
+    client = genai.Client(api_key=api_key("gemini"), http_options=http)
+    config = types.GenerateContentConfig(max_output_tokens=s.max_tokens,
+                                         thinking_config=types.ThinkingConfig(thinking_budget=-1))
+    where = base or "the Gemini API"
+    for attempt in range(s.retries + 1):
+        parts: list[str] = []
+        finish, usage = None, {}
+        try:
+            for chunk in client.models.generate_content_stream(model=model_id, contents=prompt, config=config):
+                if chunk.usage_metadata:
+                    usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
+                feedback = chunk.prompt_feedback
+                if feedback and feedback.block_reason:
+                    raise ProviderError(f"gemini refused the prompt ({feedback.block_reason}); rephrase it")
+                for cand in (chunk.candidates or [])[:1]:
+                    for part in (cand.content.parts or []) if cand.content else []:
+                        if part.text and not part.thought:  # thought summaries are not the answer
+                            parts.append(part.text)
+                            emit(part.text)
+                    if cand.finish_reason:
+                        finish = getattr(cand.finish_reason, "value", str(cand.finish_reason))
+            return _finished("gemini", parts, model_id, finish, usage)
+        except errors.APIError as e:
+            detail = _one_line(e.message or e.details)
+            if e.code in (401, 403) or (e.code == 400 and "API_KEY_INVALID" in str(e.details)):
+                raise _rejected("gemini", e.code, detail) from None
+            if parts or e.code not in RETRY_STATUS:
+                raise ProviderError(f"gemini: HTTP {e.code} {e.status or ''} from {where}: {detail}") from None
+            wait = _server_wait(getattr(e.response, "headers", None), e.details)
+            problem = f"HTTP {e.code} {e.status or ''}".strip()
+            failure = ProviderError(f"gemini: {problem} from {where} {_attempts(attempt + 1)}: {detail}")
+        except httpx2.TimeoutException:
+            wait, problem = None, "timed out"
+            failure = _broken("gemini", parts, f"no data for {s.timeout:g} s from {where}",
+                              _attempts(attempt + 1), "raise --timeout or try later")
+        except httpx2.TransportError as e:
+            wait, problem = None, "connection failed"
+            failure = _broken("gemini", parts, f"connection to {where} failed ({_one_line(e, 120)})",
+                              _attempts(attempt + 1), "check the network or GEMINI_BASE_URL")
+            if not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):  # e.g. a malformed URL
+                raise failure from None
+        if parts or attempt == s.retries:  # text already shown: retrying would bill and print it twice
+            raise failure
+        if wait is not None and wait > MAX_SERVER_WAIT:
+            raise ProviderError(f"{failure}; the server asks to wait {wait:.0f} s, so try again later")
+        if wait is None:
+            wait = min(1.0 * 2 ** attempt, 30.0) * random.uniform(0.75, 1.0)
+        print(f"gemini: {problem}, retrying in {wait:.1f} s (attempt {attempt + 2} of {s.retries + 1})",
+              file=sys.stderr, flush=True)
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Variables and chain
+
+_PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
+
+
+def safe_name(title: str) -> str:
+    """A step title as a file-name part: letters, digits, - and _ only, so no path separators and no '..'."""
+    return re.sub(r"[^a-z0-9_-]+", "_", title.lower()).strip("_-")[:60] or "step"
+
+
+def step_file(n: int, title: str) -> str:
+    return f"step{n}_{safe_name(title)}.md"
+
+
+def placeholders(text: str) -> list[str]:
+    return [m.group(2) for m in _PLACEHOLDER.finditer(text) if m.group(2)]
+
+
+class SimpleLLM:
+    """Calls the models and runs chains. `variables` fills {name} placeholders in step prompts."""
+
+    def __init__(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, models: dict[str, str] | None = None, out=None):
+        load_env()
+        self.variables: dict[str, str] = {}
+        self.settings = Settings(max_tokens, timeout, retries)
+        self.models = {n: os.environ.get(p.model_env) or p.model for n, p in PROVIDERS.items()}
+        self.models.update(models or {})
+        self.out = out or sys.stdout
+        self.last_reply: Reply | None = None
+        self._streamed: list[str] = []  # text of the answer in progress, kept if the call fails
+        self.interrupted_step = 0  # the chain step a Ctrl-C stopped, for the resume hint
+
+    def _emit(self, text: str) -> None:
+        self._streamed.append(text)
+        self.out.write(text)
+        self.out.flush()
+
+    def reply(self, name: str, prompt: str) -> Reply:
+        """Stream one answer to `out` and return it with its finish reason and token usage."""
+        if name not in PROVIDERS:
+            raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
+        start, self._streamed = time.perf_counter(), []
+        r = STREAMERS[name](prompt, self.models[name], self.settings, self._emit)
+        r.seconds = round(time.perf_counter() - start, 2)
+        self.out.write("\n")
+        if r.cut:
+            print(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens}); the answer "
+                  "is cut short. Raise --max-tokens to get all of it", file=sys.stderr, flush=True)
+        self.last_reply = r
+        return r
+
+    def call_model(self, name: str, prompt: str) -> str:
+        return self.reply(name, prompt).text
+
+    def substitute_vars(self, text: str, strict: bool = True) -> str:
+        """Replace each {name} by its variable in one pass: braces inside the values are left as they are.
+
+        {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with strict=False).
+        """
+        def fill(m: re.Match) -> str:
+            if m.group(1):
+                return "{" + m.group(1) + "}"
+            if m.group(2) in self.variables:
+                return self.variables[m.group(2)]
+            if strict:
+                raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or fix the "
+                                "prompt (write {{name}} for literal braces)")
+            return m.group(0)
+        return _PLACEHOLDER.sub(fill, text)
+
+    def read_markdown_file(self, path) -> str:
+        return _read_text(path, "prompt")
+
+    def read_code_file(self, path) -> str:
+        """The file in a fenced block; the fence grows past any backtick run inside the code."""
+        path = Path(path)
+        code = _read_text(path, "code")
+        fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
+        return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
+
+    def run_chain(self, steps: list[dict], user_input: str | None = None, *, out_dir=".", resume: bool = False,
+                  dry_run: bool = False) -> list[str]:
+        """Run the steps in order, saving each answer as step{N}_{title}.md; return the answers.
+
+        Everything that can be checked is checked before the first request: step shapes, every {name},
+        the keys. With resume, saved answers for a leading run of steps are reused instead of asked again.
+        """
+        check_steps(steps)
+        if user_input is not None:
+            self.variables["user_input"] = user_input
+        used = {name for step in steps for name in placeholders(step["prompt"])}
+        for name, load in (("code_content", lambda: self.read_code_file(DEFAULT_CODE)),
+                           ("system_prompt", lambda: self.read_markdown_file(DEFAULT_SYSTEM))):
+            if name in used and name not in self.variables:
+                self.variables[name] = load()
+        for n, step in enumerate(steps, 1):
+            earlier = {f"step{k}_result" for k in range(1, n)}
+            unknown = sorted({v for v in placeholders(step["prompt"])} - set(self.variables) - earlier)
+            if unknown:
+                names = ", ".join("{" + v + "}" for v in unknown)
+                raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or earlier step "
+                                f"defines: pass --var NAME=VALUE or fix the prompt")
+        if "user_input" in self.variables and "user_input" not in used:
+            print("warning: no step uses {user_input}, so the input file is not sent", file=sys.stderr)
+
+        out_dir = Path(out_dir)
+        try:
+            old = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8")) if resume else {}
+        except (OSError, ValueError):
+            old = {}
+        saved: list[str] = []
+        for n, step in enumerate(steps, 1):  # only a leading run: a redone step makes later ones stale
+            path = out_dir / step_file(n, step["title"])
+            if not resume or not path.is_file() or not path.read_text(encoding="utf-8").strip():
+                break
+            saved.append(path.read_text(encoding="utf-8"))
+        if dry_run:
+            return self._dry_run(steps, saved, out_dir)
+        for name in {step["model"] for step in steps[len(saved):]}:
+            api_key(name)  # a missing key stops the chain before it spends anything
+        out_dir.mkdir(parents=True, exist_ok=True)
+        manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
+                    "settings": dataclasses.asdict(self.settings), "steps": []}
+        results: list[str] = []
+        for n, step in enumerate(steps, 1):
+            prompt = self.substitute_vars(step["prompt"])
+            entry = {"step": n, "title": step["title"], "model": step["model"],
+                     "model_id": self.models[step["model"]], "prompt_chars": len(prompt),
+                     "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+                     "output": step_file(n, step["title"])}
+            if n <= len(saved):
+                text = saved[n - 1]
+                before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
+                if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
+                    print(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing it "
+                          "anyway (delete the file to ask again)", file=sys.stderr)
+                entry = {**before, **entry, "reused": True}
+                print(f"== step {n}/{len(steps)}: {step['title']} reused from {entry['output']} (--resume)",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"\n== step {n}/{len(steps)}: {step['title']} ({step['model']}, {entry['model_id']}, "
+                      f"{len(prompt):,} prompt characters)", file=sys.stderr, flush=True)
+                partial = out_dir / entry["output"].replace(".md", ".partial.md")
+                (out_dir / entry["output"]).unlink(missing_ok=True)  # an older answer must not pass for this one
+                try:
+                    r = self.reply(step["model"], prompt)
+                except (Exception, KeyboardInterrupt) as e:
+                    interrupted = isinstance(e, KeyboardInterrupt)
+                    entry.update(output=None, error="interrupted" if interrupted else redact(_one_line(e)))
+                    if "".join(self._streamed).strip():  # paid for: keep it, but never as a finished step
+                        _write(partial, "".join(self._streamed))
+                        self.out.write("\n")
+                        entry["partial"] = partial.name
+                    manifest["status"] = "interrupted" if interrupted else "failed"
+                    manifest["steps"].append(entry)
+                    _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                    if interrupted:
+                        self.interrupted_step = n
+                        raise
+                    why = e if isinstance(e, ProviderError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
+                    raise ChainError(f"step {n} ({step['title']}, {step['model']}) failed: {why}", n, out_dir) \
+                        from (None if isinstance(e, ProviderError) else e)
+                text = r.text
+                _write(out_dir / entry["output"], text)
+                partial.unlink(missing_ok=True)
+                entry.update(seconds=r.seconds, usage=r.usage, finish_reason=r.finish_reason, cut=r.cut)
+            self.variables[f"step{n}_result"] = text
+            results.append(text)
+            manifest["steps"].append(entry)
+            _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        manifest["status"] = "complete"
+        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        return results
+
+    def _dry_run(self, steps: list[dict], saved: list[str], out_dir: Path) -> list[str]:
+        values = dict(self.variables)
+        for n, step in enumerate(steps, 1):
+            self.variables[f"step{n}_result"] = (saved[n - 1] if n <= len(saved) else
+                                                 f"<output of step {n} ({step['title']})>")
+        try:
+            rendered = [self.substitute_vars(step["prompt"]) for step in steps]
+        finally:
+            self.variables = values
+        for n, (step, prompt) in enumerate(zip(steps, rendered), 1):
+            note = "reused from disk (--resume)" if n <= len(saved) else "would be sent"
+            self._emit(f"==== step {n}/{len(steps)}: {step['title']} -> {step['model']} "
+                       f"({self.models[step['model']]}), {len(prompt):,} characters (~{len(prompt) // 4:,} "
+                       f"tokens), {note}, saved as {out_dir / step_file(n, step['title'])}\n{prompt}\n\n")
+        print(f"dry run: {len(steps)} steps, {sum(map(len, rendered)):,} prompt characters; nothing was sent",
+              file=sys.stderr)
+        return rendered
+
+
+def check_steps(steps) -> None:
+    if not isinstance(steps, list) or not steps:
+        raise UserError("steps must be a non-empty list of {\"title\", \"model\", \"prompt\"} objects")
+    for n, step in enumerate(steps, 1):
+        if not isinstance(step, dict) or not all(isinstance(step.get(k), str) and step[k].strip()
+                                                 for k in ("title", "model", "prompt")):
+            raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and \"prompt\"")
+        if step["model"] not in PROVIDERS:
+            raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose one of "
+                            f"{', '.join(PROVIDERS)}")
+
+
+def _read_text(path, what: str) -> str:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} file {path}: {e}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    """Write-then-rename, so an interrupted write never leaves a file that looks like a finished step."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, digits and _")
+        out[key.strip()] = value
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    # provider settings
+    common.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; gemini counts "
+                             "its thinking too)")
+    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds to wait to connect and between streamed chunks (default {DEFAULT_TIMEOUT:g})")
+    common.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                        help=f"retries for 429, 5xx, timeouts and refused connections, with exponential backoff "
+                             f"that honours Retry-After (default {DEFAULT_RETRIES}; 0 = off)")
+    common.add_argument("--model", action="append", default=[], metavar="NAME=MODEL_ID",
+                        help="use another model id, e.g. gemini=gemini-2.5-flash (repeatable)")
+    common.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+    parser = argparse.ArgumentParser(prog="simple_llm.py", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gemini,kimi,chain}")
+    for name, p in PROVIDERS.items():
+        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} ({p.model})")
+        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing reads stdin")
+    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown file")
+    chain.add_argument("input", help="markdown file with the research idea: {user_input}")
+    # what goes into the prompts
+    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} (default llm.py)")
+    chain.add_argument("--system", default=str(DEFAULT_SYSTEM),
+                       help="constraints file for {system_prompt} (default research_system_prompt.md)")
+    chain.add_argument("--steps", metavar="FILE.json",
+                       help="JSON list of {title, model, prompt} replacing the built-in four steps")
+    chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra variable for {KEY} in prompts (repeatable; wins over built-in ones)")
+    # where results go
+    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json (default .)")
+    chain.add_argument("--resume", action="store_true",
+                       help="reuse saved step files from --out-dir and call only for the missing steps")
+    chain.add_argument("--dry-run", action="store_true",
+                       help="print each rendered prompt and its size; needs no key and sends nothing")
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        parser.error("--max-tokens must be at least 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
+    return args
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    models = _pairs(args.model, "--model")
+    for name in models:
+        if name not in PROVIDERS:
+            raise UserError(f"--model {name}=...: unknown model name; choose one of {', '.join(PROVIDERS)}")
+    llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, models=models)
+    if args.command in PROVIDERS:
+        prompt = " ".join(args.prompt)
+        if prompt.strip() in ("", "-"):
+            if sys.stdin.isatty():
+                print("reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
+            prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise UserError("empty prompt: pass it as arguments or pipe it on stdin")
+        llm.call_model(args.command, prompt)
+        return 0
+
+    steps = DEFAULT_STEPS
+    if args.steps:
+        try:
+            steps = json.loads(_read_text(args.steps, "steps"))
+        except ValueError as e:
+            raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
+    user_input = llm.read_markdown_file(args.input)
+    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (run_chain does that)
+        llm.variables["code_content"] = llm.read_code_file(args.code)  # "code file X not found" if missing
+    if args.system != str(DEFAULT_SYSTEM):
+        llm.variables["system_prompt"] = _read_text(args.system, "--system")
+    llm.variables.update(_pairs(args.var, "--var"))
+    try:
+        results = llm.run_chain(steps, user_input, out_dir=args.out_dir, resume=args.resume, dry_run=args.dry_run)
+    except ChainError as e:
+        done = e.step - 1
+        kept = f"steps 1-{done} are saved in {e.out_dir}" if done else "no step had finished"
+        raise ChainError(f"{e}\n  {kept}; continue with: {_resume_command(argv)}", e.step, e.out_dir) from None
+    except KeyboardInterrupt:
+        n = llm.interrupted_step
+        kept = f"steps 1-{n - 1} are kept in {args.out_dir}; " if n > 1 else ""
+        if n:
+            print(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    if not args.dry_run:
+        print(f"\nchain complete: {len(results)} steps saved in {args.out_dir} (see {MANIFEST})", file=sys.stderr)
+    return 0
+
+
+def _resume_command(argv: list[str]) -> str:
+    script = sys.argv[0] if sys.argv[0].endswith("simple_llm.py") else "simple_llm.py"
+    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv if a != "--resume"), "--resume"])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # a bug or an SDK surprise: one line unless --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {redact(_one_line(e))} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared test setup: no real keys, no hub access, every cache and output under tmp_path.
+
+Each test gets a clean environment: API keys and provider overrides are removed (tests that need them set
+them explicitly), and the Hugging Face caches point into the test's temporary directory so nothing on this
+machine is read or written.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+_CLEARED = (
+    "GEMINI_API_KEY", "GOOGLE_API_KEY", "NOVITA_API_KEY", "OPENAI_API_KEY",
+    "GEMINI_BASE_URL", "GOOGLE_GEMINI_BASE_URL", "NOVITA_BASE_URL", "OPENAI_BASE_URL",
+    "GEMINI_MODEL", "KIMI_MODEL",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    hf_home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_home / "datasets"))
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    yield
+
+
+@pytest.fixture
+def root() -> Path:
+    """The project's root folder (where llm.py and simple_llm.py live)."""
+    return ROOT
+
+
+@pytest.fixture
+def run_llm(tmp_path):
+    """Run `python llm.py ARGS` in tmp_path (so CSVs and caches land there); returns the CompletedProcess."""
+    import subprocess
+
+    def run(*args, timeout=300, env=None, cwd=None):
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([sys.executable, str(ROOT / "llm.py"), *map(str, args)], cwd=cwd or tmp_path,
+                              env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+SMOKE_FAST = ("--preset", "smoke", "--max-steps", "10", "--eval-every", "5", "--log-every", "5")
+
+
+@pytest.fixture
+def smoke_fast():
+    """A smoke sweep cut to 10 updates per run, for tests about the sweep's plumbing rather than learning."""
+    return SMOKE_FAST

@@ -1,0 +1,142 @@
+"""A local stand-in for Novita's OpenAI-compatible API and the Gemini API, served by pytest-httpserver.
+
+The real `openai` and `google-genai` clients talk to it over HTTP on 127.0.0.1 (through NOVITA_BASE_URL and
+GEMINI_BASE_URL), so the tests exercise the same wire formats, status codes and headers as the providers:
+OpenAI chat-completion SSE chunks with a usage chunk and `[DONE]`, and Gemini `streamGenerateContent?alt=sse`.
+Each provider answers from a script of queued responses, then with a default answer; every request is kept.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass
+
+from werkzeug import Request, Response
+
+KIMI_PATH = "/openai/chat/completions"
+GEMINI_PATH = re.compile(r"^/v1(beta)?/models/[^/]+:streamGenerateContent$")
+
+
+@dataclass
+class Call:
+    provider: str
+    path: str
+    body: dict
+    headers: dict
+
+    @property
+    def prompt(self) -> str:
+        if self.provider == "kimi":
+            return self.body["messages"][-1]["content"]
+        return "".join(p.get("text", "") for c in self.body["contents"] for p in c["parts"])
+
+    @property
+    def model(self) -> str:
+        return self.body["model"] if self.provider == "kimi" else self.path.split("/models/")[1].split(":")[0]
+
+
+def _kimi_events(pieces: list[str], finish: str | None) -> list[str]:
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        data = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
+                "model": "moonshotai/kimi-k2-0905", **extra,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return json.dumps(data)
+    events = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": p}) for p in pieces]
+    if finish:
+        events.append(chunk({}, finish))
+        usage = {"prompt_tokens": 11, "completion_tokens": len(pieces), "total_tokens": 11 + len(pieces)}
+        events.append(json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
+                                  "model": "moonshotai/kimi-k2-0905", "choices": [], "usage": usage}))
+        events.append("[DONE]")
+    return events
+
+
+def _gemini_events(pieces: list[str], finish: str | None) -> list[str]:
+    events = []
+    for i, piece in enumerate(pieces):
+        cand = {"content": {"role": "model", "parts": [{"text": piece}]}, "index": 0}
+        data = {"candidates": [cand], "modelVersion": "gemini-2.5-pro"}
+        if finish and i == len(pieces) - 1:
+            cand["finishReason"] = finish
+            data["usageMetadata"] = {"promptTokenCount": 13, "candidatesTokenCount": len(pieces),
+                                     "thoughtsTokenCount": 5, "totalTokenCount": 18 + len(pieces)}
+        events.append(json.dumps(data))
+    return events
+
+
+def answer(provider: str, text: str, *, finish: str | None = "default", pieces: int = 3,
+           break_after: int | None = None, hold: threading.Event | None = None) -> Response:
+    """A streamed answer split into `pieces`. finish=None sends no finish reason (a stream cut off cleanly);
+    break_after=N closes the connection after N events with the body incomplete (a dropped connection);
+    hold makes the stream wait after its first event until the event is set (for Ctrl-C tests)."""
+    size = max(1, -(-len(text) // pieces))
+    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    if finish == "default":
+        finish = "stop" if provider == "kimi" else "STOP"
+    events = (_kimi_events if provider == "kimi" else _gemini_events)(parts, finish)
+    headers = {}
+    if break_after is not None:
+        events = events[:break_after]
+        headers["Content-Length"] = "1000000"  # promise more than is sent: the client sees a broken body
+
+    def body():
+        for i, event in enumerate(events):
+            yield f"data: {event}\n\n"
+            if hold is not None and i == 1:
+                hold.wait(10)
+                time.sleep(0.2)
+    return Response(body(), content_type="text/event-stream", headers=headers)
+
+
+def error(provider: str, status: int, message: str, *, headers: dict | None = None,
+          retry_delay: str | None = None) -> Response:
+    """An error in each provider's JSON shape; retry_delay adds Google's RetryInfo detail (e.g. "0s")."""
+    if provider == "kimi":
+        body = {"error": {"message": message, "type": "invalid_request_error", "code": status}}
+    else:
+        names = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+        body = {"error": {"code": status, "message": message, "status": names.get(status, "UNKNOWN")}}
+        if retry_delay is not None:
+            body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                         "retryDelay": retry_delay}]
+    return Response(json.dumps(body), status=status, content_type="application/json", headers=headers or {})
+
+
+class FakeProviders:
+    """Both providers on one pytest-httpserver. `then(provider, factory, ...)` queues responses (callables
+    returning a werkzeug Response); once a queue is empty the provider answers "<provider> answer <n>"."""
+
+    def __init__(self, server):
+        self.server = server
+        self.calls: list[Call] = []
+        self.script: dict[str, list] = {"kimi": [], "gemini": []}
+        self.answers: dict[str, str] = {}  # provider -> template for default answers, "{n}" = request number
+        server.expect_request(KIMI_PATH, method="POST").respond_with_handler(lambda r: self._handle("kimi", r))
+        server.expect_request(GEMINI_PATH, method="POST").respond_with_handler(lambda r: self._handle("gemini", r))
+
+    @property
+    def kimi_url(self) -> str:
+        return self.server.url_for("/openai")
+
+    @property
+    def gemini_url(self) -> str:
+        return self.server.url_for("/")
+
+    def then(self, provider: str, *factories) -> "FakeProviders":
+        self.script[provider].extend(factories)
+        return self
+
+    def calls_to(self, provider: str) -> list[Call]:
+        return [c for c in self.calls if c.provider == provider]
+
+    def _handle(self, provider: str, request: Request) -> Response:
+        self.calls.append(Call(provider, request.path, json.loads(request.get_data(as_text=True)),
+                               dict(request.headers)))
+        if self.script[provider]:
+            return self.script[provider].pop(0)()
+        n = len(self.calls_to(provider))
+        template = self.answers.get(provider, provider + " answer {n}: keep {braces} and {step1_result} as text.")
+        return answer(provider, template.replace("{n}", str(n)))

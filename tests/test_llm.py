@@ -1,0 +1,338 @@
+"""llm.py, in process: the MoE layer, loss, optimiser, schedule and data split against plain references.
+
+The fast paths (sorted and grouped dispatch, fused linear cross-entropy, batched Muon) are compared with the
+straightforward forms they replace (the original's per-expert loop, F.cross_entropy, torch.optim.Muon) on
+random inputs; the balancing loss and CV against hand-computed values.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+
+
+def tiny_config(**kw):
+    base = dict(d_model=32, n_heads=4, n_layers=2, d_ff=48, num_experts=8, expert_top_k=2, dropout=0.0,
+                vocab_size=97, batch_size=4, max_seq_len=16, max_steps=20, eval_every=10, eval_steps=2,
+                log_every=5, tokenizer="bytes")
+    base.update(kw)
+    return llm.MoEModelConfig(**base)
+
+
+def moe_outputs(moe, x, dispatch, seed=0):
+    """Output and gradients of one MoE layer under a dispatch mode, with the same router noise draw."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    moe.dispatch = dispatch
+    torch.manual_seed(seed)
+    out, aux, counts = moe(x)
+    w = torch.randn_like(out)  # a random cotangent: grouped_mm's backward rejects zero-stride gradients
+    ((out * w).sum() + aux).backward()
+    grads = [x.grad] + [p.grad.clone() for p in (moe.w1, moe.w2, moe.router.gate.weight)]
+    return out.detach(), aux.detach(), counts, grads
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
+def test_vectorised_moe_matches_per_expert_loop(top_k, dispatch):
+    cfg = tiny_config(expert_top_k=top_k, noise_std=0.3)
+    torch.manual_seed(1)
+    moe = llm.MixtureOfExperts(cfg)
+    torch.nn.init.normal_(moe.w1, std=0.2), torch.nn.init.normal_(moe.w2, std=0.2)
+    moe.router.noise_std.fill_(0.3)
+    moe.train()  # noise on: both paths must see the same draw
+    x = torch.randn(3, 10, cfg.d_model)
+    ref = moe_outputs(moe, x, "loop")
+    fast = moe_outputs(moe, x, dispatch)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[1], ref[1])
+    assert torch.equal(fast[2], ref[2]) and int(ref[2].sum()) == 30 * top_k
+    for g_fast, g_ref in zip(fast[3], ref[3]):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
+def test_empty_experts_get_no_tokens_and_zero_gradient(dispatch):
+    cfg = tiny_config(expert_top_k=2)
+    moe = llm.MixtureOfExperts(cfg)
+    torch.nn.init.normal_(moe.w1, std=0.2), torch.nn.init.normal_(moe.w2, std=0.2)
+    with torch.no_grad():  # positive inputs and a gate that strongly prefers experts 0 and 1
+        moe.router.gate.weight.fill_(-1.0)
+        moe.router.gate.weight[:2] = 1.0
+    moe.eval()
+    x = torch.rand(2, 8, cfg.d_model) + 0.1
+    ref = moe_outputs(moe, x, "loop")
+    fast = moe_outputs(moe, x, dispatch)
+    assert fast[2].tolist() == [16, 16, 0, 0, 0, 0, 0, 0]
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
+    for g_fast, g_ref in zip(fast[3], ref[3]):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+    assert fast[3][1][2:].abs().max() == 0  # unused experts' w1 get exactly zero gradient
+
+
+def test_grouped_dispatch_matches_loop_in_bf16():
+    cfg = tiny_config(d_model=64, d_ff=128)
+    torch.manual_seed(2)
+    moe = llm.MixtureOfExperts(cfg)
+    torch.nn.init.normal_(moe.w1, std=0.1), torch.nn.init.normal_(moe.w2, std=0.1)
+    moe.eval()
+    x = torch.randn(2, 16, cfg.d_model)
+    outs = {}
+    for d in ("loop", "grouped"):
+        moe.dispatch = d
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[d] = moe(x)[0].float()
+    torch.testing.assert_close(outs["grouped"], outs["loop"], rtol=2e-2, atol=2e-2)
+
+
+def test_whole_model_fast_path_matches_reference_path():
+    cfg = tiny_config(dropout=0.0)
+    model = llm.MoEMinimalLLM(cfg)
+    model.set_routing(0.2, 0.01)
+    idx, tgt = torch.randint(0, 97, (2, 2, 16)).unbind(0)
+    results = {}
+    for dispatch in ("loop", "sorted", "grouped"):
+        model.zero_grad(set_to_none=True)
+        model.set_dispatch(dispatch)
+        torch.manual_seed(3)
+        loss, ce, aux, counts, correct = model(idx, tgt)
+        loss.backward()
+        results[dispatch] = (loss.detach(), ce.detach(), counts, correct,
+                             [p.grad.clone() for p in model.parameters()])
+    for d in ("sorted", "grouped"):
+        torch.testing.assert_close(results[d][0], results["loop"][0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(results[d][2], results["loop"][2]) and results[d][3] == results["loop"][3]
+        for a, b in zip(results[d][4], results["loop"][4]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_linear_cross_entropy_matches_f_cross_entropy(dtype, tol, monkeypatch):
+    torch.manual_seed(4)
+    N, C, V = 50, 16, 301
+    h = torch.randn(N, C, requires_grad=True)
+    W = (torch.randn(V, C) * 0.5).requires_grad_(True)
+    t = torch.randint(0, V, (N,))
+    logits = (h.to(dtype) @ W.to(dtype).T).float()
+    ref = F.cross_entropy(logits, t)
+    ref.backward()
+    ref_grads = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    loss, correct = llm.LinearCrossEntropy.apply(h, W, t, dtype, True)
+    (loss * 2.0).backward()  # a non-unit upstream gradient must scale the stored gradients
+    torch.testing.assert_close(loss, ref.detach(), rtol=tol, atol=tol)
+    assert int(correct) == int((logits.argmax(-1) == t).sum())
+    torch.testing.assert_close(h.grad, 2 * ref_grads[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(W.grad, 2 * ref_grads[1], rtol=tol, atol=tol)
+
+
+def test_fused_cross_entropy_in_chunks_gives_the_same_answer(monkeypatch):
+    torch.manual_seed(5)
+    h = torch.randn(40, 8, requires_grad=True)
+    W, t = (torch.randn(100, 8) * 0.3).requires_grad_(True), torch.randint(0, 100, (40,))
+    ref = F.cross_entropy(h @ W.T, t)
+    ref.backward()
+    ref_grads = h.grad.clone(), W.grad.clone()
+    h.grad = W.grad = None
+    monkeypatch.setattr(llm, "CE_CHUNK_LOGITS", 1500)  # 15 rows per chunk: 3 chunks, the last one short
+    loss, correct = llm.LinearCrossEntropy.apply(h, W, t, torch.float32, True)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, ref_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(W.grad, ref_grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_load_balancing_loss_hand_computed():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    counts = torch.tensor([3, 1])  # top-1 picks 0, 0, 1, 0
+    # f = [0.75, 0.25], P = [0.65, 0.35] -> 2 * (0.4875 + 0.0875) = 1.15
+    assert llm.load_balancing_loss(probs, counts, 4).item() == pytest.approx(1.15)
+    uniform = torch.full((6, 3), 1 / 3)
+    assert llm.load_balancing_loss(uniform, torch.tensor([4, 4, 4]), 12).item() == pytest.approx(1.0)
+
+
+def test_moe_aux_loss_is_the_formula_on_its_own_routing():
+    cfg = tiny_config(expert_top_k=2)
+    moe = llm.MixtureOfExperts(cfg).eval()
+    x = torch.randn(2, 5, cfg.d_model)
+    _, aux, counts = moe(x)
+    _, top_idx, probs = moe.router(x.reshape(10, -1))
+    f = torch.bincount(top_idx.flatten(), minlength=8).float() / 20
+    assert aux.item() == pytest.approx((8 * (f * probs.mean(0)).sum()).item(), rel=1e-6)
+    assert counts.tolist() == torch.bincount(top_idx.flatten(), minlength=8).tolist()
+
+
+def test_zero_balancing_weight_adds_nothing():
+    model = llm.MoEMinimalLLM(tiny_config())
+    model.set_routing(0.0, 0.0)
+    idx, tgt = torch.randint(0, 97, (2, 2, 16)).unbind(0)
+    loss, ce, aux, _, _ = model(idx, tgt)
+    assert aux.item() > 0 and loss.item() == ce.item()
+    model.set_routing(0.0, 0.5)
+    loss, ce, aux, _, _ = model(idx, tgt)
+    assert loss.item() == pytest.approx(ce.item() + 0.5 * aux.item(), rel=1e-6)
+
+
+def test_router_noise_only_in_training():
+    router = llm.TopKRouter(16, 8, 2)
+    router.noise_std.fill_(1.0)
+    x = torch.randn(32, 16)
+    router.eval()
+    a, b = router(x), router(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    clean_logits = x @ router.gate.weight.T
+    torch.testing.assert_close(a[2], clean_logits.softmax(-1))
+    router.train()
+    c, d = router(x), router(x)
+    assert not torch.equal(c[2], d[2]) and not torch.equal(c[2], a[2])
+    router.noise_std.fill_(0.0)
+    e = router(x)
+    assert all(torch.equal(u, v) for u, v in zip(a, e))
+
+
+def test_expert_usage_cv_known_counts():
+    assert llm.expert_usage_cv([10, 10, 10, 10]) == 0.0
+    assert llm.expert_usage_cv([1, 2, 3, 4]) == pytest.approx(math.sqrt(1.25) / 2.5)  # population std
+    assert llm.expert_usage_cv([8, 0, 0, 0]) == pytest.approx(math.sqrt(3))
+
+
+def test_batched_muon_matches_torch_muon_matrix_by_matrix():
+    assert hasattr(torch.optim, "Muon"), "this torch has no torch.optim.Muon to compare against"
+    torch.manual_seed(6)
+    shapes = [(24, 8), (8, 24), (16, 16)]
+    ours = [torch.randn(s) for s in shapes] + [torch.randn(3, 12, 8)]  # the last: 3 stacked experts
+    ref = [p.clone() for p in ours[:3]] + [m.clone() for m in ours[3]]
+    start = [p.clone() for p in ref]
+    ours = [torch.nn.Parameter(p) for p in ours]
+    ref = [torch.nn.Parameter(p) for p in ref]
+    opt = llm.Muon(ours, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.bfloat16)
+    ref_opt = torch.optim.Muon(ref, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, g in zip(ours, grads):
+            p.grad = g
+        for p, g in zip(ref, grads[:3] + list(grads[3])):
+            p.grad = g.clone()
+        opt.step(), ref_opt.step()
+    got = [p.detach() for p in ours[:3]] + list(ours[3].detach())
+    for a, b in zip(got, ref):
+        # Both orthogonalise in bf16; batched and single matmuls may round differently in the last bit.
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=2e-3)
+    assert all((b.detach() - s).abs().max() > 0.01 for b, s in zip(ref, start))  # the updates are not trivial
+
+
+def test_muon_fp32_newton_schulz_orthogonalises():
+    G = torch.randn(4, 32, 64)
+    X = llm.zeropower_via_newtonschulz(G, dtype=torch.float32)
+    s = torch.linalg.svdvals(X)  # the quintic iteration lands singular values roughly in (0.5, 1.5)
+    assert s.min() > 0.3 and s.max() < 1.6
+
+
+def test_lr_schedule_warmup_and_cosine_to_a_tenth():
+    m = [llm.lr_multiplier(s, 400) for s in range(400)]
+    assert m[0] == pytest.approx(1 / 20) and m[19] == pytest.approx(1.0)
+    assert max(m) == pytest.approx(1.0) and m[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(m[19:], m[20:]))  # monotone decay after warmup
+
+
+def test_split_is_disjoint_and_validation_is_fixed():
+    cfg = tiny_config(batch_size=4, max_seq_len=16, eval_steps=3)
+    tokens = np.arange(4000)  # every position has a distinct value
+    data = llm.TokenData.from_tokens(tokens.astype(np.uint16), cfg, torch.device("cpu"))
+    n_train = 4000 - 400
+    val_tokens = torch.cat([torch.cat([x, y[:, -1:]], dim=1).flatten() for x, y in data.val])
+    assert len(data.val) == 3 and int(val_tokens.min()) >= n_train
+    assert len(set(val_tokens.tolist())) == len(val_tokens)  # windows do not overlap each other
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        x, y = data.sample_batch(gen)
+        assert int(torch.maximum(x, y).max()) < n_train
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    again = llm.TokenData.from_tokens(tokens.astype(np.uint16), cfg, torch.device("cpu"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(data.val, again.val))
+
+
+def test_same_seed_same_weights_and_batches_in_every_condition():
+    cfg = tiny_config()
+    cache = llm.ModelCache(llm.resolve_runtime("cpu"))
+    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
+    data = llm.TokenData.from_tokens(tokens, cfg, torch.device("cpu"))
+    snapshots, batches = [], []
+    for noise, lb in ((0.0, 0.01), (0.5, 0.0)):
+        model, _ = cache.get(llm.replace(cfg, noise_std=noise, load_balancing_weight=lb, seed=43))
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+        gen = torch.Generator().manual_seed(43)
+        batches.append([data.sample_batch(gen)[0] for _ in range(3)])
+        assert model.blocks[0].feed_forward.router.noise_std.item() == noise
+    assert all(torch.equal(a, b) for a, b in zip(*snapshots))
+    assert all(torch.equal(a, b) for a, b in zip(*batches))
+    other, _ = cache.get(llm.replace(cfg, seed=44))
+    assert not torch.equal(next(other.parameters()), snapshots[0][0])
+
+
+def test_config_rejects_bad_values_and_computes_d_k():
+    assert llm.MoEModelConfig().d_k == 48
+    with pytest.raises(TypeError):
+        llm.MoEModelConfig(d_k=48)  # computed, not a constructor argument
+    for kw, words in [(dict(d_model=100), "--n-heads"), (dict(expert_top_k=9), "--num-experts"),
+                      (dict(noise_std=-0.1), "noise_std"), (dict(load_balancing_weight=-1), "load_balancing"),
+                      (dict(batch_size=0), "--batch-size")]:
+        with pytest.raises(llm.UserError, match=words):
+            llm.MoEModelConfig(**kw)
+
+
+def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
+    cfg = llm.MoEModelConfig(**{**llm.PRESETS["smoke"], "cache_dir": str(tmp_path), "max_steps": 40,
+                                "eval_every": 40})
+    tokens, meta = llm.load_and_cache_data(cfg, quiet=True)
+    cfg = llm.replace(cfg, vocab_size=meta["vocab_size"])
+    rt = llm.resolve_runtime("cpu")
+    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
+    models = llm.ModelCache(rt)
+    model, fn = models.get(cfg)
+    before = llm.evaluate_model(fn, model, data, rt)
+    result = llm.train_moe_model(cfg, data, rt, models, tmp_path / "m.jsonl", progress=False)
+    assert result["status"] == "ok" and result["steps"] == 40
+    assert result["train_tokens"] == 40 * cfg.batch_size * cfg.max_seq_len
+    assert before["val_loss"] > math.log(100)  # about uniform over the bytes at initialisation
+    assert result["val_loss"] < before["val_loss"] - 1.5
+    assert result["best_val_perplexity"] <= result["val_perplexity"]
+    assert 0 <= result["expert_usage_cv"] < 3 and len(result["expert_usage_cv_per_layer"]) == cfg.n_layers
+    lines = (tmp_path / "m.jsonl").read_text().splitlines()
+    assert any('"split": "val"' in line for line in lines) and len(lines) >= 40 // cfg.log_every
+
+
+def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
+    cfg = tiny_config(max_steps=6, gradient_accumulation_steps=3, eval_every=6, log_every=2)
+    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
+    rt = llm.resolve_runtime("cpu")
+    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
+    models = llm.ModelCache(rt)
+    model, _ = models.get(cfg)
+    calls = []
+    muon_step = llm.Muon.step
+    llm.Muon.step = lambda self, closure=None: (calls.append(1), muon_step(self))[1]
+    try:
+        result = llm.train_moe_model(cfg, data, rt, models, None, progress=False)
+    finally:
+        llm.Muon.step = muon_step
+    assert len(calls) == 6 and result["steps"] == 6
+    assert result["train_tokens"] == 6 * 3 * cfg.batch_size * cfg.max_seq_len
+
+
+def test_non_finite_loss_marks_the_run_diverged():
+    cfg = tiny_config(max_steps=10, log_every=2, eval_every=10)
+    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
+    rt = llm.resolve_runtime("cpu")
+    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
+    models = llm.ModelCache(rt)
+    model, _ = models.get(cfg)
+    model.set_routing(0.0, float("nan"))  # a NaN weight makes the loss NaN from the first step
+    real_get = models.get
+    models.get = lambda c: (real_get(c), model.set_routing(0.0, float("nan")))[0]
+    result = llm.train_moe_model(cfg, data, rt, models, None, progress=False)
+    assert result["status"] == "diverged" and result["diverged_step"] == 0
+    assert math.isnan(result["val_loss"]) and math.isnan(result["best_val_perplexity"])

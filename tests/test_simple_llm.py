@@ -1,0 +1,447 @@
+"""simple_llm.py against a local fake of both providers: the real openai and google-genai clients, real HTTP.
+
+Covers: both direct commands stream text (arguments and stdin); the four-step chain sends its requests in order
+to the right models, step 1 carries the user's file, the code and the system prompt, later steps carry earlier
+answers, and step files and chain_run.json are written; substitution is one pass and strict; 429/5xx then 200
+succeeds for both providers; 401 fails fast with one request; a missing key stops before any request; a step
+failing mid-chain (error or broken stream) keeps earlier files and --resume finishes with only the missing
+requests; Ctrl-C exits 130 and keeps finished steps; dry-run and unknown variables send nothing; step titles
+become safe file names; a cut answer is reported; the keys never appear in output or files.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import simple_llm
+from fake_providers import FakeProviders, answer, error
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "simple_llm.py"
+KIMI_KEY = "nv-SECRET-kimi-7f3a9c"
+GEMINI_KEY = "AIza-SECRET-gem-51d2e8"
+IDEA = "# Idea\nDoes router noise help when the balancing loss is off? MARKER-IDEA\n"
+CODE = "def f(x):\n    return f\"{x}\"  # MARKER-CODE {not_a_variable}\n"
+SYSTEM = "Use only SmolLM. MARKER-SYSTEM\n"
+
+
+@pytest.fixture(scope="session")
+def httpserver_listen_address():
+    return ("127.0.0.1", 0)
+
+
+@pytest.fixture(autouse=True)
+def _no_dotenv(monkeypatch):
+    monkeypatch.setenv("SIMPLE_LLM_NO_DOTENV", "1")  # a developer's real .env must never reach the tests
+
+
+@pytest.fixture
+def fake(httpserver, monkeypatch):
+    providers = FakeProviders(httpserver)
+    monkeypatch.setenv("NOVITA_BASE_URL", providers.kimi_url)
+    monkeypatch.setenv("GEMINI_BASE_URL", providers.gemini_url)
+    monkeypatch.setenv("NOVITA_API_KEY", KIMI_KEY)
+    monkeypatch.setenv("GEMINI_API_KEY", GEMINI_KEY)
+    return providers
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A chain input, a code file and a constraints file in tmp_path, which is also the working directory."""
+    (tmp_path / "idea.md").write_text(IDEA)
+    (tmp_path / "code.py").write_text(CODE)
+    (tmp_path / "system.md").write_text(SYSTEM)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def cli(*args, cwd, stdin=None, timeout=60):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=dict(os.environ),
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def chain_args(out="out", *extra):
+    return ["chain", "idea.md", "--code", "code.py", "--system", "system.md", "--out-dir", out, *extra]
+
+
+def assert_no_keys(*texts, folder=None):
+    files = [p.read_text(errors="replace") for p in Path(folder).rglob("*") if p.is_file()] if folder else []
+    for text in [*texts, *files]:
+        assert KIMI_KEY not in text and GEMINI_KEY not in text
+
+
+def assert_one_error_line(stderr: str):
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+
+
+# ---------------------------------------------------------------------------------------------- direct calls
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_direct_command_streams_answer(fake, tmp_path, provider):
+    fake.answers[provider] = "Hello from the fake " + provider + ", streamed in pieces."
+    r = cli(provider, "Write", "a", "haiku", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"Hello from the fake {provider}, streamed in pieces.\n"
+    (call,) = fake.calls
+    assert call.provider == provider and call.prompt == "Write a haiku"
+    assert call.model == simple_llm.PROVIDERS[provider].model
+    key_header = "Authorization" if provider == "kimi" else "X-Goog-Api-Key"
+    assert (KIMI_KEY if provider == "kimi" else GEMINI_KEY) in call.headers[key_header]
+    if provider == "kimi":
+        assert call.body["stream"] is True and call.body["stream_options"] == {"include_usage": True}
+        assert call.body["max_tokens"] >= 8192
+    else:
+        config = call.body["generationConfig"]
+        assert config["maxOutputTokens"] >= 8192
+        assert -1 in config["thinkingConfig"].values()  # dynamic thinking, as the original
+    assert_no_keys(r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_prompt_from_stdin_with_model_and_token_overrides(fake, tmp_path):
+    r = cli("kimi", "-", "--model", "kimi=other/model", "--max-tokens", "9000", cwd=tmp_path,
+            stdin="a prompt {with braces} from stdin\n")
+    assert r.returncode == 0, r.stderr
+    (call,) = fake.calls
+    assert call.prompt == "a prompt {with braces} from stdin\n"
+    assert call.model == "other/model" and call.body["max_tokens"] == 9000
+
+
+def test_model_env_override(fake, monkeypatch, capsys):
+    monkeypatch.setenv("GEMINI_MODEL", "gemini-2.5-flash")
+    assert simple_llm.SimpleLLM().call_model("gemini", "hi") == "gemini answer 1: keep {braces} and " \
+                                                                "{step1_result} as text."
+    assert fake.calls[0].model == "gemini-2.5-flash"
+    assert "gemini answer 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider,var", [("kimi", "NOVITA_API_KEY"), ("gemini", "GEMINI_API_KEY")])
+def test_missing_key_stops_before_any_request(fake, tmp_path, monkeypatch, provider, var):
+    monkeypatch.delenv(var)
+    r = cli(provider, "hello", cwd=tmp_path)
+    assert r.returncode == 2
+    assert_one_error_line(r.stderr)
+    assert var in r.stderr and ".env.example" in r.stderr
+    assert fake.calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider,var", [("kimi", "NOVITA_API_KEY"), ("gemini", "GEMINI_API_KEY")])
+def test_rejected_key_fails_fast_and_is_never_shown(fake, tmp_path, provider, var):
+    # A gateway that echoes the key back in its error message: the CLI must still not print it.
+    fake.then(provider, lambda: error(provider, 401, f"Incorrect API key provided: {KIMI_KEY} {GEMINI_KEY}"))
+    r = cli(provider, "hello", cwd=tmp_path)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr)
+    assert "rejected the key" in r.stderr and var in r.stderr and "401" in r.stderr
+    assert len(fake.calls) == 1  # no retry
+    assert_no_keys(r.stdout, r.stderr, folder=tmp_path)
+
+
+def test_gemini_invalid_key_400_counts_as_rejected(fake):
+    fake.then("gemini", lambda: error("gemini", 400, "API key not valid. Please pass a valid API key. "
+                                      "reason: API_KEY_INVALID"))
+    with pytest.raises(simple_llm.ProviderError, match="rejected the key in GEMINI_API_KEY"):
+        simple_llm.SimpleLLM().call_model("gemini", "hi")
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+@pytest.mark.parametrize("status", [429, 503])
+def test_transient_error_then_success(fake, capsys, provider, status):
+    # retry-after-ms is what the openai SDK reads first; Gemini sends Retry-After or a RetryInfo detail.
+    headers = {"retry-after-ms": "10", "Retry-After": "0"}
+    fake.then(provider, lambda: error(provider, status, "slow down", headers=headers,
+                                      retry_delay="0s" if provider == "gemini" else None))
+    start = time.perf_counter()
+    reply = simple_llm.SimpleLLM().reply(provider, "hi")
+    assert reply.text.startswith(f"{provider} answer 2")
+    assert len(fake.calls) == 2
+    assert time.perf_counter() - start < 5  # the server's short Retry-After was honoured, not a long backoff
+
+
+def test_gemini_honours_retry_info_without_headers(fake, capsys):
+    fake.then("gemini", lambda: error("gemini", 429, "quota", retry_delay="0.05s"))
+    assert simple_llm.SimpleLLM().reply("gemini", "hi").finish_reason == "STOP"
+    assert len(fake.calls) == 2
+    assert "gemini: HTTP 429 RESOURCE_EXHAUSTED, retrying in 0.1 s (attempt 2 of 5)" in capsys.readouterr().err
+
+
+def test_gemini_gives_up_when_server_asks_for_a_long_wait(fake):
+    fake.then("gemini", lambda: error("gemini", 429, "quota", headers={"Retry-After": "3600"}))
+    with pytest.raises(simple_llm.ProviderError, match="wait 3600 s"):
+        simple_llm.SimpleLLM().reply("gemini", "hi")
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_persistent_server_error_gives_one_clear_error(fake, provider):
+    for _ in range(3):
+        fake.then(provider, lambda: error(provider, 500, "backend down", headers={"retry-after-ms": "1",
+                                                                                 "Retry-After": "0"}))
+    with pytest.raises(simple_llm.ProviderError, match="HTTP 500.*after 3 attempts.*backend down"):
+        simple_llm.SimpleLLM(retries=2).reply(provider, "hi")
+    assert len(fake.calls) == 3
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+@pytest.mark.parametrize("how", ["dropped", "no_finish"])
+def test_stream_cut_mid_answer_is_an_error(fake, provider, how):
+    kw = {"break_after": 2} if how == "dropped" else {"finish": None}
+    fake.then(provider, lambda: answer(provider, "the first half of an answer", **kw))
+    with pytest.raises(simple_llm.ProviderError, match="broke off|before the answer was finished"):
+        simple_llm.SimpleLLM().reply(provider, "hi")
+    assert len(fake.calls) == 1  # text was already shown: not silently re-bought
+
+
+def test_kimi_error_event_inside_stream(fake):
+    from werkzeug import Response
+    body = ('data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,'
+            '"delta":{"content":"partial"},"finish_reason":null}]}\n\ndata: {"error":{"message":"overloaded"}}\n\n')
+    fake.then("kimi", lambda: Response(body, content_type="text/event-stream"))
+    with pytest.raises(simple_llm.ProviderError, match="overloaded"):
+        simple_llm.SimpleLLM().reply("kimi", "hi")
+
+
+def test_gemini_timeout_is_retried_then_reported(fake):
+    from werkzeug import Response
+
+    def slow():
+        time.sleep(0.6)
+        return Response("{}", content_type="application/json")
+    fake.then("gemini", slow)
+    reply = simple_llm.SimpleLLM(timeout=0.2, retries=1).reply("gemini", "hi")  # the retry gets an answer
+    assert reply.text.startswith("gemini answer 2")
+    fake.then("gemini", slow)
+    with pytest.raises(simple_llm.ProviderError, match=r"no data for 0.2 s .*\(retries are off\)"):
+        simple_llm.SimpleLLM(timeout=0.2, retries=0).reply("gemini", "hi")
+
+
+def test_cut_by_length_is_reported(fake, capsys):
+    fake.then("kimi", lambda: answer("kimi", "a long plan that stops", finish="length"))
+    reply = simple_llm.SimpleLLM(max_tokens=5).reply("kimi", "hi")
+    assert reply.cut and reply.finish_reason == "length"
+    assert "--max-tokens" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- variables
+
+def test_substitution_is_one_pass_and_strict():
+    llm = simple_llm.SimpleLLM()
+    llm.variables.update(code="x = {'a': 1}; f'{x}' {user_input}", user_input="IDEA {code}")
+    text = llm.substitute_vars("{user_input} | {code} | {{user_input}} | {\"json\": 1} | {0}")
+    assert text == "IDEA {code} | x = {'a': 1}; f'{x}' {user_input} | {user_input} | {\"json\": 1} | {0}"
+    with pytest.raises(simple_llm.UserError, match=r"\{missing\}"):
+        llm.substitute_vars("{missing}")
+    assert llm.substitute_vars("{missing}", strict=False) == "{missing}"
+
+
+def test_file_readers(tmp_path):
+    llm = simple_llm.SimpleLLM()
+    (tmp_path / "a.py").write_text("print('{x}')\n```\n")
+    fenced = llm.read_code_file(tmp_path / "a.py")
+    assert fenced.startswith("````python\n") and fenced.endswith("\n````") and "print('{x}')" in fenced
+    with pytest.raises(simple_llm.UserError, match="not found"):
+        llm.read_markdown_file(tmp_path / "nope.md")
+
+
+@pytest.mark.parametrize("title", ["../../etc/passwd", "a/b\\c", "..", "Final Plan: v2!", "", "🙂"])
+def test_step_titles_become_safe_file_names(title):
+    name = simple_llm.step_file(3, title)
+    assert name.startswith("step3_") and name.endswith(".md")
+    assert "/" not in name and "\\" not in name and ".." not in name
+
+
+# ---------------------------------------------------------------------------------------------- chain
+
+def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys):
+    assert simple_llm.main(chain_args()) == 0
+    out = work / "out"
+    assert [(c.provider, c.model) for c in fake.calls] == [
+        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro"),
+        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro")]
+    prompts = [c.prompt for c in fake.calls]
+    answers = [f"kimi answer 1", "gemini answer 1", "kimi answer 2", "gemini answer 2"]
+    answers = [a + ": keep {braces} and {step1_result} as text." for a in answers]
+    # step 1 carries the user's file, the code (braces intact, in a python fence) and the constraints
+    for marker in ("MARKER-IDEA", "```python\n" + CODE.rstrip() + "\n```", "MARKER-SYSTEM"):
+        assert marker in prompts[0]
+    assert "{user_input}" not in prompts[0] and "{code_content}" not in prompts[0]
+    # later steps carry the earlier answers verbatim (their braces are not substituted again)
+    assert answers[0] in prompts[1]
+    assert answers[0] in prompts[2] and answers[1] in prompts[2]
+    assert all(a in prompts[3] for a in answers[:3]) and "MARKER-IDEA" in prompts[3]
+    names = ["step1_research_plan.md", "step2_critical_review.md", "step3_critique_analysis.md",
+             "step4_final_plan.md"]
+    assert [(out / n).read_text() for n in names] == answers
+    manifest = json.loads((out / "chain_run.json").read_text())
+    assert manifest["status"] == "complete"
+    steps = manifest["steps"]
+    assert [s["output"] for s in steps] == names
+    assert [s["model"] for s in steps] == ["kimi", "gemini", "kimi", "gemini"]
+    assert [s["prompt_chars"] for s in steps] == [len(p) for p in prompts]
+    assert [s["finish_reason"] for s in steps] == ["stop", "STOP", "stop", "STOP"]
+    assert steps[0]["usage"]["completion_tokens"] > 0 and steps[1]["usage"]["total_token_count"] > 0
+    assert all(s["seconds"] >= 0 and s["cut"] is False for s in steps)
+    captured = capsys.readouterr()
+    assert all(a in captured.out for a in answers)  # streamed as it arrived
+    assert_no_keys(captured.out, captured.err, folder=work)
+
+
+def test_chain_uses_default_code_and_system_files(fake, work, capsys):
+    assert simple_llm.main(["chain", "idea.md", "--out-dir", "o"]) == 0
+    first = fake.calls[0].prompt
+    assert "```python\n" in first and "MARKER-IDEA" in first
+    assert (ROOT / "research_system_prompt.md").read_text().strip() in first
+    if (ROOT / "llm.py").is_file():
+        assert (ROOT / "llm.py").read_text().rstrip() in first
+
+
+@pytest.mark.slow
+def test_chain_failure_keeps_earlier_steps_and_resume_finishes(fake, work):
+    fake.then("kimi", lambda: answer("kimi", "plan one"),
+              lambda: error("kimi", 500, "backend exploded", headers={"retry-after-ms": "1"}))
+    r = cli(*chain_args("out", "--retries", "0"), cwd=work)
+    assert r.returncode == 1
+    assert_one_error_line(r.stderr)
+    assert "step 3 (Critique_Analysis, kimi)" in r.stderr and "backend exploded" in r.stderr
+    assert "--resume" in r.stderr and "steps 1-2 are saved" in r.stderr
+    out = work / "out"
+    assert (out / "step1_research_plan.md").read_text() == "plan one"
+    assert (out / "step2_critical_review.md").is_file()
+    assert not (out / "step3_critique_analysis.md").exists() and not (out / "step4_final_plan.md").exists()
+    manifest = json.loads((out / "chain_run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"][-1]["step"] == 3
+    assert len(fake.calls) == 3
+
+    r = cli(*chain_args("out", "--resume"), cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert [c.provider for c in fake.calls[3:]] == ["kimi", "gemini"]  # only the missing steps
+    assert "plan one" in fake.calls[3].prompt and "gemini answer 1" in fake.calls[3].prompt
+    assert (out / "step4_final_plan.md").read_text().startswith("gemini answer 2")
+    manifest = json.loads((out / "chain_run.json").read_text())
+    assert manifest["status"] == "complete"
+    assert [s.get("reused", False) for s in manifest["steps"]] == [True, True, False, False]
+    assert manifest["steps"][0]["usage"]["completion_tokens"] > 0  # kept from the first run
+    assert_no_keys(r.stdout, r.stderr, folder=work)
+
+
+def test_stream_broken_mid_step_is_not_saved(fake, work, capsys):
+    fake.then("gemini", lambda: answer("gemini", "a review that never ends", break_after=2))
+    assert simple_llm.main(chain_args()) == 1
+    err = capsys.readouterr().err
+    assert "step 2 (Critical_Review, gemini)" in err and "broke off" in err and "--resume" in err
+    out = work / "out"
+    assert (out / "step1_research_plan.md").is_file()
+    assert not (out / "step2_critical_review.md").exists()
+    assert (out / "step2_critical_review.partial.md").read_text().startswith("a review")  # paid for, kept
+    assert len(fake.calls) == 2
+    assert simple_llm.main(chain_args("out", "--resume")) == 0
+    assert [c.provider for c in fake.calls[2:]] == ["gemini", "kimi", "gemini"]
+    assert not (out / "step2_critical_review.partial.md").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_steps(fake, work):
+    release = threading.Event()
+    fake.then("gemini", lambda: answer("gemini", "a slow review " * 5, hold=release))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *chain_args()], cwd=work, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while len(fake.calls) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # let the first piece of step 2 arrive
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    out = work / "out"
+    assert (out / "step1_research_plan.md").is_file()
+    assert not (out / "step2_critical_review.md").exists()
+    assert json.loads((out / "chain_run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_dry_run_needs_no_key_and_sends_nothing(fake, work, monkeypatch):
+    monkeypatch.delenv("NOVITA_API_KEY")
+    monkeypatch.delenv("GEMINI_API_KEY")
+    r = cli(*chain_args(), "--dry-run", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert fake.calls == []
+    assert r.stdout.count("==== step") == 4 and "characters" in r.stdout
+    assert "MARKER-IDEA" in r.stdout and "<output of step 1 (Research_Plan)>" in r.stdout
+    assert not (work / "out").exists()
+
+
+@pytest.mark.slow
+def test_unknown_variable_sends_nothing_and_var_fills_it(fake, work):
+    steps = [{"title": "Ask", "model": "kimi", "prompt": "{user_input} in {language}"},
+             {"title": "../../Escape", "model": "gemini", "prompt": "Check: {step1_result} {step3_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    r = cli(*chain_args(), "--steps", "steps.json", cwd=work)
+    assert r.returncode == 2
+    assert_one_error_line(r.stderr)
+    assert "step 1 (Ask)" in r.stderr and "{language}" in r.stderr and "--var" in r.stderr
+    assert fake.calls == []
+
+    steps[1]["prompt"] = "Check: {step1_result}"
+    (work / "steps.json").write_text(json.dumps(steps))
+    r = cli(*chain_args(), "--steps", "steps.json", "--var", "language=Python {3}", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert fake.calls[0].prompt == IDEA + " in Python {3}"
+    assert [p.name for p in sorted((work / "out").iterdir())] == [
+        "chain_run.json", "step1_ask.md", "step2_escape.md"]
+
+
+def test_bad_steps_file_is_a_user_error(fake, work, capsys):
+    (work / "steps.json").write_text(json.dumps([{"title": "x", "model": "gpt", "prompt": "hi"}]))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 2
+    assert "unknown model 'gpt'" in capsys.readouterr().err
+    (work / "steps.json").write_text("{not json")
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 2
+    assert fake.calls == []
+
+
+def test_dotenv_from_cwd_never_overrides_the_environment(work, monkeypatch):
+    monkeypatch.delenv("SIMPLE_LLM_NO_DOTENV")
+    monkeypatch.setenv("GEMINI_API_KEY", "from-environment")
+    (work / ".env").write_text("GEMINI_API_KEY=from-dotenv\nNOVITA_API_KEY=nv-from-dotenv\n")
+    try:
+        simple_llm.load_env()
+        assert os.environ["GEMINI_API_KEY"] == "from-environment"
+        assert os.environ["NOVITA_API_KEY"] == "nv-from-dotenv"
+    finally:
+        os.environ.pop("NOVITA_API_KEY", None)
+
+
+def test_debug_shows_the_traceback(work):
+    with pytest.raises(simple_llm.UserError, match="NOVITA_API_KEY"):
+        simple_llm.main(["kimi", "hi", "--debug"])
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_stream_dropped_before_the_first_word_is_retried(fake, capsys, provider):
+    fake.then(provider, lambda: answer(provider, "never seen", break_after=1 if provider == "kimi" else 0))
+    assert simple_llm.SimpleLLM().reply(provider, "hi").text.startswith(f"{provider} answer 2")
+    assert len(fake.calls) == 2
+
+
+def test_bad_base_url_is_one_clear_error(fake, monkeypatch):
+    monkeypatch.setenv("GEMINI_BASE_URL", "localhost:1/")  # no scheme
+    with pytest.raises(simple_llm.ProviderError, match="gemini: connection to localhost:1/ failed"):
+        simple_llm.SimpleLLM().reply("gemini", "hi")
