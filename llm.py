@@ -7,7 +7,7 @@
 
 Each run appends one row to the CSV as it finishes; rerunning the same command skips finished runs. After the
 sweep a markdown report with paired statistics and plots is written beside the CSV (`--report CSV` rebuilds it).
-Sections: config, model, data, optimiser and schedule, train and evaluate, benchmark, sweep/CSV/report, CLI.
+Sections: config, model, data, optimiser and schedule, train/evaluate/benchmark, sweep/CSV/report, CLI.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ class MoEModelConfig:
     max_seq_len: int = _f(512, "data", "tokens per training window")
     num_documents: int = _f(2000, "data", "documents read from the corpus")
     max_tokens: int = _f(500_000, "data", "tokens kept from those documents")
-    dataset: str = _f("HuggingFaceTB/smollm-corpus", "data", "Hugging Face dataset id")
+    dataset: str = _f("HuggingFaceTB/smollm-corpus", "data", "Hugging Face dataset id ('random': random tokens, "
+                                                              "for timing only)")
     dataset_config: str = _f("cosmopedia-v2", "data", "dataset configuration")
     data_files: tuple = _f((), "data", "local .txt/.jsonl/.json/.parquet files instead of the hub dataset")
     tokenizer: str = _f("HuggingFaceTB/SmolLM-135M", "data", "hub id, local tokenizer folder, or 'bytes'")
@@ -113,8 +114,10 @@ class MoEModelConfig:
             raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
                             f"{self.num_experts}; choose top-k <= experts")
         for name in ("noise_std", "load_balancing_weight", "muon_lr", "weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:  # also rejects NaN
-                raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"--{_flag(name)} must be a finite number >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.seed < 2 ** 63:
+            raise UserError(f"--seeds must be in [0, 2**63) (got {self.seed})")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.vocab_size is not None and self.vocab_size < 2:
@@ -123,6 +126,8 @@ class MoEModelConfig:
 
 SWEPT = ("noise_std", "load_balancing_weight", "seed")  # set per run by the sweep, not by single-value flags
 RESULT_NEUTRAL = ("cache_dir", "log_every")  # do not change the numbers, so not part of a run's identity
+NOT_GRIDDABLE = RESULT_NEUTRAL + ("use_amp", "data_files")  # per process, or not part of a run's identity
+DATA_FIELDS = ("dataset", "dataset_config", "data_files", "tokenizer", "num_documents", "max_tokens")
 
 PRESETS = {
     # Tiny model, byte tokenizer and the shipped sample corpus: the whole 18-run sweep in under a minute on CPU.
@@ -133,13 +138,15 @@ PRESETS = {
 
 
 def _flag(name: str) -> str:
-    return name.replace("_", "-")
+    """The command-line spelling of a config field (without the leading --)."""
+    return {"load_balancing_weight": "lb-weight", "seed": "seeds"}.get(name, name.replace("_", "-"))
 
 
-def config_hash(config: MoEModelConfig, data_key: str = "") -> str:
-    """Identity of a run: every result-affecting field plus the exact data, so resume never mixes setups."""
-    d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k",)}
-    return hashlib.sha256(json.dumps([d, data_key], sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(config: MoEModelConfig, tokens_sha256: str = "") -> str:
+    """Identity of a run: every result-affecting field plus the tokens' content hash (not the files' paths,
+    which change with a checkout or a copy), so resume never mixes setups and works across machines."""
+    d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k", "data_files")}
+    return hashlib.sha256(json.dumps([d, tokens_sha256], sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -209,6 +216,12 @@ def load_balancing_loss(probs, counts, n_assignments: int):
     return probs.size(-1) * (f * probs.mean(dim=0)).sum()
 
 
+def compute_dtype(x) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in (x's own dtype outside autocast)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def _has_grouped_mm() -> bool:
     return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
@@ -236,10 +249,6 @@ class MixtureOfExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))  # (E, C, d_ff)
         self.dispatch = "sorted"  # ModelCache switches CUDA models to "grouped" where the kernel runs
 
-    def _compute_dtype(self, x):
-        # grouped_mm is not on autocast's cast lists, so cast by hand to what autocast would use.
-        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
     def _expert_ffn(self, xs, e: int, dt):  # xs (n, C) -> (n, C): one expert, as the original's Expert
         h = F.dropout(F.silu(xs @ self.w1[e].to(dt).T), self.dropout, self.training)
         return h @ self.w2[e].to(dt).T
@@ -254,7 +263,7 @@ class MixtureOfExperts(nn.Module):
         counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat_idx,
                                                                                   torch.ones_like(flat_idx))
         aux = load_balancing_loss(probs, counts, N * k)
-        dt = self._compute_dtype(x)
+        dt = compute_dtype(x)  # grouped_mm is not on autocast's cast lists: cast by hand
         if self.dispatch == "loop":
             return self._forward_loop(x_flat, top_w, top_idx, dt).view(B, T, C), aux, counts
         order = flat_idx.argsort(stable=True)  # (N*k,) copies grouped by expert
@@ -388,7 +397,7 @@ class MoEMinimalLLM(nn.Module):
             layer_counts.append(counts)
         h = self.dropout(self.norm(x)).flatten(0, 1)  # (B*T, C)
         y = targets.flatten()  # (B*T,)
-        dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        dt = compute_dtype(h)
         # fp16 would underflow the fused loss's per-token gradients before the GradScaler can scale them up.
         if self.fused_ce and dt != torch.float16:
             need_grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
@@ -436,12 +445,16 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     """A quick TCP probe, so an offline user hears so in seconds rather than after the hub client's retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    host = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").split("://")[-1].split("/")[0]
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct probe proves nothing: let the hub client try
+    from urllib.parse import urlsplit
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
     ok = []
 
     def probe():  # in a thread: getaddrinfo itself has no timeout
         try:
-            socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+            socket.create_connection(address, timeout=timeout).close()
             ok.append(True)
         except OSError:
             pass
@@ -515,6 +528,12 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False) -> tuple[np.nd
     The cache is a plain .npy array plus a JSON sidecar with the key; anything unreadable or mismatched is
     rebuilt with a warning, never trusted."""
     key = data_key(cfg)
+    if cfg.dataset == "random" and not cfg.data_files:  # uniform random tokens: for timing on machines with no data
+        vocab = cfg.vocab_size or 49152
+        tokens = np.random.default_rng(0).integers(0, vocab, cfg.max_tokens).astype(
+            np.uint16 if vocab <= 65536 else np.int32)
+        meta = {"key": key, "n_tokens": cfg.max_tokens, "n_documents": 0, "vocab_size": vocab}
+        return tokens, _describe(tokens, meta, Path("random tokens, not cached"))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(cfg.cache_dir)
     npy, meta_path = cache / f"tokens_{digest}.npy", cache / f"tokens_{digest}.json"
@@ -524,8 +543,7 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False) -> tuple[np.nd
             tokens = np.load(npy, allow_pickle=False)
             if meta.get("key") != key or len(tokens) != meta["n_tokens"] or tokens.ndim != 1:
                 raise ValueError("contents do not match the sidecar")
-            meta["cache_file"] = str(npy)
-            return tokens, meta
+            return tokens, _describe(tokens, meta, npy)
         except Exception as e:
             warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding it")
 
@@ -580,8 +598,14 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False) -> tuple[np.nd
     tmp_meta = meta_path.with_suffix(f".{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
-    meta["cache_file"] = str(npy)
-    return tokens, meta
+    return tokens, _describe(tokens, meta, npy)
+
+
+def _describe(tokens: np.ndarray, meta: dict, npy: Path) -> dict:
+    """Add what is derived from the tokens themselves: their content hash identifies the data in a run's
+    config_hash (file paths and modification times would change with every checkout or copy)."""
+    return {**meta, "cache_file": str(npy), "max_id": int(tokens.max()),
+            "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
 
 
 @dataclass
@@ -633,9 +657,12 @@ def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750,
     if transposed:
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
+    X = X.reshape(-1, *X.shape[-2:])  # (M, A, B) for the fused batched multiply-adds
     for _ in range(steps):
-        gram = X @ X.mT  # (..., A, A)
-        X = a * X + (b * gram + c * gram @ gram) @ X
+        gram = X @ X.mT  # (M, A, A)
+        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*gram + c*gram@gram
+        X = torch.baddbmm(X, update, X, beta=a)  # a*X + update@X
+    X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if transposed else X
 
 
@@ -658,29 +685,37 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
+            # Bucket by shape up to a transpose, orienting each matrix wide (rows <= cols): orthogonalising a
+            # transpose gives the transpose, so an expert's w1 (d_ff, C) and w2 (C, d_ff) share one call.
             buckets: dict = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)
                 update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                buckets.setdefault(tuple(p.shape[-2:]), []).append((p, update))
-            for (rows, cols), items in buckets.items():
-                stacked = [u.reshape(-1, rows, cols) for _, u in items]  # (n_i, rows, cols) each
+                rows, cols = p.shape[-2:]
+                flip = rows > cols
+                update = update.reshape(-1, rows, cols)  # (n, rows, cols)
+                buckets.setdefault((min(rows, cols), max(rows, cols)), []).append(
+                    (p, update.mT if flip else update, flip, lr * math.sqrt(max(1.0, rows / cols))))
+            for items in buckets.values():
                 if self.batched:
-                    ortho = zeropower_via_newtonschulz(torch.cat(stacked), group["ns_steps"], dtype=self.ns_dtype)
+                    ortho = zeropower_via_newtonschulz(torch.cat([u for _, u, _, _ in items]), group["ns_steps"],
+                                                       dtype=self.ns_dtype)
                 else:  # one matrix at a time, like the original: the benchmark's reference
                     ortho = torch.cat([zeropower_via_newtonschulz(m, group["ns_steps"], dtype=self.ns_dtype)
-                                       for s in stacked for m in s.split(1)])
-                scale = lr * math.sqrt(max(1.0, rows / cols))
+                                       for _, u, _, _ in items for m in u.split(1)])
                 offset = 0
-                for p, _ in items:
-                    n = p.numel() // (rows * cols)
+                for p, u, flip, step_size in items:
+                    o = ortho[offset:offset + len(u)]
+                    offset += len(u)
                     if group["weight_decay"]:
                         p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(ortho[offset:offset + n].view_as(p).to(p.dtype), alpha=-scale)
-                    offset += n
+                    p.add_((o.mT if flip else o).reshape(p.shape).to(p.dtype), alpha=-step_size)
 
 
 def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, device: torch.device, reference=False):
@@ -710,7 +745,7 @@ def lr_multiplier(step: int, max_steps: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Train and evaluate
+# Train, evaluate and benchmark
 
 @dataclass
 class Runtime:
@@ -734,6 +769,15 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
+def amp_policy(use_amp: bool, bf16_native: bool) -> tuple[typing.Optional[torch.dtype], str]:
+    """Autocast dtype on a CUDA GPU, and why."""
+    if not use_amp:
+        return None, "fp32 (--no-use-amp)"
+    if bf16_native:
+        return torch.bfloat16, "bf16 autocast (the GPU supports bf16)"
+    return torch.float16, "fp16 autocast with a GradScaler (the GPU has no native bf16)"
+
+
 def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.Optional[bool] = None,
                     local_rank: int = 0) -> Runtime:
     if device == "auto":
@@ -742,16 +786,18 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: Apple MPS is not available; use --device cpu (or auto)")
+    if device == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); start at most "
+                        f"that many processes per node (--nproc-per-node)")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if not use_amp:
-            amp, why = None, "fp32 (--no-use-amp)"
-        elif torch.cuda.is_bf16_supported():
-            amp, why = torch.bfloat16, "bf16 autocast (the GPU supports bf16)"
-        else:
-            amp, why = torch.float16, "fp16 autocast with a GradScaler (the GPU lacks bf16)"
+        try:  # without this flag, pre-Ampere GPUs report (slow, emulated) bf16 as supported
+            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            bf16 = torch.cuda.get_device_capability(dev)[0] >= 8
+        amp, why = amp_policy(use_amp, bf16)
     else:
         amp, why = None, f"fp32 ({dev.type} has no fast mixed precision path here)"
     use_compile = dev.type == "cuda" if compile is None else compile
@@ -760,52 +806,74 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
 
 
 class ModelCache:
-    """One model (and its compiled version) per architecture, re-initialised for every run.
+    """The current architecture's model (and compiled version), re-initialised for every run.
 
-    Reusing the module lets torch.compile build its graphs once per sweep instead of once per run; noise and
-    balancing weight are buffers, so changing them between runs does not recompile either."""
+    Reusing the module lets torch.compile build its graphs once per architecture instead of once per run (noise
+    and balancing weight are buffers, so changing them does not recompile), and the graphs are built by a
+    warm-up step before the first run, so no run's time includes compilation. Only one architecture is kept:
+    a --grid sweep runs each architecture's runs together, and old models would hold GPU memory."""
 
     ARCH = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout", "vocab_size",
             "max_seq_len")
 
-    def __init__(self, rt: Runtime):
-        self.rt, self.models = rt, {}
+    def __init__(self, rt: Runtime, quiet: bool = False):
+        self.rt, self.quiet, self.key, self.model, self.fn = rt, quiet, None, None, None
 
     def get(self, cfg: MoEModelConfig, dispatch: typing.Optional[str] = None):
-        key = tuple(getattr(cfg, k) for k in self.ARCH) + (dispatch,)
-        if key not in self.models:
-            model = MoEMinimalLLM(cfg).to(self.rt.device)
-            model.set_dispatch(dispatch or default_dispatch(self.rt))
-            self.models[key] = (model, compiled(model) if self.rt.compile else model)
-        model, fn = self.models[key]
-        model.reset_parameters(cfg.seed)
-        model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
-        return model, fn
+        key = tuple(getattr(cfg, k) for k in self.ARCH) + (cfg.batch_size, dispatch)
+        if key != self.key:
+            self.model = self.fn = None
+            if self.rt.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.model = MoEMinimalLLM(cfg).to(self.rt.device)
+            self.model.set_dispatch(dispatch or default_dispatch(self.rt))
+            self.fn = self._compile(self.model, cfg) if self.rt.compile else self.model
+            self.key = key
+        self.model.reset_parameters(cfg.seed)
+        self.model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+        return self.model, self.fn
 
-
-def compiled(model: nn.Module):
-    """torch.compile, falling back to eager (with dynamo's warning) if a graph fails to compile."""
-    import torch._dynamo
-    torch._dynamo.config.suppress_errors = True
-    for name in ("recompile_limit", "cache_size_limit"):  # one model per architecture in a --grid sweep
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    return torch.compile(model)
+    def _compile(self, model: MoEMinimalLLM, cfg: MoEModelConfig):
+        import torch._dynamo
+        for name in ("recompile_limit", "cache_size_limit"):  # a new architecture counts as a recompile
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        fn, t = torch.compile(model), time.perf_counter()
+        x = torch.zeros(cfg.batch_size, cfg.max_seq_len, dtype=torch.long, device=self.rt.device)
+        try:
+            for training in (True, False):  # both graphs: training (with backward) and evaluation
+                model.train(training)
+                with torch.set_grad_enabled(training), self.rt.autocast():
+                    loss = fn(x, x)[0]
+                if training:
+                    loss.backward()
+        except Exception as e:
+            warn(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                 f"running eager (slower); --no-compile skips the attempt")
+            fn = model
+        model.zero_grad(set_to_none=True)
+        model.train()
+        if fn is not model and not self.quiet:
+            print(f"torch.compile: graphs built in {time.perf_counter() - t:.0f} s, before the first run")
+        return fn
 
 
 def default_dispatch(rt: Runtime) -> str:
-    """"grouped" on GPUs whose torch build has bf16 grouped GEMM kernels (tried once), else "sorted".
+    """"grouped" where grouped_mm runs forward and backward (tried once), else "sorted".
 
-    On CPU the sorted loop is as fast (no host sync to avoid there) and grouped_mm does not compile."""
-    if rt.device.type != "cuda" or rt.amp_dtype != torch.bfloat16 or not _has_grouped_mm():
+    Under torch.compile the grouped kernels need a bf16 GPU; on CPU they run eagerly."""
+    if not _has_grouped_mm() or rt.device.type == "mps" or (rt.compile and (rt.device.type != "cuda" or
+                                                                            rt.amp_dtype != torch.bfloat16)):
         return "sorted"
-    try:
-        a = torch.randn(32, 16, device=rt.device, dtype=torch.bfloat16)
-        b = torch.randn(2, 16, 16, device=rt.device, dtype=torch.bfloat16)
-        grouped_mm(a, b, torch.tensor([16, 32], dtype=torch.int32, device=rt.device))
+    try:  # the model's exact layout: transposed (E, out, in) weights, with a backward pass
+        dt = rt.amp_dtype or torch.float32
+        a = torch.randn(32, 16, device=rt.device, dtype=dt, requires_grad=True)
+        w = torch.randn(2, 24, 16, device=rt.device, dtype=dt, requires_grad=True)
+        y = grouped_mm(a, w.transpose(-2, -1), torch.tensor([8, 32], dtype=torch.int32, device=rt.device))
+        (y * torch.randn_like(y)).sum().backward()
         return "grouped"
-    except Exception:
-        warn("grouped_mm does not run on this GPU with this torch build; using the sorted per-expert loop")
+    except Exception as e:
+        warn(f"grouped_mm does not run here ({type(e).__name__}); using the sorted per-expert loop")
         return "sorted"
 
 
@@ -821,17 +889,17 @@ def _peak_memory_gb(device: torch.device) -> float:
 def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> dict:
     """Cross-entropy, top-1 accuracy and routing counts over the fixed validation batches.
 
-    Everything accumulates on the device; the host reads it once at the end."""
+    Everything accumulates on the device (float32: MPS has no float64); the host reads it once at the end."""
     model.eval()
     dev = rt.device
-    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=dev)
     correct = torch.zeros((), device=dev, dtype=torch.int64)
     counts = torch.zeros(model.cfg.n_layers, model.cfg.num_experts, device=dev, dtype=torch.int64)
     n_tokens = 0
     for x, y in data.val:
         with rt.autocast():
             _, ce, _, layer_counts, n_correct = fn(x, y)
-        loss_sum += ce.double() * y.numel()
+        loss_sum += ce.float() * y.numel()
         correct += n_correct
         counts += layer_counts
         n_tokens += y.numel()
@@ -844,36 +912,44 @@ def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> di
             "expert_usage_cv_per_layer": [expert_usage_cv(c) for c in per_layer]}
 
 
+def apply_update(optimizers, scaler, params, grad_clip: float):
+    """Unscale (fp16), clip, step every optimizer, clear gradients: the end of every training step."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
 def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: ModelCache,
                     metrics_path: typing.Optional[Path] = None, progress: bool = True) -> dict:
     """Train one run and return its metrics. A non-finite loss ends the run with status 'diverged'."""
     from tqdm.auto import tqdm
+    model, fn = models.get(cfg)  # (compiles only for a new architecture, before the clock starts)
     t_run = time.perf_counter()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    model, fn = models.get(cfg)
-    model.train()
     optimizers = build_optimizers(model, cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and router noise
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     log = open(metrics_path, "w") if metrics_path else None
-    dev = rt.device
-    ce_acc, aux_acc = torch.zeros((), device=dev), torch.zeros((), device=dev)
-    first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
+    # Running sums on the device: cross-entropy, aux loss, and the first non-finite update (0 = none yet).
+    stats = torch.zeros(3, device=rt.device)
     tokens_per_update = cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
-    status, diverged_step, best_ppl, last_eval, steps_done = "ok", None, float("inf"), None, 0
+    status, diverged_step, best_ppl, last_eval, steps_done, since_log = "ok", None, float("inf"), None, 0, 0
     bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb {cfg.load_balancing_weight}",
                unit="step", leave=False, disable=not progress, position=1, dynamic_ncols=True)
-    # Training time excludes evaluation; steady-state tokens/s also excludes the first log interval, which
-    # carries torch.compile's graph building in a sweep's first run.
     t_loop = t_log = time.perf_counter()
-    eval_time = eval_since_log = steady_time = 0.0
-    since_log = steady_steps = 0
+    eval_time = eval_since_log = 0.0  # training time and tokens/s exclude evaluation
     try:
-        for step in range(cfg.max_steps):
-            mult = lr_multiplier(step, cfg.max_steps)
+        for step in range(1, cfg.max_steps + 1):
+            mult = lr_multiplier(step - 1, cfg.max_steps)
             for opt in optimizers:
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * mult
@@ -882,47 +958,31 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
                 with rt.autocast():
                     loss, ce, aux, _, n_correct = fn(x, y)
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                ce_acc += ce.detach()
-                aux_acc += aux.detach()
-                # Remember the first non-finite step on the device; the host looks only when it logs.
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-            for opt in optimizers:
-                scaler.unscale_(opt)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            steps_done, since_log = step + 1, since_log + 1
-            last = step + 1 == cfg.max_steps
-            if (step + 1) % cfg.log_every == 0 or last:
-                bad_step = int(first_bad.item())  # the one host sync per log interval
+                bad = (~torch.isfinite(loss.detach()) & (stats[2] == 0)).float() * step
+                stats += torch.stack([ce.detach().float(), aux.detach().float(), bad])
+            apply_update(optimizers, scaler, params, cfg.grad_clip)
+            steps_done, since_log = step, since_log + 1
+            last = step == cfg.max_steps
+            if step % cfg.log_every == 0 or last:
+                ce_sum, aux_sum, bad_step, n_ok = torch.cat([stats, n_correct.view(1).float()]).tolist()  # one sync
                 n_micro = since_log * cfg.gradient_accumulation_steps
-                train_loss, train_aux = ce_acc.item() / n_micro, aux_acc.item() / n_micro
-                acc = n_correct.item() / y.numel()  # last micro-batch
+                train_loss, train_aux, acc = ce_sum / n_micro, aux_sum / n_micro, n_ok / y.numel()
                 now = time.perf_counter()
-                dt = now - t_log - eval_since_log
-                tps = since_log * tokens_per_update / dt
-                if step + 1 > since_log:  # not the first interval
-                    steady_time, steady_steps = steady_time + dt, steady_steps + since_log
-                t_log, eval_since_log = now, 0.0
-                ce_acc.zero_(), aux_acc.zero_()
-                if bad_step >= 0:
-                    status, diverged_step = "diverged", bad_step
-                    bar.write(f"  run diverged: non-finite loss at step {bad_step}")
+                tps = since_log * tokens_per_update / (now - t_log - eval_since_log)
+                t_log, eval_since_log, since_log = now, 0.0, 0
+                stats[:2] = 0
+                if bad_step:
+                    status, diverged_step = "diverged", int(bad_step)
+                    bar.write(f"  run diverged: non-finite loss at update {diverged_step}")
                     break
                 bar.set_postfix(loss=f"{train_loss:.3f}", aux=f"{train_aux:.3f}", acc=f"{acc:.3f}",
                                 ppl=f"{math.exp(min(train_loss, 50)):.1f}", tok_s=f"{tps:,.0f}")
-                bar.update(since_log)
+                bar.update(step - bar.n)
                 if log:
-                    log.write(json.dumps({"split": "train", "step": step + 1, "loss": train_loss,
-                                          "aux_loss": train_aux, "accuracy": acc, "tokens_per_s": tps,
-                                          "lr": optimizers[0].param_groups[0]["lr"]}) + "\n")
-                since_log = 0
-            if (step + 1) % cfg.eval_every == 0 or last:
+                    log.write(json.dumps({"split": "train", "step": step, "loss": train_loss, "aux_loss": train_aux,
+                                          "accuracy": acc, "lr": optimizers[0].param_groups[0]["lr"],
+                                          "tokens_per_s": tps}) + "\n")
+            if step % cfg.eval_every == 0 or last:
                 _sync(rt)
                 t_eval = time.perf_counter()
                 last_eval = evaluate_model(fn, model, data, rt)
@@ -930,7 +990,7 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
                 eval_time += time.perf_counter() - t_eval
                 eval_since_log += time.perf_counter() - t_eval
                 if log:
-                    log.write(json.dumps({"split": "val", "step": step + 1, "loss": last_eval["val_loss"],
+                    log.write(json.dumps({"split": "val", "step": step, "loss": last_eval["val_loss"],
                                           "accuracy": last_eval["val_accuracy"],
                                           "perplexity": last_eval["val_perplexity"]}) + "\n")
                     log.flush()
@@ -940,8 +1000,6 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
             log.close()
     _sync(rt)
     train_time = time.perf_counter() - t_loop - eval_time
-    if steady_steps == 0:
-        steady_time, steady_steps = train_time, steps_done
     nan = float("nan")
     ev = last_eval if status == "ok" else {}
     return {
@@ -951,7 +1009,7 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
         "best_val_perplexity": best_ppl if status == "ok" else nan,
         "expert_usage_cv": ev.get("expert_usage_cv", nan), "status": status, "diverged_step": diverged_step,
         "steps": steps_done, "train_tokens": steps_done * tokens_per_update,
-        "tokens_per_s": steady_steps * tokens_per_update / steady_time if steady_time > 0 else nan,
+        "tokens_per_s": steps_done * tokens_per_update / train_time if train_time > 0 else nan,
         "expert_usage_cv_per_layer": ev.get("expert_usage_cv_per_layer", []),
     }
 
@@ -963,8 +1021,6 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Benchmark
 
 def _matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
     """Measured, not looked up: the best of a few large matmuls in the training dtype."""
@@ -998,51 +1054,47 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
     batches = [(torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device),
                 torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device))
                for _ in range(4)]
-    impls = []
+    impls, steppers = [], []
     for name, reference in (("this project", False), ("per-expert-loop reference", True)):
-        model = MoEMinimalLLM(cfg).to(rt.device)
-        model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
-        model.set_dispatch("loop" if reference else default_dispatch(rt))
-        fn = compiled(model) if rt.compile and not reference else model
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        t = time.perf_counter()
+        if reference:  # the original's step: per-expert loop with host syncs, plain loss, no compile
+            fn = model = MoEMinimalLLM(cfg).to(rt.device)
+            model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+            model.set_dispatch("loop")
+        else:  # exactly what a sweep runs (compiled on CUDA; compilation counts as warm-up)
+            model, fn = ModelCache(rt, quiet=True).get(cfg)
         opts = build_optimizers(model, cfg, rt.device, reference=reference)
         scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-        params = list(model.parameters())
 
-        def step(i):
+        def step(i, fn=fn, opts=opts, scaler=scaler, params=list(model.parameters())):
             for j in range(cfg.gradient_accumulation_steps):
                 x, y = batches[(i + j) % len(batches)]
                 with rt.autocast():
                     loss = fn(x, y)[0]
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-            for o in opts:
-                scaler.unscale_(o)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            for o in opts:
-                scaler.step(o)
-            scaler.update()
-            for o in opts:
-                o.zero_grad(set_to_none=True)
+            apply_update(opts, scaler, params, cfg.grad_clip)
 
-        if rt.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(rt.device)
-        t = time.perf_counter()
         for i in range(warmup):
             step(i)
         _sync(rt)
-        warmup_s = time.perf_counter() - t
-        times = []
-        for i in range(steps):
+        impls.append({"impl": name, "device": rt.device_name, "peak_mem_gb": _peak_memory_gb(rt.device),
+                      "warmup_s": time.perf_counter() - t})
+        steppers.append(step)
+    # Timed steps alternate between the two, so drift on a shared machine hits both alike.
+    times = [[], []]
+    for i in range(steps):
+        for k, step in enumerate(steppers):
             t = time.perf_counter()
             step(i)
             _sync(rt)
-            times.append(time.perf_counter() - t)
-        step_s = float(np.median(times))
+            times[k].append(time.perf_counter() - t)
+    for r, ts in zip(impls, times):
+        step_s = float(np.median(ts))
         tflops = flops * tokens / step_s / 1e12
-        impls.append({"impl": name, "device": rt.device_name, "step_ms": step_s * 1e3, "tokens_per_s": tokens / step_s,
-                      "tflops": tflops, "mfu": tflops / peak, "peak_mem_gb": _peak_memory_gb(rt.device),
-                      "warmup_s": warmup_s})
-        del model, fn, opts
+        r.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=tflops, mfu=tflops / peak)
     return {"speedup": impls[1]["step_ms"] / impls[0]["step_ms"], "peak_tflops": peak, "peak_measured_with": peak_what,
             "flops_per_token": flops, "tokens_per_step": tokens, "dtype": rt.dtype_name, "compile": rt.compile,
             "torch": torch.__version__, "impls": impls}
@@ -1187,7 +1239,8 @@ def _runs_dir(csv_path) -> Path:
     return p.with_name(p.stem + "_runs")
 
 
-def _read_results(csv_path):
+def _read_results(csv_path, hashes=None):
+    """The CSV's complete rows (only those in `hashes` if given), checked, with setup columns added."""
     import pandas as pd
     p = Path(csv_path)
     if not p.is_file():
@@ -1199,10 +1252,33 @@ def _read_results(csv_path):
     missing = [c for c in FIRST_COLUMNS + TAIL_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{p} is not a results CSV of this tool: missing column(s) {', '.join(missing)}")
+    df = df[df["status"].notna()]  # a torn last line from a killed writer
+    if hashes is not None:
+        df = df[df["config_hash"].isin(hashes)]
+    df = _add_setup_columns(df.reset_index(drop=True))
     if df.empty:
         raise ValueError(f"{p} has no runs yet")
     if not _ok_mask(df).any():
         raise ValueError(f"{p} has no successful runs ({len(df)} run(s), none with status 'ok')")
+    return df
+
+
+def _add_setup_columns(df):
+    """Rows of different setups in one CSV (say, two --max-steps appended to one file) must not be pooled:
+    every config field that differs between rows becomes a condition column, as if swept with --grid."""
+    cfgs = []
+    for s in df["config_json"]:
+        try:
+            cfgs.append(json.loads(s))
+        except (TypeError, ValueError):
+            cfgs.append({})
+    skip = set(condition_columns(df)) | {"seed", "data_files"} | set(RESULT_NEUTRAL)
+    at = list(df.columns).index("status")
+    for name in dict.fromkeys(k for c in cfgs for k in c):
+        values = [json.dumps(c.get(name)) if isinstance(c.get(name), (list, dict)) else c.get(name) for c in cfgs]
+        if name not in skip and len(set(map(str, values))) > 1:
+            df.insert(at, name, values)
+            at += 1
     return df
 
 
@@ -1548,6 +1624,9 @@ def parse_grid(items: list[str]) -> dict[str, list]:
             raise UserError(f"--grid {item!r}: expected FIELD=V1,V2 (for example expert_top_k=1,2)")
         if name not in names:
             raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: {', '.join(sorted(names))}")
+        if name in NOT_GRIDDABLE:
+            raise UserError(f"--grid {name}: this field does not change a run's numbers or is per-process; "
+                            f"set it once with --{_flag(name)}")
         typ = _scalar_type(hints[name])
         if typ not in (int, float, bool, str):
             raise UserError(f"--grid: field {name!r} cannot be swept")
@@ -1609,42 +1688,63 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
     say(f"MoE routing experiment: {design} = {len(configs)} runs" + (f" over {world} processes" if world > 1 else ""))
     for k, v in axes.items():
         say(f"  {k}: {', '.join(map(str, v))}")
-
-    if args.fresh and main_rank and out.exists():
-        backup = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{out.suffix}")
-        out.rename(backup)
-        say(f"--fresh: moved the existing {out} to {backup}")
-    _barrier(world)
+    if main_rank:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.fresh and out.exists():
+            backup = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{out.suffix}")
+            out.rename(backup)
+            say(f"--fresh: moved the existing {out} to {backup}")
     rt = resolve_runtime(local_rank=local_rank, **rt_args)
-    # Local rank 0 builds the token cache first; the others then read it rather than racing to build it.
+    say(f"device: {rt.device_name}; {rt.reason}")
+
+    # Every corpus the sweep needs (one, unless --grid changes the data). Local rank 0 builds the caches first;
+    # the others then read them rather than racing to build them.
+    corpus_of = lambda c: json.dumps([getattr(c, k) for k in DATA_FIELDS])
+    corpora = {}
     if local_rank != 0:
         _barrier(world)
-    tokens, meta = load_and_cache_data(base, quiet=not main_rank)
+    for c in configs:
+        if corpus_of(c) not in corpora:
+            corpora[corpus_of(c)] = tokens, meta = load_and_cache_data(c, quiet=not main_rank)
+            say(f"data: {meta['n_tokens']:,} tokens from {meta['n_documents']:,} documents ({meta['cache_file']})")
     if local_rank == 0:
         _barrier(world)
-    vocab = base.vocab_size or meta["vocab_size"]
-    if int(tokens.max()) >= vocab:
-        raise UserError(f"--vocab-size {vocab} is smaller than the tokenizer's ids (max {int(tokens.max())})")
-    configs = [replace(c, vocab_size=vocab) for c in configs]
-    dkey = json.dumps(meta["key"], sort_keys=True)
-    data = TokenData.from_tokens(tokens, configs[0], rt.device)
-    say(f"device: {rt.device_name}; {rt.reason}")
-    say(f"data: {meta['n_tokens']:,} tokens from {meta['n_documents']:,} documents (cache {meta['cache_file']}); "
-        f"train {len(data.train):,} tokens, validation {len(data.val)} batches of {base.batch_size} x "
-        f"{base.max_seq_len} (non-overlapping, after the training tokens)")
-    if len(data.val) < base.eval_steps:
-        say(f"  note: the held-out 10% holds {len(data.val)} validation batches, fewer than --eval-steps "
-            f"{base.eval_steps}; every evaluation uses all of them")
-    models = ModelCache(rt)
-    total, active = count_parameters(models.get(configs[0])[0])
-    say(f"model: {total:,} parameters, {active:,} active per token; "
-        f"{flops_per_token(configs[0]) / 1e9:.3f} GFLOP per training token")
-    say("config: " + json.dumps({k: v for k, v in asdict(configs[0]).items() if k not in SWEPT + ("d_k",)}))
+    runs = []
+    for c in configs:
+        meta = corpora[corpus_of(c)][1]
+        c = replace(c, vocab_size=c.vocab_size or meta["vocab_size"])
+        if meta["max_id"] >= c.vocab_size:
+            raise UserError(f"--vocab-size {c.vocab_size} is smaller than the tokenizer's ids (up to "
+                            f"{meta['max_id']})")
+        runs.append((c, config_hash(c, meta["sha256"])))
+    splits = {}  # (corpus, window, batch, eval batches) -> TokenData on the device
 
-    runs = [(c, config_hash(c, dkey)) for c in configs]
+    def data_for(c: MoEModelConfig) -> TokenData:
+        key = (corpus_of(c), c.max_seq_len, c.batch_size, c.eval_steps)
+        if key not in splits:
+            splits.clear()  # one at a time: runs of one data shape are contiguous in the sweep
+            splits[key] = d = TokenData.from_tokens(corpora[key[0]][0], c, rt.device)
+            say(f"split: train {len(d.train):,} tokens; validation {len(d.val)} batches of {c.batch_size} x "
+                f"{c.max_seq_len} (the last 10%, non-overlapping)" + (
+                    f"; fewer than --eval-steps {c.eval_steps}, so every evaluation uses all of them"
+                    if len(d.val) < c.eval_steps else ""))
+        return splits[key]
+
+    first = runs[0][0]
+    data_for(first)  # fails early on a corpus too short for the first run
+    models = ModelCache(rt, quiet=not main_rank)
+    total, active = count_parameters(models.get(first)[0])
+    say(f"model: {total:,} parameters, {active:,} active per token; "
+        f"{flops_per_token(first) / 1e9:.3f} GFLOP per training token")
+    say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in SWEPT + ("d_k",)}))
+
     if main_rank:
         done = read_done(out, header)
         todo = [i for i, (_, h) in enumerate(runs) if h not in done]
+        others = len(done - {h for _, h in runs})
+        if others:
+            say(f"note: {out} also holds {others} run(s) of other setups; the summary below covers this sweep, "
+                f"the report groups by every setting that differs")
     else:
         todo = None
     if world > 1:  # one rank reads the CSV and decides, so every rank works from the same list
@@ -1668,7 +1768,7 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
             overall.set_description_str(rid)
-            result = train_moe_model(cfg, data, rt, models, run_dir / "metrics.jsonl",
+            result = train_moe_model(cfg, data_for(cfg), rt, models, run_dir / "metrics.jsonl",
                                      progress=main_rank and sys.stderr.isatty())
             row = {**asdict(cfg), **result, "device": rt.device_name, "dtype": rt.dtype_name, "run_id": rid,
                    "config_hash": chash,
@@ -1686,7 +1786,7 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
     _barrier(world)
     if main_rank:
         say(f"\nresults: {out}")
-        print_summary(out)
+        print_summary(out, {h for _, h in runs})
         try:
             report = write_report(out)
             say(f"report: {report}")
@@ -1695,15 +1795,20 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
     return 0
 
 
-def print_summary(path: Path):
-    import pandas as pd
-    df = pd.read_csv(path)
+def print_summary(path: Path, hashes: set):
+    """Per condition of this sweep's runs: best val perplexity mean ± std, mean CV, mean minutes."""
+    try:
+        df = _read_results(path, hashes)
+    except ValueError as e:
+        print(f"no summary: {e}")
+        return
     table = condition_table(df)
-    print(f"\n{'condition':<40}{'n':>3}  {'best val ppl':>18}{'mean cv':>10}{'mean min':>10}")
-    for _, r in table.iterrows():
-        cond = ", ".join(f"{c}={r[c]}" for c in condition_columns(df))
-        std = "" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"
-        print(f"{cond:<40}{int(r['n']):>3}  {r['mean']:>10.2f}{std:<8}{r['mean_cv']:>10.3f}{r['mean_minutes']:>10.2f}"
+    labels = _labels(table, condition_columns(df))
+    width = max(map(len, labels + ["condition"])) + 2
+    print(f"\n{'condition':<{width}}{'n':>3}{'best val ppl':>20}{'mean cv':>10}{'mean min':>10}")
+    for label, (_, r) in zip(labels, table.iterrows()):
+        ppl = f"{r['mean']:.2f}" + ("" if math.isnan(r["std"]) else f" ± {r['std']:.2f}")
+        print(f"{label:<{width}}{int(r['n']):>3}{ppl:>20}{r['mean_cv']:>10.3f}{r['mean_minutes']:>10.2f}"
               + (f"  ({int(r['n_diverged'])} diverged)" if r["n_diverged"] else ""))
 
 
@@ -1763,6 +1868,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.bench_steps is not None and args.bench_steps < 1:
+        parser.error("--bench-steps must be at least 1")
+    if int(os.environ.get("RANK", "0")) > 0 and (args.report or args.bench or args.dry_run):
+        return 0  # under torchrun, one-off commands run on rank 0 only
     try:
         if args.report:
             try:
@@ -1770,9 +1879,6 @@ def main(argv=None) -> int:
             except (FileNotFoundError, ValueError) as e:
                 raise UserError(f"cannot write a report for {args.report}: {e}") from None
             return 0
-        for name, values in (("--noise-std", args.noise_std), ("--lb-weight", args.lb_weight)):
-            if any(not v >= 0 for v in values):
-                raise UserError(f"{name} values must be >= 0 (got {' '.join(map(str, values))})")
         overrides = {f.name: getattr(args, f.name) for f in fields(MoEModelConfig)
                      if f.name not in SWEPT and hasattr(args, f.name)}
         base = MoEModelConfig(**{**PRESETS.get(args.preset, {}), **overrides})
@@ -1781,11 +1887,16 @@ def main(argv=None) -> int:
         axes.update(noise_std=grid.get("noise_std", args.noise_std),
                     load_balancing_weight=grid.get("load_balancing_weight", args.lb_weight),
                     seed=grid.get("seed", args.seeds))
+        for k, v in axes.items():
+            if len(set(v)) < len(v):
+                raise UserError(f"{k} lists a value twice ({' '.join(map(str, v))}); each run must be distinct")
         for combo in itertools.product(*axes.values()):  # validate every run before any trains
             replace(base, **dict(zip(axes, combo)))
         grid_fields = [k for k in axes if k not in SWEPT]
         rt_args = dict(device=args.device, use_amp=base.use_amp, compile=args.compile)
         if args.bench:
+            if args.bench_out and not Path(args.bench_out).resolve().parent.is_dir():
+                raise UserError(f"--bench-out {args.bench_out}: its folder does not exist")
             rt = resolve_runtime(**rt_args)
             print(f"device: {rt.device_name}; {rt.reason}")
             steps = args.bench_steps or (30 if rt.device.type == "cuda" else 5)
@@ -1803,14 +1914,22 @@ def main(argv=None) -> int:
                 d = {k: v for k, v in asdict(c).items() if k != "d_k"}
                 print(f"run {i}/{len(configs)}: {json.dumps(d)}")
             return 0
+        if Path(args.out).is_dir():
+            raise UserError(f"--out {args.out} is a folder; give a CSV file name")
         return run_sweep(args, base, axes, grid_fields, rt_args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable output, full disk, a file where a folder should be
+        print(f"error: {e.strerror or e}: {e.filename or ''}{_saved(args.out)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished runs are saved in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
+        print(f"\ninterrupted{_saved(args.out)}; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _saved(out: str) -> str:
+    return f" (finished runs are saved in {out})" if Path(out).is_file() else ""
 
 
 if __name__ == "__main__":

@@ -121,9 +121,20 @@ def test_preset_values_yield_to_explicit_flags(run_llm):
     (["--dropout", "1.5"], ["--dropout"]),
     (["--grid", "not_a_field=1,2"], ["not_a_field"]),
     (["--grid", "expert_top_k=one"], ["int"]),
+    (["--grid", "log_every=1,2"], ["--log-every"]),
+    (["--seeds", "42", "42"], ["seed", "twice"]),
+    (["--noise-std", "inf"], ["--noise-std", "finite"]),
+    (["--seeds", "-3"], ["--seeds"]),
+    (["--out", "."], ["--out", "folder"]),
+    (["--bench", "--bench-out", "no/such/dir/b.json"], ["--bench-out"]),
 ])
 def test_bad_config_is_one_line_exit_2(run_llm, smoke_fast, args, words):
     assert_one_line_error(run_llm(*smoke_fast, *args), *words)
+
+
+def test_bench_steps_must_be_positive(run_llm):
+    proc = run_llm("--bench", "--bench-steps", "0")
+    assert proc.returncode == 2 and "--bench-steps" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_data_is_one_line_exit_2_and_keeps_the_csv(run_llm, tmp_path, smoke_fast):
@@ -246,3 +257,28 @@ def test_report_flag_rebuilds_the_report_from_a_csv(run_llm, tmp_path, smoke_fas
     assert proc.returncode == 0 and report.exists()
     assert "noise=0.5, lb=0.01" in report.read_text()
     assert_one_line_error(run_llm("--report", "nope.csv"), "nope.csv")
+
+
+def test_a_csv_holding_two_setups_is_not_pooled(run_llm, tmp_path, smoke_fast):
+    args = (*smoke_fast, "--max-steps", "4", "--eval-every", "4", "--seeds", "42", "43", "--noise-std", "0", "0.5",
+            "--lb-weight", "0.01", "--out", "mix.csv")
+    assert run_llm(*args).returncode == 0
+    second = run_llm(*args[:-2], "--max-steps", "6", "--out", "mix.csv")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "also holds 4 run(s) of other setups" in second.stdout
+    summary = second.stdout.split("results: mix.csv", 1)[1].splitlines()
+    rows = [line.split() for line in summary if line.startswith("noise=")]
+    assert [r[:3] for r in rows] == [["noise=0.0,", "lb=0.01", "2"], ["noise=0.5,", "lb=0.01", "2"]]
+    report = (tmp_path / "mix_analysis.md").read_text()
+    assert "| noise=0.0, lb=0.01, max_steps=4 | 2 |" in report and "| noise=0.0, lb=0.01, max_steps=6 | 2 |" in report
+
+
+def test_random_tokens_train_offline_for_timing(run_llm, tmp_path):
+    proc = run_llm("--dataset", "random", "--max-tokens", "40000", "--vocab-size", "300", "--d-model", "32",
+                   "--n-heads", "2", "--n-layers", "1", "--d-ff", "32", "--batch-size", "4", "--max-seq-len", "32",
+                   "--max-steps", "3", "--eval-every", "3", "--seeds", "1", "--noise-std", "0", "--lb-weight", "0",
+                   "--out", "r.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = read_rows(tmp_path / "r.csv")[0]
+    assert row["status"] == "ok" and float(row["val_loss"]) > 5  # about ln(300): nothing to learn
+    assert not (tmp_path / "data_cache").exists()

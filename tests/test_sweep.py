@@ -87,3 +87,17 @@ def test_a_killed_rank_leaves_rows_intact_and_a_rerun_finishes_the_set(tmp_path,
     rows = read_rows(out)
     assert len(rows) == 6 and len({r["config_hash"] for r in rows}) == 6
     assert rows[:len(before)] == before  # earlier rows untouched
+
+
+def test_grid_over_data_and_shape_fields_trains_each_run_as_its_row_says(run_llm, tmp_path, smoke_fast):
+    proc = run_llm(*smoke_fast, "--max-steps", "3", "--eval-every", "3", "--seeds", "42", "--noise-std", "0",
+                   "--lb-weight", "0.01", "--grid", "max_seq_len=32,64", "--grid", "max_tokens=60000,30000",
+                   "--out", "d.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(tmp_path / "d.csv")
+    assert len(rows) == 4 and len({r["config_hash"] for r in rows}) == 4 and len({r["val_loss"] for r in rows}) == 4
+    for r in rows:
+        assert int(r["train_tokens"]) == 3 * 8 * int(r["max_seq_len"])
+    assert proc.stdout.count("data: ") == 2  # two corpora: 60,000 and 30,000 tokens
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("data: ")]
+    assert "60,000 tokens" in lines[0] and "30,000 tokens" in lines[1]
