@@ -1137,11 +1137,6 @@ def _num(df, col):
     return pd.to_numeric(df[col], errors="coerce")
 
 
-def _groups(df):
-    """(condition tuple, rows) in order of first appearance in the CSV, diverged rows included."""
-    return list(df.groupby(condition_columns(df), sort=False, dropna=False))
-
-
 def _fmt_value(v):
     if isinstance(v, (float, np.floating)):
         return repr(float(v))  # CSV values round-trip exactly, so this reads "0.0", "0.01", "1e-05"
@@ -1152,12 +1147,17 @@ def _cond_label(cond: dict) -> str:
     return ", ".join(f"{_SHORT.get(k, k)}={_fmt_value(v)}" for k, v in cond.items())
 
 
+def _labels(t, cc) -> list:
+    return [_cond_label(d) for d in t[cc].to_dict("records")]  # per-column dtypes: top_k=2, not 2.0
+
+
 def condition_table(df, metric="best_val_perplexity", confidence=0.95):
-    """One row per condition: mean/std/t-CI of `metric` over ok runs; n_diverged counts the rest."""
+    """One row per condition, in order of first appearance: mean/std/t-CI of `metric` over ok runs; n_diverged
+    counts the rest."""
     import pandas as pd
     from scipy import stats
     cc, rows = condition_columns(df), []
-    for key, g in _groups(df):
+    for key, g in df.groupby(cc, sort=False, dropna=False):
         ok = g[_ok_mask(g)]
         x = _num(ok, metric).dropna().to_numpy(float)
         n = len(x)
@@ -1172,20 +1172,19 @@ def condition_table(df, metric="best_val_perplexity", confidence=0.95):
 
 
 def baseline_condition(df) -> dict:
-    cc = condition_columns(df)
+    """The default routing (noise 0, lb weight 0.01) if the CSV has it, else the first ok run's condition."""
     noise, lbw = _num(df, "noise_std"), _num(df, "load_balancing_weight")
     hits = df[np.isclose(noise, 0.0) & np.isclose(lbw, 0.01)]
     row = hits.iloc[0] if len(hits) else df[_ok_mask(df)].iloc[0]
-    return {c: (row[c].item() if isinstance(row[c], np.generic) else row[c]) for c in cc}
+    return {c: (row[c].item() if isinstance(row[c], np.generic) else row[c]) for c in condition_columns(df)}
 
 
 def _holm(p):
     # Holm's step-down adjustment by hand: scipy only ships BH/BY (false_discovery_control).
     p = np.asarray(p, float)
     m, order = len(p), np.argsort(p)
-    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     out = np.empty(m)
-    out[order] = adj
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
 
 
@@ -1194,17 +1193,18 @@ def paired_comparisons(df, metric="best_val_perplexity", alpha=0.05):
     import pandas as pd
     from scipy import stats
     cc, base = condition_columns(df), baseline_condition(df)
+    stat_cols = ["mean_diff", "ci_low", "ci_high", "t", "p_value"]
+    by_seed = {key: _num(g[_ok_mask(g)], metric).groupby(g["seed"]).mean().dropna()
+               for key, g in df.groupby(cc, sort=False, dropna=False)}
     bkey = tuple(base[c] for c in cc)
-    by_seed = {key: _num(g[_ok_mask(g)], metric).groupby(g["seed"]).mean().dropna() for key, g in _groups(df)}
     b, rows = by_seed[bkey], []
     for key, s in by_seed.items():
         if key == bkey:
             continue
         seeds = sorted(set(s.index) & set(b.index))
-        x, y = s[seeds].to_numpy(float), b[seeds].to_numpy(float)
-        r = {**dict(zip(cc, key)), "n_pairs": len(seeds), "mean_diff": math.nan, "ci_low": math.nan,
-             "ci_high": math.nan, "t": math.nan, "p_value": math.nan}
+        r = {**dict(zip(cc, key)), "n_pairs": len(seeds), **dict.fromkeys(stat_cols, math.nan)}
         if len(seeds) >= 2:
+            x, y = s[seeds].to_numpy(float), b[seeds].to_numpy(float)
             with warnings.catch_warnings():  # identical differences give t = nan/inf; reported as such
                 warnings.simplefilter("ignore")
                 res = stats.ttest_rel(x, y)
@@ -1212,31 +1212,33 @@ def paired_comparisons(df, metric="best_val_perplexity", alpha=0.05):
             r.update(mean_diff=float((x - y).mean()), ci_low=ci.low, ci_high=ci.high, t=res.statistic,
                      p_value=res.pvalue)
         rows.append(r)
-    out = pd.DataFrame(rows, columns=cc + ["n_pairs", "mean_diff", "ci_low", "ci_high", "t", "p_value"])
-    tested = out["p_value"].notna()
-    out["p_holm"] = math.nan
-    out.loc[tested, "p_holm"] = _holm(out.loc[tested, "p_value"])
+    out = pd.DataFrame(rows, columns=cc + ["n_pairs"] + stat_cols)
+    tested = out["p_value"].dropna()
+    out["p_holm"] = pd.Series(_holm(tested), index=tested.index, dtype=float)  # NaN where not tested
     out["significant"] = out["p_holm"].lt(alpha)
     return out
-
-
-def _per_layer(v) -> list:
-    if isinstance(v, (int, float, np.number)):  # a one-layer list that pandas read as a number
-        return [] if math.isnan(v) else [float(v)]
-    return [float(x) for x in str(v).split(";") if x.strip()]
 
 
 def layer_usage_table(df):
     import pandas as pd
     cc, ok = condition_columns(df), df[_ok_mask(df)]
-    layers = pd.DataFrame([_per_layer(v) for v in ok["expert_usage_cv_per_layer"]], index=ok.index)
+    # ";"-joined CVs; pandas reads a one-layer list as a number and an empty one as NaN
+    per_layer = [[] if pd.isna(v) else [float(x) for x in str(v).split(";") if x.strip()]
+                 for v in ok["expert_usage_cv_per_layer"]]
+    layers = pd.DataFrame(per_layer, index=ok.index)
     layers.columns = [f"layer_{i}" for i in layers.columns]
     return pd.concat([ok[cc], layers], axis=1).groupby(cc, sort=False, dropna=False).mean().reset_index()
 
 
-def _runs_dir(csv_path) -> Path:
-    p = Path(csv_path)
-    return p.with_name(p.stem + "_runs")
+def _configs(df) -> list:
+    """Each row's config_json as a dict; {} where it is missing or unreadable."""
+    configs = []
+    for s in df["config_json"]:
+        try:
+            configs.append(json.loads(s))
+        except (TypeError, ValueError):
+            configs.append({})
+    return configs
 
 
 def _read_results(csv_path, hashes=None):
@@ -1255,51 +1257,39 @@ def _read_results(csv_path, hashes=None):
     df = df[df["status"].notna()]  # a torn last line from a killed writer
     if hashes is not None:
         df = df[df["config_hash"].isin(hashes)]
-    df = _add_setup_columns(df.reset_index(drop=True))
     if df.empty:
         raise ValueError(f"{p} has no runs yet")
     if not _ok_mask(df).any():
         raise ValueError(f"{p} has no successful runs ({len(df)} run(s), none with status 'ok')")
-    return df
-
-
-def _add_setup_columns(df):
-    """Rows of different setups in one CSV (say, two --max-steps appended to one file) must not be pooled:
-    every config field that differs between rows becomes a condition column, as if swept with --grid."""
-    cfgs = []
-    for s in df["config_json"]:
-        try:
-            cfgs.append(json.loads(s))
-        except (TypeError, ValueError):
-            cfgs.append({})
+    # Rows of different setups in one CSV (say, two --max-steps appended to one file) must not be pooled:
+    # every config field that differs between rows becomes a condition column, as if swept with --grid.
+    df, cfgs = df.reset_index(drop=True), _configs(df)
     skip = set(condition_columns(df)) | {"seed", "data_files"} | set(RESULT_NEUTRAL)
-    at = list(df.columns).index("status")
     for name in dict.fromkeys(k for c in cfgs for k in c):
         values = [json.dumps(c.get(name)) if isinstance(c.get(name), (list, dict)) else c.get(name) for c in cfgs]
         if name not in skip and len(set(map(str, values))) > 1:
-            df.insert(at, name, values)
-            at += 1
+            df.insert(df.columns.get_loc("status"), name, values)
     return df
 
 
 def _read_curves(csv_path, df):
     """Long-form curves of every run with a metrics.jsonl, plus the run_ids that have none."""
     import pandas as pd
-    cc, recs, missing = condition_columns(df), [], []
+    cols, recs, missing = condition_columns(df) + ["seed", "run_id", "status"], [], []
+    runs = Path(csv_path).with_name(Path(csv_path).stem + "_runs")
     for _, row in df.iterrows():
-        f = _runs_dir(csv_path) / str(row["run_id"]) / "metrics.jsonl"
+        f = runs / str(row["run_id"]) / "metrics.jsonl"
         if not f.is_file():
             missing.append(str(row["run_id"]))
             continue
-        base = {**{c: row[c] for c in cc}, "seed": row["seed"], "run_id": row["run_id"], "status": row["status"]}
+        base = {c: row[c] for c in cols}
         for line in f.read_text().splitlines():
             try:  # a run killed mid-write leaves a torn last line
                 m = json.loads(line)
                 recs.append({**base, "split": m["split"], "step": int(m["step"]), "loss": float(m["loss"])})
             except (ValueError, KeyError, TypeError):
-                continue
-    cols = cc + ["seed", "run_id", "status", "split", "step", "loss"]
-    return pd.DataFrame(recs, columns=cols), missing
+                pass
+    return pd.DataFrame(recs, columns=cols + ["split", "step", "loss"]), missing
 
 
 def load_curves(csv_path):
@@ -1321,11 +1311,20 @@ def write_plots(csv_path, df=None, curves=None) -> list:
     df = _read_results(csv_path) if df is None else df
     curves = _read_curves(csv_path, df)[0] if curves is None else curves
     out_dir, prefix = Path(csv_path).parent, report_paths(csv_path)[1]
-    cc, table, ok = condition_columns(df), condition_table(df), df[_ok_mask(df)]
-    labels = _labels(table, cc)
-    ys, paths = np.arange(len(table))[::-1], []  # first condition on top
+    cc, ok = condition_columns(df), df[_ok_mask(df)]
+    labels = _labels(condition_table(df), cc)
+    ys, paths = np.arange(len(labels))[::-1], []  # first condition on top
 
-    def per_condition(metric, title, xlabel, name, ci):
+    def save(fig, name):
+        paths.append(out_dir / f"{prefix}_{name}.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+    for metric, title, xlabel, name, ci in [
+            ("best_val_perplexity", "Best validation perplexity per condition", "perplexity (lower is better)",
+             "perplexity", True),
+            ("expert_usage_cv", "Expert-usage imbalance per condition",
+             "coefficient of variation of tokens per expert (0 = balanced)", "expert_cv", False)]:
         t = condition_table(df, metric)
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(t)))
         for y, cond in zip(ys, t[cc].to_dict("records")):
@@ -1339,16 +1338,8 @@ def write_plots(csv_path, df=None, curves=None) -> list:
         ax.set(title=title, xlabel=xlabel)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-        path = out_dir / f"{prefix}_{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-
-    per_condition("best_val_perplexity", "Best validation perplexity per condition", "perplexity (lower is better)",
-                  "perplexity", ci=True)
-    per_condition("expert_usage_cv", "Expert-usage imbalance per condition",
-                  "coefficient of variation of tokens per expert (0 = balanced)", "expert_cv", ci=False)
-    curves = curves[curves["status"].astype(str).str.strip().eq("ok")]
+        save(fig, name)
+    curves = curves[_ok_mask(curves)]
     if len(curves):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         style, handles = {lab: (f"C{i % 10}", "-" if i < 10 else "--") for i, lab in enumerate(labels)}, {}
@@ -1364,21 +1355,17 @@ def write_plots(csv_path, df=None, curves=None) -> list:
                                         marker="o" if split == "val" else None, label=lab)
             ax.set(title=f"{split} loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
             ax.grid(alpha=0.3)
-        axes[1].legend([handles[k] for k in labels if k in handles], [k for k in labels if k in handles],
-                       fontsize=8)
-        path = out_dir / f"{prefix}_loss_curves.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
+        shown = [k for k in labels if k in handles]
+        axes[1].legend([handles[k] for k in shown], shown, fontsize=8)
+        save(fig, "loss_curves")
     return paths
 
 
 def _md_table(headers, rows, left=1) -> str:
     """A GitHub markdown table (tabulate, which DataFrame.to_markdown needs, is not a dependency)."""
-    cell = lambda v: str(v).replace("|", "\\|")
-    lines = ["| " + " | ".join(map(cell, headers)) + " |",
-             "|" + "|".join([":---"] * left + ["---:"] * (len(headers) - left)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    align = "|" + "|".join([":---"] * left + ["---:"] * (len(headers) - left)) + "|"
+    return "\n".join([line(headers), align] + [line(r) for r in rows])
 
 
 def _fx(x, d=2, sign=False) -> str:
@@ -1393,32 +1380,20 @@ def _fp(p, eq=False) -> str:
     return ("< 0.001" if eq else "<0.001") if p < 0.001 else ("= " if eq else "") + f"{p:.3f}"
 
 
-def _labels(t, cc) -> list:
-    return [_cond_label(d) for d in t[cc].to_dict("records")]  # per-column dtypes: top_k=2, not 2.0
-
-
 def _setup_paragraph(df, cc) -> list:
-    ok, status = _ok_mask(df), df["status"].astype(str).str.strip()
-    n_div = int(status.eq("diverged").sum())
-    other = len(df) - int(ok.sum()) - n_div
+    ok = _ok_mask(df)
+    n_ok, n_div = int(ok.sum()), int(df["status"].str.strip().eq("diverged").sum())
+    other, n_cond = len(df) - n_ok - n_div, len(df[cc].drop_duplicates())
     seeds = ", ".join(_fmt_value(s) for s in sorted(df["seed"].dropna().unique()))
     factors = "; ".join(f"`{c}` ∈ {{{', '.join(_fmt_value(v) for v in df[c].drop_duplicates())}}}"
                         for c in cc if df[c].nunique(dropna=False) > 1) or "none (a single condition)"
     distinct = lambda col: ", ".join(str(v) for v in df.loc[ok, col].dropna().unique()) or "n/a"
-    tokens = ", ".join(f"{int(t):,}" for t in _num(df[ok], "train_tokens").dropna().unique()) or "n/a"
-    steps = ", ".join(f"{int(t):,}" for t in _num(df[ok], "steps").dropna().unique()) or "n/a"
-    n_cond = len(df[cc].drop_duplicates())
-    text = (f"The sweep has {len(df)} runs ({int(ok.sum())} ok, {n_div} diverged"
-            + (f", {other} other" if other else "") + f") in {n_cond} condition{'s' if n_cond > 1 else ''}, "
-            f"each with seeds {seeds}. "
-            f"Swept factors: {factors}. Each run trained for {steps} optimizer steps on {tokens} tokens, "
-            f"on {distinct('device')} in {distinct('dtype')}.")
-    configs = []
-    for s in df["config_json"].dropna():
-        try:
-            configs.append(json.loads(s))
-        except ValueError:
-            pass
+    counts = lambda col: ", ".join(f"{int(v):,}" for v in _num(df[ok], col).dropna().unique()) or "n/a"
+    text = (f"The sweep has {len(df)} runs ({n_ok} ok, {n_div} diverged" + (f", {other} other" if other else "")
+            + f") in {n_cond} condition{'s' if n_cond > 1 else ''}, each with seeds {seeds}. "
+            f"Swept factors: {factors}. Each run trained for {counts('steps')} optimizer steps on "
+            f"{counts('train_tokens')} tokens, on {distinct('device')} in {distinct('dtype')}.")
+    configs = [c for c in _configs(df) if c]
     if not configs:
         return [text, "", "The runs' configuration was not recorded (no readable `config_json`)."]
     same = lambda k: all(k in c for c in configs) and len({json.dumps(c[k], sort_keys=True) for c in configs}) == 1
@@ -1432,45 +1407,41 @@ def _setup_paragraph(df, cc) -> list:
     return lines
 
 
-def _findings(pc, cc, base_label, alpha) -> list:
-    tested = pc[pc["p_value"].notna()]
-    m, out = len(tested), []
-    label = dict(zip(pc.index, _labels(pc, cc))).get
-    level = f"{100 * (1 - alpha):g}%"
+def _findings(pc, labels, base_label, alpha) -> list:
+    """The paired comparisons in words; `labels` are pc's rows' condition labels."""
     if pc.empty:
         return ["There is only one condition, so there is nothing to compare."]
     if not pc["n_pairs"].any():
         return [f"The baseline ({base_label}) has no ok run, so nothing could be compared with it."]
-    if m:
-        pre = f"At alpha = {alpha:g} (Holm-corrected over {m} comparison{'s' if m > 1 else ''}), "
-        sig = tested[tested["significant"]]
-        for i, (k, r) in enumerate(sig.iterrows()):
-            lo, hi = (r.ci_low, r.ci_high) if r.mean_diff > 0 else (-r.ci_high, -r.ci_low)  # CI of the gap "by"
-            out.append((pre if i == 0 else "") + f"{label(k)} has {'higher' if r.mean_diff > 0 else 'lower'} best "
-                       f"validation perplexity than the baseline ({base_label}) by {abs(r.mean_diff):.2f} ({level} CI "
-                       f"{lo:.2f} to {hi:.2f}, p_holm {_fp(r.p_holm, eq=True)}).")
-        if len(sig) and len(sig) < m:
-            out.append("No other condition differs significantly from the baseline.")
-        elif not len(sig):
-            kbig = tested["mean_diff"].abs().idxmax()
-            big = tested.loc[kbig]
-            n = sorted(set(tested["n_pairs"]))
+    tested, level, out = pc[pc["p_value"].notna()], f"{100 * (1 - alpha):g}%", []
+    m, sig = len(tested), tested[tested["significant"]]
+    pre = f"At alpha = {alpha:g} (Holm-corrected over {m} comparison{'s' if m > 1 else ''}), "
+    for k, r in sig.iterrows():
+        lo, hi = (r.ci_low, r.ci_high) if r.mean_diff > 0 else (-r.ci_high, -r.ci_low)  # CI of the gap "by"
+        out.append(("" if out else pre) + f"{labels[k]} has {'higher' if r.mean_diff > 0 else 'lower'} best "
+                   f"validation perplexity than the baseline ({base_label}) by {abs(r.mean_diff):.2f} ({level} CI "
+                   f"{lo:.2f} to {hi:.2f}, p_holm {_fp(r.p_holm, eq=True)}).")
+    if len(sig) and len(sig) < m:
+        out.append("No other condition differs significantly from the baseline.")
+    elif m and not len(sig):
+        big = tested.loc[tested["mean_diff"].abs().idxmax()]
+        n = sorted(set(tested["n_pairs"]))
+        out.append(pre + f"no condition differs significantly from the baseline ({base_label}). The largest "
+                   f"observed difference is {labels[big.name]}: {big.mean_diff:+.2f} ({level} CI {big.ci_low:.2f} "
+                   f"to {big.ci_high:.2f}, unadjusted p {_fp(big.p_value, eq=True)}).")
+        if n[-1] <= 5:
             n_txt = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
-            out.append(pre + f"no condition differs significantly from the baseline ({base_label}). The largest "
-                       f"observed difference is {label(kbig)}: {big.mean_diff:+.2f} ({level} CI {big.ci_low:.2f} to "
-                       f"{big.ci_high:.2f}, unadjusted p {_fp(big.p_value, eq=True)}).")
-            if n[-1] <= 5:
-                out.append(f"With only {n_txt} paired seeds per comparison these tests have little power, so this "
-                           "is not evidence that the conditions perform the same.")
+            out.append(f"With only {n_txt} paired seeds per comparison these tests have little power, so this "
+                       "is not evidence that the conditions perform the same.")
     few = pc[pc["n_pairs"] < 2]
     if len(few):
+        pairs = [f"{labels[k]} ({int(n)} pair{'s' if n != 1 else ''})" for k, n in few["n_pairs"].items()]
         out.append("Not tested (fewer than 2 seeds ok in both the condition and the baseline): "
-                   + ", ".join(f"{label(k)} ({int(r.n_pairs)} pair{'s' if r.n_pairs != 1 else ''})"
-                               for k, r in few.iterrows()) + ".")
+                   + ", ".join(pairs) + ".")
     flat = pc[(pc["n_pairs"] >= 2) & pc["p_value"].isna()]
     if len(flat):  # scipy gives t = nan when every paired difference is exactly 0
         out.append("Not tested (identical results to the baseline on every seed): "
-                   + ", ".join(map(label, flat.index)) + ".")
+                   + ", ".join(labels[k] for k in flat.index) + ".")
     return out
 
 
@@ -1478,26 +1449,27 @@ def write_report(csv_path, alpha=0.05):
     """Markdown report (setup, per-condition table, paired tests, expert usage, divergences, plots) beside the CSV."""
     csv_path = Path(csv_path)
     df = _read_results(csv_path)
-    report, _ = report_paths(csv_path)
-    cc, ok = condition_columns(df), df[_ok_mask(df)]
+    report, prefix = report_paths(csv_path)
+    cc, ok, bad = condition_columns(df), df[_ok_mask(df)], df[~_ok_mask(df)]
     level = f"{100 * (1 - alpha):g}%"
     curves, no_curves = _read_curves(csv_path, df)
     plots = write_plots(csv_path, df, curves)
     md = [f"# MoE routing experiment: analysis of `{csv_path.name}`", ""] + _setup_paragraph(df, cc)
 
     table = condition_table(df, confidence=1 - alpha)
+    labels = _labels(table, cc)
     md += ["", "## Results per condition", "",
            f"Best validation perplexity over ok runs (mean ± sample std over seeds, {level} t-interval); "
            "lower is better. CV is the expert-usage coefficient of variation.", "",
            _md_table(["Condition", "n", "Best val PPL", f"{level} CI", "Val loss", "Mean CV", "Minutes", "Diverged"],
-                     [[lab, int(r.n), _fx(r["mean"]) + ("" if math.isnan(r["std"]) else f" ± {r['std']:.2f}"),
+                     [[lab, int(r.n), _fx(r.mean) + ("" if math.isnan(r.std) else f" ± {r.std:.2f}"),
                        f"{_fx(r.ci_low)} to {_fx(r.ci_high)}" if r.n > 1 else "n/a", _fx(r.mean_val_loss, 3),
                        _fx(r.mean_cv, 3), _fx(r.mean_minutes), int(r.n_diverged)]
-                      for lab, (_, r) in zip(_labels(table, cc), table.iterrows())])]
+                      for lab, r in zip(labels, table.itertuples())])]
 
-    base = baseline_condition(df)
-    base_label = _cond_label(base)
+    base_label = _cond_label(baseline_condition(df))
     pc = paired_comparisons(df, alpha=alpha)
+    pc_labels = _labels(pc, cc)
     md += ["", "## Paired comparisons against the baseline", "",
            f"Baseline: {base_label}. Each condition is paired with the baseline by seed (seeds ok in both); "
            f"Δ = condition − baseline in best validation perplexity, so a negative Δ is better. Paired t-test, "
@@ -1507,40 +1479,37 @@ def write_report(csv_path, alpha=0.05):
                          [[lab, int(r.n_pairs), _fx(r.mean_diff, sign=True),
                            "n/a" if math.isnan(r.ci_low) else f"{r.ci_low:.2f} to {r.ci_high:.2f}", _fx(r.t),
                            _fp(r.p_value), _fp(r.p_holm), "yes" if r.significant else "no"]
-                          for lab, (_, r) in zip(_labels(pc, cc), pc.iterrows())]), ""]
-    md += [" ".join(_findings(pc, cc, base_label, alpha))]
+                          for lab, r in zip(pc_labels, pc.itertuples())]), ""]
+    md += [" ".join(_findings(pc, pc_labels, base_label, alpha))]
 
+    # per-layer CVs by condition (a condition without an ok run has none)
     lt = layer_usage_table(df)
-    layers = dict(zip(map(tuple, lt[cc].itertuples(index=False)), (r for _, r in lt.iterrows())))
-    keys = list(map(tuple, table[cc].itertuples(index=False)))
-    lcols = sorted({c for r in layers.values() for c in r.index if c.startswith("layer_")},
-                   key=lambda c: int(c.split("_")[1]))
+    lcols = [c for c in lt.columns if c not in cc]
+    keys = lambda t: t[cc].itertuples(index=False, name=None)
+    layers = dict(zip(keys(lt), lt[lcols].map(lambda v: _fx(v, 3)).values.tolist()))
     md += ["", "## Expert usage", "",
            "CV = std / mean of the tokens routed to each expert (0 = perfectly balanced); per-layer values are "
            "averaged over the condition's ok seeds.", "",
            _md_table(["Condition", "Mean CV"] + [c.replace("_", " ") for c in lcols],
-                     [[lab, _fx(r.mean_cv, 3)] + [_fx(layers[k][c], 3) if k in layers else "n/a" for c in lcols]
-                      for lab, k, (_, r) in zip(_labels(table, cc), keys, table.iterrows())])]
+                     [[lab, _fx(r.mean_cv, 3)] + layers.get(k, ["n/a"] * len(lcols))
+                      for lab, k, r in zip(labels, keys(table), table.itertuples())])]
     lbw, cv = _num(ok, "load_balancing_weight"), _num(ok, "expert_usage_cv")
     if cv[lbw == 0].notna().any() and cv[lbw > 0].notna().any():
         weights = ", ".join(_fmt_value(w) for w in lbw[lbw > 0].unique())
         md += ["", f"Without the balancing loss (weight 0), mean expert-usage CV is {cv[lbw == 0].mean():.3f} vs "
                    f"{cv[lbw > 0].mean():.3f} with it (weight {weights}), averaged over the other factors and seeds."]
 
-    bad = df[~_ok_mask(df)]
-    md += ["", "## Diverged runs", ""]
-    steps = _num(bad, "diverged_step")
-    md += [_md_table(["Run", "Condition", "Seed", "Step"],
-                     [[r.run_id, lab, _fmt_value(r.seed), "n/a" if math.isnan(steps[i]) else int(steps[i])]
-                      for lab, (i, r) in zip(_labels(bad, cc), bad.iterrows())], left=2) if len(bad) else "None."]
+    diverged = [[r.run_id, lab, _fmt_value(r.seed), _fx(step, 0)]
+                for lab, r, step in zip(_labels(bad, cc), bad.itertuples(), _num(bad, "diverged_step"))]
+    md += ["", "## Diverged runs", "",
+           _md_table(["Run", "Condition", "Seed", "Step"], diverged, left=2) if diverged else "None."]
 
     names = {"perplexity": "Best validation perplexity", "expert_cv": "Expert-usage CV", "loss_curves": "Loss curves"}
     md += ["", "## Plots", ""]
     for p in plots:
-        kind = next(k for k in names if p.stem.endswith(k))
-        md += [f"![{names[kind]}]({p.name})", ""]
+        md += [f"![{names[p.stem.removeprefix(prefix + '_')]}]({p.name})", ""]
     if no_curves and len(no_curves) == len(df):
-        md += [f"Loss curves not drawn: no run has a `metrics.jsonl` under `{_runs_dir(csv_path).name}/`."]
+        md += [f"Loss curves not drawn: no run has a `metrics.jsonl` under `{csv_path.stem}_runs/`."]
     elif no_curves:
         md += [f"Loss curves leave out {len(no_curves)} run(s) without a `metrics.jsonl`: "
                + ", ".join(no_curves) + "."]

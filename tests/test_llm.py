@@ -22,6 +22,13 @@ def tiny_config(**kw):
     return llm.MoEModelConfig(**base)
 
 
+def cpu_run_setup(cfg):
+    """Runtime, a small synthetic token stream split for cfg, and a model cache: what train_moe_model needs."""
+    rt = llm.resolve_runtime("cpu")
+    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
+    return rt, llm.TokenData.from_tokens(tokens, cfg, rt.device), llm.ModelCache(rt)
+
+
 def moe_outputs(moe, x, dispatch, seed=0):
     """Output and gradients of one MoE layer under a dispatch mode, with the same router noise draw."""
     moe.zero_grad(set_to_none=True)
@@ -255,20 +262,18 @@ def test_split_is_disjoint_and_validation_is_fixed():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(data.val, again.val))
 
 
-def test_same_seed_same_weights_and_batches_in_every_condition():
+def test_same_seed_same_initial_weights_in_every_condition():
     cfg = tiny_config()
-    cache = llm.ModelCache(llm.resolve_runtime("cpu"))
-    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
-    data = llm.TokenData.from_tokens(tokens, cfg, torch.device("cpu"))
-    snapshots, batches = [], []
+    _, _, cache = cpu_run_setup(cfg)
+    snapshots = []
     for noise, lb in ((0.0, 0.01), (0.5, 0.0)):
         model, _ = cache.get(llm.replace(cfg, noise_std=noise, load_balancing_weight=lb, seed=43))
         snapshots.append([p.detach().clone() for p in model.parameters()])
-        gen = torch.Generator().manual_seed(43)
-        batches.append([data.sample_batch(gen)[0] for _ in range(3)])
         assert model.blocks[0].feed_forward.router.noise_std.item() == noise
+        with torch.no_grad():  # a trained model must not leak into the next run
+            for p in model.parameters():
+                p.add_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(*snapshots))
-    assert all(torch.equal(a, b) for a, b in zip(*batches))
     other, _ = cache.get(llm.replace(cfg, seed=44))
     assert not torch.equal(next(other.parameters()), snapshots[0][0])
 
@@ -308,10 +313,7 @@ def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
 
 def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
     cfg = tiny_config(max_steps=6, gradient_accumulation_steps=3, eval_every=6, log_every=2)
-    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
-    rt = llm.resolve_runtime("cpu")
-    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
-    models = llm.ModelCache(rt)
+    rt, data, models = cpu_run_setup(cfg)
     model, _ = models.get(cfg)
     calls = []
     muon_step = llm.Muon.step
@@ -326,10 +328,7 @@ def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
 
 def test_non_finite_loss_marks_the_run_diverged_at_the_right_update(monkeypatch):
     cfg = tiny_config(max_steps=10, log_every=3, eval_every=10)
-    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
-    rt = llm.resolve_runtime("cpu")
-    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
-    models = llm.ModelCache(rt)
+    rt, data, models = cpu_run_setup(cfg)
     model, _ = models.get(cfg)
     updates, real_update = [], llm.apply_update
 
@@ -359,10 +358,7 @@ def test_architecture_matches_the_original_parameter_counts():
 
 def test_runs_of_one_seed_see_the_same_batches_in_every_condition(monkeypatch):
     cfg = tiny_config(max_steps=4, eval_every=4, log_every=2)
-    tokens = (np.arange(3000) * 7 % 97).astype(np.uint16)
-    rt = llm.resolve_runtime("cpu")
-    data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
-    models = llm.ModelCache(rt)
+    rt, data, models = cpu_run_setup(cfg)
     seen, real_sample = [], llm.TokenData.sample_batch
     monkeypatch.setattr(llm.TokenData, "sample_batch", lambda self, gen: seen.append(real_sample(self, gen)) or seen[-1])
     runs = {}
