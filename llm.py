@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -235,10 +234,10 @@ def grouped_mm(a, b, offs):
 class MixtureOfExperts(nn.Module):
     """Dropless top-k MoE. Expert weights are stacked (E, out, in) so all experts run as one grouped matmul.
 
-    dispatch: "grouped" sorts token copies by expert and runs two grouped GEMMs, no host sync (the default);
-    "sorted" is the same sort with a Python loop over experts (one sync per layer; for builds without
-    grouped_mm); "loop" mirrors the original (boolean mask per expert, a host sync per expert) and is the
-    reference the tests and the benchmark compare against.
+    dispatch: "grouped" sorts token copies by expert and runs two grouped GEMMs with no host sync; "sorted" is
+    the same sort with a Python loop over experts (one sync per layer), where grouped_mm cannot run (see
+    default_dispatch); "loop" mirrors the original (boolean mask per expert, a host sync per expert) and is
+    the reference the tests and the benchmark compare against.
     """
 
     def __init__(self, cfg: MoEModelConfig):
@@ -247,7 +246,7 @@ class MixtureOfExperts(nn.Module):
         self.router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.expert_top_k)
         self.w1 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_ff, cfg.d_model))  # (E, d_ff, C)
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_ff))  # (E, C, d_ff)
-        self.dispatch = "sorted"  # ModelCache switches CUDA models to "grouped" where the kernel runs
+        self.dispatch = "sorted"  # ModelCache sets what default_dispatch picks for the device
 
     def _expert_ffn(self, xs, e: int, dt):  # xs (n, C) -> (n, C): one expert, as the original's Expert
         h = F.dropout(F.silu(xs @ self.w1[e].to(dt).T), self.dropout, self.training)

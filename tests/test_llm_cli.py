@@ -3,12 +3,10 @@ token cache, offline behaviour, one-line errors for bad input, dry run and the b
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -271,7 +271,7 @@ def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys)
         ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro"),
         ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro")]
     prompts = [c.prompt for c in fake.calls]
-    answers = [f"kimi answer 1", "gemini answer 1", "kimi answer 2", "gemini answer 2"]
+    answers = ["kimi answer 1", "gemini answer 1", "kimi answer 2", "gemini answer 2"]
     answers = [a + ": keep {braces} and {step1_result} as text." for a in answers]
     # step 1 carries the user's file, the code (braces intact, in a python fence) and the constraints
     for marker in ("MARKER-IDEA", "```python\n" + CODE.rstrip() + "\n```", "MARKER-SYSTEM"):
