@@ -1014,6 +1014,7 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
 
 
 def set_seed(seed: int):
+    """Seed Python, NumPy and torch at once: kept for scripts written against the original (runs seed themselves)."""
     import random
     random.seed(seed)
     np.random.seed(seed)

@@ -416,3 +416,10 @@ def test_hub_probe_uses_the_endpoint_port_and_trusts_proxies(monkeypatch):
     assert llm._hub_reachable(timeout=2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not llm._hub_reachable(timeout=2)
+
+
+def test_compile_flag_and_dispatch_choice_on_cpu():
+    eager, forced = llm.resolve_runtime("cpu"), llm.resolve_runtime("cpu", compile=True)
+    assert not eager.compile and forced.compile and "compile on (flag)" in forced.reason
+    assert llm.default_dispatch(eager) == "grouped"  # grouped_mm runs eagerly on CPU
+    assert llm.default_dispatch(forced) == "sorted"  # but its CPU kernels do not compile

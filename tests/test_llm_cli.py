@@ -124,6 +124,7 @@ def test_preset_values_yield_to_explicit_flags(run_llm):
     (["--noise-std", "inf"], ["--noise-std", "finite"]),
     (["--seeds", "-3"], ["--seeds"]),
     (["--out", "."], ["--out", "folder"]),
+    (["--device", "cuda"], ["--device cuda"]),
     (["--bench", "--bench-out", "no/such/dir/b.json"], ["--bench-out"]),
 ])
 def test_bad_config_is_one_line_exit_2(run_llm, smoke_fast, args, words):
@@ -280,3 +281,19 @@ def test_random_tokens_train_offline_for_timing(run_llm, tmp_path):
     row = read_rows(tmp_path / "r.csv")[0]
     assert row["status"] == "ok" and float(row["val_loss"]) > 5  # about ln(300): nothing to learn
     assert not (tmp_path / "data_cache").exists()
+
+
+def test_local_tokenizer_folder_works_offline(run_llm, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    docs = [d for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "tok")
+    proc = run_llm("--preset", "smoke", "--tokenizer", "tok", "--max-steps", "3", "--eval-every", "3",
+                   "--seeds", "42", "--noise-std", "0", "--lb-weight", "0", "--out", "t.csv",
+                   env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = read_rows(tmp_path / "t.csv")[0]
+    assert json.loads(row["config_json"])["vocab_size"] == 400 and row["status"] == "ok"
