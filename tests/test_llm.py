@@ -144,7 +144,7 @@ def test_fused_cross_entropy_in_chunks_gives_the_same_answer(monkeypatch):
     ref.backward()
     ref_grads = h.grad.clone(), W.grad.clone()
     h.grad = W.grad = None
-    monkeypatch.setattr(llm, "CE_CHUNK_LOGITS", 1500)  # 15 rows per chunk: 3 chunks, the last one short
+    monkeypatch.setattr(llm, "CE_CHUNK_LOGITS_CPU", 1500)  # 15 rows per chunk: 3 chunks, the last one short
     loss, correct = llm.LinearCrossEntropy.apply(h, W, t, torch.float32, True)
     loss.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
@@ -391,6 +391,74 @@ def test_compiled_grouped_model_is_one_graph_and_matches_eager():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-3, atol=1e-3)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_cpu_dropout_keeps_1_minus_p_scales_and_passes_gradient_through_the_mask():
+    torch.manual_seed(0)
+    x = torch.randn(500_000, requires_grad=True)
+    y = llm.dropout(x, 0.1, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # binomial std here is 0.0004
+    torch.testing.assert_close(y[kept], x[kept] / 0.9)  # inverted dropout: kept values scaled by 1/(1-p)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.float() / 0.9)  # gradient flows through the same mask
+    xb = torch.randn(64, 32).bfloat16()  # bf16: the 1/(1-p) scale is applied in float, then rounded once
+    yb = llm.dropout(xb, 0.25, True)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb[yb != 0], (xb.float()[yb != 0] / 0.75).bfloat16(), rtol=0, atol=0)
+    assert torch.equal(llm.dropout(x, 0.1, False), x)
+    assert torch.equal(llm.dropout(x, 0.0, True), x)
+
+
+def test_reference_model_keeps_torch_dropout_and_the_fast_path_uses_the_cpu_one():
+    model = llm.MoEMinimalLLM(tiny_config(dropout=0.1))
+    layers = [m for m in model.modules() if isinstance(m, llm.Dropout)]
+    assert len(layers) == 1 + model.cfg.n_layers  # the model's (embedding, final) and one per block (residuals)
+    model.set_dispatch("loop")
+    assert not any(m.fast for m in layers)
+    model.set_dispatch("grouped")
+    assert all(m.fast for m in layers)
+    idx, tgt = torch.randint(0, 97, (2, 4, 16)).unbind(0)
+    losses = []
+    for _ in range(2):  # in training the masks are random, but seeded like everything else
+        torch.manual_seed(5)
+        losses.append(model(idx, tgt)[1])
+    assert torch.equal(losses[0], losses[1])
+    model.eval()
+    torch.testing.assert_close(model(idx, tgt)[1], (model.set_dispatch("loop"), model(idx, tgt)[1])[1])
+
+
+def test_whole_model_fast_path_matches_reference_path_in_bf16():
+    cfg = tiny_config(dropout=0.0, vocab_size=300)
+    model = llm.MoEMinimalLLM(cfg)
+    model.set_routing(0.0, 0.01)
+    idx, tgt = torch.randint(0, 300, (2, 4, 16)).unbind(0)
+    out = {}
+    for dispatch in ("loop", "grouped"):
+        model.zero_grad(set_to_none=True)
+        model.set_dispatch(dispatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, tgt)[0]
+        loss.backward()
+        out[dispatch] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(out["grouped"][0], out["loop"][0], rtol=1e-2, atol=1e-2)
+    for a, b in zip(out["grouped"][1], out["loop"][1]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
+def test_cpu_precision_follows_the_bf16_instructions_and_muon_follows_the_run(monkeypatch):
+    monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: True)
+    rt = llm.resolve_runtime("cpu")
+    assert rt.amp_dtype == torch.bfloat16 and "native bf16" in rt.reason
+    assert llm.resolve_runtime("cpu", use_amp=False).amp_dtype is None
+    model = llm.MoEMinimalLLM(tiny_config())
+    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.bfloat16
+    monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: False)
+    rt = llm.resolve_runtime("cpu")
+    assert rt.amp_dtype is None and "no bf16 matmul instructions" in rt.reason
+    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.float32  # fp32 run: fp32 Newton-Schulz
+    assert llm.build_optimizers(model, model.cfg, rt, reference=True)[0].ns_dtype == torch.bfloat16  # original's
+    assert llm.PRESETS["smoke"]["use_amp"] is False  # tiny matmuls: bf16's casts cost more than they save
 
 
 def test_amp_policy_prefers_native_bf16_and_falls_back_to_fp16():
