@@ -752,10 +752,10 @@ def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, rt: "Runtime", r
     device = rt.device
     muon_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
     adam_params = [p for n, p in model.named_parameters() if p.ndim < 2 or "token_embedding" in n]
-    # bf16 Newton-Schulz as the original (and torch.optim.Muon), except where the run itself is fp32 off CUDA (a
-    # CPU without bf16 matmul instructions, or MPS): bf16 is no faster there, and fp32 is more precise. The
-    # reference keeps the original's bf16.
-    ns_dtype = torch.float32 if device.type != "cuda" and rt.amp_dtype is None and not reference else torch.bfloat16
+    # bf16 Newton-Schulz as the original (and torch.optim.Muon), except where bf16 matmuls are not fast (a CPU
+    # without bf16 instructions, or MPS): there fp32 costs no more and is more precise. The reference keeps bf16.
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    ns_dtype = torch.bfloat16 if fast_bf16 or reference else torch.float32
     muon = Muon(muon_params, lr=cfg.muon_lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                 ns_dtype=ns_dtype, batched=not reference)
     adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,

@@ -446,17 +446,19 @@ def test_whole_model_fast_path_matches_reference_path_in_bf16():
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
 
 
-def test_cpu_precision_follows_the_bf16_instructions_and_muon_follows_the_run(monkeypatch):
+def test_cpu_precision_and_newton_schulz_follow_the_bf16_instructions(monkeypatch):
+    model = llm.MoEMinimalLLM(tiny_config())
     monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: True)
     rt = llm.resolve_runtime("cpu")
     assert rt.amp_dtype == torch.bfloat16 and "native bf16" in rt.reason
-    assert llm.resolve_runtime("cpu", use_amp=False).amp_dtype is None
-    model = llm.MoEMinimalLLM(tiny_config())
     assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.bfloat16
+    rt = llm.resolve_runtime("cpu", use_amp=False)
+    assert rt.amp_dtype is None and "use_amp off" in rt.reason
+    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.bfloat16  # fast here, as the original
     monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: False)
     rt = llm.resolve_runtime("cpu")
     assert rt.amp_dtype is None and "no bf16 matmul instructions" in rt.reason
-    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.float32  # fp32 run: fp32 Newton-Schulz
+    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.float32  # bf16 is slow: fp32
     assert llm.build_optimizers(model, model.cfg, rt, reference=True)[0].ns_dtype == torch.bfloat16  # original's
     assert llm.PRESETS["smoke"]["use_amp"] is False  # tiny matmuls: bf16's casts cost more than they save
 
