@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import socket
 import sys
 import threading
@@ -790,6 +791,10 @@ class Runtime:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        if self.device.type == "cpu":  # which CPU, so that recorded timings say where they were taken
+            caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+            name = caps.get("cpu_name") or platform.processor() or platform.machine()
+            return f"cpu ({name}, {torch.get_num_threads()} threads)"
         return str(self.device)
 
     @property

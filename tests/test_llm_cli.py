@@ -225,6 +225,7 @@ def test_bench_writes_json_with_both_implementations(run_llm, tmp_path):
     for r in res["impls"]:
         assert set(r) >= {"impl", "device", "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "warmup_s"}
         assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(64 / (r["step_ms"] / 1e3))
+        assert r["device"].startswith("cpu (") and "threads)" in r["device"]  # which CPU took the timing
     assert "speed-up" in proc.stdout
 
 
