@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -792,8 +793,7 @@ class Runtime:
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         if self.device.type == "cpu":  # which CPU, so that recorded timings say where they were taken
-            caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-            name = caps.get("cpu_name") or platform.processor() or platform.machine()
+            name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
             return f"cpu ({name}, {torch.get_num_threads()} threads)"
         return str(self.device)
 
@@ -805,16 +805,22 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
+@functools.cache
+def cpu_capabilities() -> dict:
+    """What torch detected about this CPU (instruction sets, name); empty on a torch too old to say."""
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX). There bf16 autocast pays: measured
     on a 2-core AMD EPYC with AVX512-BF16, a 1024^3 matmul ran at 0.44 TFLOP/s in bf16 against 0.20 in fp32.
     Without them the CPU keeps fp32."""
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    caps = cpu_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def amp_policy(use_amp: bool, bf16_native: bool) -> tuple[typing.Optional[torch.dtype], str]:
-    """Autocast dtype on a CUDA GPU, and why."""
+    """Autocast dtype on a CUDA GPU (and fp32 anywhere when use_amp is off), and why."""
     if not use_amp:
         return None, "fp32 (use_amp off: --no-use-amp or the preset)"
     if bf16_native:
@@ -845,7 +851,7 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
     elif dev.type == "cpu" and use_amp and cpu_has_native_bf16():
         amp, why = torch.bfloat16, "bf16 autocast (the CPU has native bf16: AVX512-BF16 or AMX)"
     elif not use_amp:
-        amp, why = None, "fp32 (use_amp off: --no-use-amp or the preset)"
+        amp, why = amp_policy(False, False)
     else:
         amp, why = None, f"fp32 ({'this CPU has no bf16 matmul instructions' if dev.type == 'cpu' else 'MPS'})"
     use_compile = dev.type == "cuda" if compile is None else compile
