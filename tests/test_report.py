@@ -1,15 +1,17 @@
-"""The sweep report (llm.py --report): per-condition statistics, paired tests with Holm correction, plots
-and the markdown text, all from hand-made CSVs checked against scipy.stats computed directly."""
+"""The sweep report (report.py, which llm.py runs after a sweep and for --report): per-condition statistics,
+paired tests with Holm correction, plots and the markdown text, all from hand-made CSVs checked against
+scipy.stats computed directly; and report.py's own command line."""
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-import llm as R
+import report as R
 
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 SEEDS = (42, 43, 44)
@@ -267,3 +269,19 @@ def test_bad_csv_raises_value_error(tmp_path, case):
     assert "\n" not in str(e.value)
     assert {"no_ok": "no successful runs", "missing_col": "config_json", "no_rows": "no runs",
             "absent": "not found"}[case] in str(e.value)
+
+
+def test_report_cli_writes_report_and_fails_in_one_line(main_csv, tmp_path):
+    import subprocess
+    import sys
+    script = Path(R.__file__)
+    ok = subprocess.run([sys.executable, str(script), str(main_csv), "--summary"], capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    report = R.report_paths(main_csv)[0]
+    assert f"report: {report}" in ok.stdout and report.is_file()
+    assert "condition" in ok.stdout and "best val ppl" in ok.stdout  # the --summary table
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.csv")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
