@@ -2,7 +2,7 @@
 
     python llm.py                     # 18 runs: noise_std {0,0.1,0.5} x lb weight {0.01,0} x seeds {42,43,44}
     python llm.py --preset smoke      # the same sweep, tiny, on the shipped sample corpus: CPU, offline, < 1 min
-    python llm.py --bench             # time the training step against a per-expert-loop reference
+    python llm.py --bench             # time the training step against the original's and a dense model's
     torchrun --nproc-per-node=4 llm.py --out results.csv   # the same runs spread over 4 GPUs
 
 Each run appends one row to the CSV as it finishes; rerunning the same command skips finished runs. After the
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adam import adam as functional_adam  # torch's AdamW math over tensor lists (FusedUpdate)
 
 import report
 from report import DEFAULT_CSV, FIRST_COLUMNS, RESULT_NEUTRAL, TAIL_COLUMNS
@@ -698,6 +699,46 @@ def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750,
     return X.mT if transposed else X
 
 
+def _add_scaled(p, o, scale):
+    """p -= scale * o, where scale is a float (eager) or a device tensor (the compiled update's lr)."""
+    if isinstance(scale, torch.Tensor):
+        p.sub_(o.to(p.dtype) * scale)
+    else:
+        p.add_(o.to(p.dtype), alpha=-scale)
+
+
+def muon_update(params, grads, bufs, lr, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
+                ns_dtype, batched: bool = True, ns=zeropower_via_newtonschulz):
+    """One Muon step over lists of matrices (p, grad, momentum buffer); lr is a float or a device tensor.
+
+    batched: bucket by shape up to a transpose, orienting each matrix wide (rows <= cols): orthogonalising a
+    transpose gives the transpose, so an expert's w1 (d_ff, C) and w2 (C, d_ff) share one Newton-Schulz call.
+    Not batched: one matrix at a time, as the original's loop over its nn.Linear weights."""
+    buckets: dict = {}
+    for p, g, buf in zip(params, grads, bufs):
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        rows, cols = p.shape[-2:]
+        scale = lr * math.sqrt(max(1.0, rows / cols))
+        if weight_decay:
+            p.mul_(1 - lr * weight_decay)
+        if not batched:
+            for m, u in zip(p.view(-1, rows, cols), update.reshape(-1, rows, cols)):  # (rows, cols) each
+                _add_scaled(m, ns(u, ns_steps, dtype=ns_dtype), scale)
+            continue
+        flip = rows > cols
+        update = update.reshape(-1, rows, cols)  # (n, rows, cols)
+        buckets.setdefault((min(rows, cols), max(rows, cols)), []).append(
+            (p, update.mT if flip else update, flip, scale))
+    for items in buckets.values():
+        ortho = ns(torch.cat([u for _, u, _, _ in items]), ns_steps, dtype=ns_dtype)  # (M, small, large)
+        offset = 0
+        for p, u, flip, scale in items:
+            o = ortho[offset:offset + len(u)]
+            offset += len(u)
+            _add_scaled(p, (o.mT if flip else o).reshape(p.shape), scale)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (momentum, Nesterov, Newton-Schulz orthogonalised update scaled by sqrt(max(1, rows/cols))).
 
@@ -705,53 +746,106 @@ class Muon(torch.optim.Optimizer):
     orthogonalises one matrix at a time: the 96 expert matrices of the default model would be 96 separate
     chains of small kernels. This one treats a stacked (E, out, in) expert weight as E matrices (each
     orthogonalised separately, as the original did) and batches every matrix of the same shape into one
-    Newton-Schulz call. tests/test_llm.py checks it against torch.optim.Muon matrix by matrix."""
+    Newton-Schulz call (muon_update). tests/test_llm.py checks it against torch.optim.Muon matrix by matrix."""
 
     def __init__(self, params, lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                 ns_dtype=torch.bfloat16, batched=True):
+                 ns_dtype=torch.bfloat16, batched=True, ns=zeropower_via_newtonschulz):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
-        self.ns_dtype, self.batched = ns_dtype, batched
+        self.ns_dtype, self.batched, self.ns = ns_dtype, batched, ns
+
+    def buffers_for(self, params):
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return [self.state[p]["momentum_buffer"] for p in params]
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            lr, mom = group["lr"], group["momentum"]
-            # Bucket by shape up to a transpose, orienting each matrix wide (rows <= cols): orthogonalising a
-            # transpose gives the transpose, so an expert's w1 (d_ff, C) and w2 (C, d_ff) share one call.
-            buckets: dict = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mom)
-                update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                rows, cols = p.shape[-2:]
-                flip = rows > cols
-                update = update.reshape(-1, rows, cols)  # (n, rows, cols)
-                buckets.setdefault((min(rows, cols), max(rows, cols)), []).append(
-                    (p, update.mT if flip else update, flip, lr * math.sqrt(max(1.0, rows / cols))))
-            for items in buckets.values():
-                if self.batched:
-                    ortho = zeropower_via_newtonschulz(torch.cat([u for _, u, _, _ in items]), group["ns_steps"],
-                                                       dtype=self.ns_dtype)
-                else:  # one matrix at a time, like the original: the benchmark's reference
-                    ortho = torch.cat([zeropower_via_newtonschulz(m, group["ns_steps"], dtype=self.ns_dtype)
-                                       for _, u, _, _ in items for m in u.split(1)])
-                offset = 0
-                for p, u, flip, step_size in items:
-                    o = ortho[offset:offset + len(u)]
-                    offset += len(u)
-                    if group["weight_decay"]:
-                        p.mul_(1 - lr * group["weight_decay"])
-                    p.add_((o.mT if flip else o).reshape(p.shape).to(p.dtype), alpha=-step_size)
+            params = [p for p in group["params"] if p.grad is not None]
+            muon_update(params, [p.grad for p in params], self.buffers_for(params), group["lr"],
+                        group["momentum"], group["nesterov"], group["ns_steps"], group["weight_decay"],
+                        self.ns_dtype, self.batched, self.ns)
+
+
+@torch.no_grad()
+def _clip_muon_adamw(muon_p, muon_g, muon_bufs, adam_p, adam_g, exp_avgs, exp_avg_sqs, steps, lr_muon, lr_adam,
+                     grad_clip: float, muon_hp: dict, adam_hp: dict):
+    """The whole optimizer step as one function of tensor lists, for torch.compile: clip (as clip_grad_norm_),
+    Muon, AdamW (torch's own functional AdamW, capturable: step counts and lr stay on the device), and zeroed
+    gradients. No host reads, so nothing in it waits for the GPU."""
+    grads = muon_g + adam_g
+    if grad_clip > 0:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # () total 2-norm
+        torch._foreach_mul_(grads, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
+    muon_update(muon_p, muon_g, muon_bufs, lr_muon, **muon_hp)
+    functional_adam(adam_p, adam_g, exp_avgs, exp_avg_sqs, [], steps, foreach=True, capturable=True,
+                    decoupled_weight_decay=True, amsgrad=False, lr=lr_adam, maximize=False, **adam_hp)
+    torch._foreach_zero_(grads)
+
+
+# Devices where the optimizer step runs compiled (FusedUpdate). On a CPU, compiling it costs about a minute for a
+# gain of a few ms; the tests add "cpu" with a cheap backend to check the compiled step against the eager one.
+FUSED_UPDATE_DEVICES = ("cuda",)
+_fused_state = {"broken": False, "fn": {}}  # compiled function per backend; "broken" after a failed compile
+
+
+class FusedUpdate:
+    """clip + Muon + AdamW in one torch.compile'd function (_clip_muon_adamw), learning rates in device tensors.
+
+    Eager, the step is ~10 ms of Python and hundreds of small launches for ~3 ms of GPU work; compiled, the
+    element-wise work fuses and the host queues a few dozen kernels. The lr lives in 0-d device tensors filled
+    from the param groups before each call (a fill kernel, no sync), so the cosine schedule never recompiles.
+    The function takes tensor lists, not optimizer objects: dynamo guards on their shapes, not their identity,
+    so the new optimizers of every run reuse the graph built in ModelCache's warm-up. Gradients are zeroed in
+    place, never set to None: they keep their storage, so CUDA-graph replays of the model accumulate into them."""
+
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW, backend: str):
+        self.muon, self.adamw, self.backend = muon, adamw, backend
+        dev = muon.param_groups[0]["params"][0].device
+        self.muon_p = [p for g in muon.param_groups for p in g["params"]]
+        self.adam_p = [p for g in adamw.param_groups for p in g["params"]]
+        self.bufs = muon.buffers_for(self.muon_p)
+        for p in self.adam_p:  # torch's AdamW state layout (capturable: step on the device)
+            adamw.state[p].update(step=torch.zeros((), dtype=torch.float32, device=dev),
+                                  exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        self.lr = [torch.zeros((), device=dev), torch.zeros((), device=dev)]  # Muon's, AdamW's
+        mg, ag = muon.param_groups[0], adamw.param_groups[0]
+        self.muon_hp = dict(momentum=mg["momentum"], nesterov=mg["nesterov"], ns_steps=mg["ns_steps"],
+                            weight_decay=mg["weight_decay"], ns_dtype=muon.ns_dtype, batched=muon.batched)
+        self.adam_hp = dict(beta1=ag["betas"][0], beta2=ag["betas"][1], weight_decay=ag["weight_decay"],
+                            eps=ag["eps"])
+
+    def __call__(self, grad_clip: float) -> bool:
+        """Run the step; False (after one warning, for the rest of the process) where it cannot compile."""
+        grads = [p.grad for p in self.muon_p + self.adam_p]
+        if _fused_state["broken"] or any(g is None for g in grads):
+            return False
+        if self.backend not in _fused_state["fn"]:
+            _fused_state["fn"][self.backend] = torch.compile(_clip_muon_adamw, backend=self.backend)
+        self.lr[0].fill_(self.muon.param_groups[0]["lr"])
+        self.lr[1].fill_(self.adamw.param_groups[0]["lr"])
+        st = self.adamw.state
+        try:
+            _fused_state["fn"][self.backend](
+                self.muon_p, grads[:len(self.muon_p)], self.bufs, self.adam_p, grads[len(self.muon_p):],
+                [st[p]["exp_avg"] for p in self.adam_p], [st[p]["exp_avg_sq"] for p in self.adam_p],
+                [st[p]["step"] for p in self.adam_p], self.lr[0], self.lr[1], grad_clip, self.muon_hp,
+                self.adam_hp)
+        except Exception as e:  # a compile error, raised before the compiled code changed anything
+            _fused_state["broken"] = True
+            warn(f"the compiled optimizer step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+                 f"); running it eagerly (slower)")
+            return False
+        return True
 
 
 def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, rt: "Runtime", reference=False):
-    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and norms."""
+    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and norms.
+
+    reference: the original's optimizers (per-matrix Newton-Schulz in bf16, compiled as its @torch.compile
+    decorator did where this run compiles; torch's default AdamW), for the benchmark."""
     device = rt.device
     muon_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
     adam_params = [p for n, p in model.named_parameters() if p.ndim < 2 or "token_embedding" in n]
@@ -759,13 +853,21 @@ def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, rt: "Runtime", r
     # without bf16 instructions, or MPS): there fp32 costs no more and is more precise. The reference keeps bf16.
     fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     ns_dtype = torch.bfloat16 if fast_bf16 or reference else torch.float32
+    ns = zeropower_via_newtonschulz
+    if reference and rt.compile:
+        ns = torch.compile(ns, backend=compile_backend())
     muon = Muon(muon_params, lr=cfg.muon_lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                ns_dtype=ns_dtype, batched=not reference)
+                ns_dtype=ns_dtype, batched=not reference, ns=ns)
     adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
                               fused=device.type == "cuda" and not reference)
     for opt in (muon, adamw):
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
+    # On CUDA with compile, gradients keep their storage between steps (zeroed in place): CUDA-graph replays of
+    # the model must not hand out graph-pool memory as .grad when gradient accumulation keeps it across replays.
+    muon.keep_grads = adamw.keep_grads = device.type == "cuda" and rt.compile and not reference
+    if rt.compile and not reference and device.type in FUSED_UPDATE_DEVICES and not _fused_state["broken"]:
+        muon.fused_update = FusedUpdate(muon, adamw, compile_backend())
     return [muon, adamw]
 
 
@@ -860,57 +962,131 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
     return Runtime(dev, amp, use_compile, why)
 
 
+def compile_backend() -> str:
+    """torch.compile's backend: inductor, or LLM_COMPILE_BACKEND (the tests use "aot_eager": no C++/Triton build)."""
+    return os.environ.get("LLM_COMPILE_BACKEND", "inductor")
+
+
+class CompiledStep:
+    """The compiled model, called as the model is.
+
+    Inputs are made contiguous first, so training batches (strided views of a (B, T+1) gather) and validation
+    batches (contiguous on CUDA, views on CPU) meet the same graph instead of recompiling on a stride guard.
+    With CUDA graphs (mode "reduce-overhead") the inputs are copied into the graph's static buffers by torch, and
+    each call starts a new graph step: callers consume the outputs before the next call, which overwrites them
+    (gradients are not graph outputs: ModelCache gives the parameters their own .grad, accumulated in place)."""
+
+    def __init__(self, compiled, cudagraphs: bool):
+        self.compiled, self.cudagraphs = compiled, cudagraphs
+
+    def __call__(self, idx, targets):
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(idx.contiguous(), targets.contiguous())
+
+
 class ModelCache:
     """The current architecture's model (and compiled version), re-initialised for every run.
 
     Reusing the module lets torch.compile build its graphs once per architecture instead of once per run (noise
     and balancing weight are buffers, so changing them does not recompile), and the graphs are built by a
-    warm-up step before the first run, so no run's time includes compilation. Only one architecture is kept:
-    a --grid sweep runs each architecture's runs together, and old models would hold GPU memory."""
+    warm-up before the first run, so no run's time includes compilation: the warm-up runs the training step
+    (forward, backward and the optimizer step) and the evaluation forward on batches laid out as the real ones
+    (the run's own data when given). Only one architecture is kept: a --grid sweep runs each architecture's runs
+    together, and old models, compiled code and CUDA-graph pools would hold GPU memory."""
 
     ARCH = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout", "vocab_size",
             "max_seq_len")
 
-    def __init__(self, rt: Runtime, quiet: bool = False):
+    def __init__(self, rt: Runtime, quiet: bool = False, build=None):
         self.rt, self.quiet, self.key, self.model, self.fn = rt, quiet, None, None, None
+        self.build = build or MoEMinimalLLM  # the benchmark builds its dense ceiling through the same path
 
-    def get(self, cfg: MoEModelConfig, dispatch: typing.Optional[str] = None):
+    def get(self, cfg: MoEModelConfig, dispatch: typing.Optional[str] = None,
+            data: typing.Optional["TokenData"] = None):
         key = tuple(getattr(cfg, k) for k in self.ARCH) + (cfg.batch_size, dispatch)
         if key != self.key:
-            self.model = self.fn = None
-            if self.rt.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.model = MoEMinimalLLM(cfg).to(self.rt.device)
+            self.release()
+            self.model = self.build(cfg).to(self.rt.device)
             self.model.set_dispatch(dispatch or default_dispatch(self.rt))
-            self.fn = self._compile(self.model, cfg) if self.rt.compile else self.model
+            self.fn = self._compile(self.model, cfg, data) if self.rt.compile else self.model
             self.key = key
         self.model.reset_parameters(cfg.seed)
         self.model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+        for p in self.model.parameters():
+            if p.grad is not None:  # kept gradients (CUDA with compile) start every run at zero
+                p.grad.zero_()
         return self.model, self.fn
 
-    def _compile(self, model: MoEMinimalLLM, cfg: MoEModelConfig):
+    def release(self):
+        """Drop the current architecture: model, compiled code and (on CUDA) its graph pools and cached memory."""
+        compiled = self.fn is not None and self.fn is not self.model
+        self.key = self.model = self.fn = None
+        if compiled:
+            import torch._dynamo
+            torch._dynamo.reset()  # also frees the CUDA-graph trees and their memory pools
+        if self.rt.device.type == "cuda":
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def _compile(self, model: MoEMinimalLLM, cfg: MoEModelConfig, data):
+        """Compile and warm up: CUDA graphs first on CUDA, then the default mode, then eager, one warning each."""
         import torch._dynamo
         for name in ("recompile_limit", "cache_size_limit"):  # a new architecture counts as a recompile
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        fn, t = torch.compile(model), time.perf_counter()
-        x = torch.zeros(cfg.batch_size, cfg.max_seq_len, dtype=torch.long, device=self.rt.device)
-        try:
-            for training in (True, False):  # both graphs: training (with backward) and evaluation
-                model.train(training)
-                with torch.set_grad_enabled(training), self.rt.autocast():
-                    loss = fn(x, x)[0]
-                if training:
-                    loss.backward()
-        except Exception as e:
-            warn(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                 f"running eager (slower); --no-compile skips the attempt")
-            fn = model
-        model.zero_grad(set_to_none=True)
+        backend, t = compile_backend(), time.perf_counter()
+        # CUDA graphs (no per-kernel launches from the host) where the FusedUpdate keeps gradients in place; the
+        # fp16 path (old GPUs) keeps the GradScaler's eager step and runs the sorted dispatch, which graph-breaks.
+        modes = ["reduce-overhead", None] if (self.rt.device.type == "cuda" and backend == "inductor" and
+                                              self.rt.amp_dtype != torch.float16) else [None]
+        for i, mode in enumerate(modes):
+            fn = CompiledStep(torch.compile(model, backend=backend, mode=mode), cudagraphs=mode == "reduce-overhead")
+            try:
+                self._warm_up(model, fn, cfg, data)
+            except Exception as e:
+                nxt = "the default mode" if i + 1 < len(modes) else "eager (slower); --no-compile skips the attempt"
+                warn(f"torch.compile{f' mode {mode}' if mode else ''} failed ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:200]}); running {nxt}")
+                torch._dynamo.reset()
+                model.zero_grad(set_to_none=True)
+                continue
+            if not self.quiet:
+                print(f"torch.compile{f' ({mode})' if mode else ''}: graphs built in {time.perf_counter() - t:.0f} s,"
+                      f" before the first run")
+            return fn
+        return model
+
+    def _warm_up(self, model: MoEMinimalLLM, fn, cfg: MoEModelConfig, data):
+        """Build every graph a run uses, through the calls a run makes: training step with backward and the
+        optimizer step (grad on, train mode), evaluation forward (no_grad, eval mode). Three rounds: CUDA-graph
+        trees record on a later call than the first. The weights it changes are re-initialised by get()."""
+        rt, dev = self.rt, self.rt.device
+        if data is not None:  # the real layouts: a sampled training batch, the first validation batch
+            gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
+            train_batch, val_batch = data.sample_batch(gen), data.val[0]
+        else:  # made the same way: two views of one (B, T+1) window, like sample_batch
+            w = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len + 1), device=dev)
+            train_batch = val_batch = (w[:, :-1], w[:, 1:])
+        optimizers = build_optimizers(model, cfg, rt)
+        scaler = torch.amp.GradScaler(dev.type, enabled=rt.amp_dtype == torch.float16)
+        params = list(model.parameters())
+        if fn.cudagraphs:  # gradients of our own, not graph-pool outputs that the next replay would overwrite
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        for _ in range(3):
+            model.train()
+            with rt.autocast():
+                loss = fn(*train_batch)[0]
+            scaler.scale(loss).backward()
+            apply_update(optimizers, scaler, params, cfg.grad_clip)
+            model.eval()
+            with torch.no_grad(), rt.autocast():
+                fn(*val_batch)
         model.train()
-        if fn is not model and not self.quiet:
-            print(f"torch.compile: graphs built in {time.perf_counter() - t:.0f} s, before the first run")
-        return fn
+        _sync(rt)
+        model.zero_grad(set_to_none=not fn.cudagraphs)
 
 
 def default_dispatch(rt: Runtime) -> str:
@@ -968,7 +1144,13 @@ def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> di
 
 
 def apply_update(optimizers, scaler, params, grad_clip: float):
-    """Unscale (fp16), clip, step every optimizer, clear gradients: the end of every training step."""
+    """Unscale (fp16), clip, step every optimizer, clear gradients: the end of every training step.
+
+    Where build_optimizers attached a FusedUpdate (CUDA with compile, no GradScaler) it does all of that in one
+    compiled call; the fp16 GradScaler path stays eager (unscale_ before the clip, steps skipped on inf)."""
+    fused = getattr(optimizers[0], "fused_update", None)
+    if fused is not None and not scaler.is_enabled() and fused(grad_clip):
+        return
     for opt in optimizers:
         scaler.unscale_(opt)
     if grad_clip > 0:
@@ -977,14 +1159,14 @@ def apply_update(optimizers, scaler, params, grad_clip: float):
         scaler.step(opt)
     scaler.update()
     for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not getattr(opt, "keep_grads", False))
 
 
 def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: ModelCache,
                     metrics_path: typing.Optional[Path] = None, progress: bool = True) -> dict:
     """Train one run and return its metrics. A non-finite loss ends the run with status 'diverged'."""
     from tqdm.auto import tqdm
-    model, fn = models.get(cfg)  # (compiles only for a new architecture, before the clock starts)
+    model, fn = models.get(cfg, data=data)  # (compiles only for a new architecture, before the clock starts)
     t_run = time.perf_counter()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -1100,8 +1282,46 @@ def _sync(rt: Runtime):
         torch.cuda.synchronize(rt.device)
 
 
+class DenseFFN(nn.Module):
+    """The benchmark's ceiling: one MLP of d_ff * top_k hidden units in place of the MoE, so a token spends the
+    same matmul FLOPs as in the MoE's k experts, with no routing, sorting or grouped kernels."""
+
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__()
+        hidden = cfg.d_ff * cfg.expert_top_k
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.p = cfg.dropout
+
+    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), counts (1,), as MixtureOfExperts
+        h = dropout(F.silu(self.w1(x)), self.p, self.training)  # (B, T, d_ff * k)
+        return self.w2(h), x.new_zeros((), dtype=torch.float32), torch.zeros(1, dtype=torch.int64, device=x.device)
+
+
+class DenseLLM(MoEMinimalLLM):
+    """MoEMinimalLLM with DenseFFN blocks: the same attention, embedding, loss and training path."""
+
+    def __init__(self, cfg: MoEModelConfig):
+        super().__init__(cfg)
+        for block in self.blocks:
+            block.feed_forward = DenseFFN(cfg)
+        self.reset_parameters(cfg.seed)
+
+    def set_routing(self, noise_std: float, load_balancing_weight: float):
+        self.lb_weight.fill_(load_balancing_weight)  # no router to set
+
+
 def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict:
-    """Median training-step time of this project's step and of a per-expert-loop reference, same process."""
+    """Median time of whole updates (gradient_accumulation_steps micro-batches and the optimizer step) for this
+    project's step, the original's step, and a dense model of the same active FLOPs, in one process.
+
+    "original" reproduces the original code's step as it ran, element by element: its precision policy (fp16
+    autocast with a GradScaler on CUDA; fp32 elsewhere, where its CUDA-only autocast did nothing), the loop over
+    experts with a boolean mask and a host sync per expert ("loop" dispatch), torch's dropout, plain
+    cross-entropy on materialised logits, no compiled model, clip_grad_norm_ over all parameters, Muon one
+    matrix at a time with bf16 Newton-Schulz (compiled per matrix where this run compiles, as its decorator did),
+    torch's default AdamW, gradients set to None. All three use the same micro-batches per update, so the
+    ratio compares implementations, not configs."""
     cfg = replace(cfg, vocab_size=cfg.vocab_size or 49152)
     peak, peak_what = _matmul_peak_tflops(rt)
     flops = flops_per_token(cfg)
@@ -1110,25 +1330,29 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
     batches = [(torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device),
                 torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device))
                for _ in range(4)]
+    rt_orig = replace(rt, amp_dtype=torch.float16 if rt.device.type == "cuda" else None)
+    sides = (("this project", rt, MoEMinimalLLM), ("original", rt_orig, None), ("dense", rt, DenseLLM))
     impls, steppers = [], []
-    for name, reference in (("this project", False), ("per-expert-loop reference", True)):
+    for name, side_rt, build in sides:
+        base_mem = 0.0
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(rt.device)
+            base_mem = torch.cuda.memory_allocated(rt.device) / 1e9  # the other sides' models stay alive
         t = time.perf_counter()
-        if reference:  # the original's step: per-expert loop with host syncs, plain loss, no compile
+        if build is None:  # the original: eager, per-expert loop, plain loss
             fn = model = MoEMinimalLLM(cfg).to(rt.device)
             model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
             model.set_dispatch("loop")
         else:  # exactly what a sweep runs (compiled on CUDA; compilation counts as warm-up)
-            model, fn = ModelCache(rt, quiet=True).get(cfg)
-        opts = build_optimizers(model, cfg, rt, reference=reference)
-        scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+            model, fn = ModelCache(rt, quiet=True, build=build).get(cfg)
+        opts = build_optimizers(model, cfg, side_rt, reference=build is None)
+        scaler = torch.amp.GradScaler(rt.device.type, enabled=side_rt.amp_dtype == torch.float16)
 
-        def step(i, fn=fn, opts=opts, scaler=scaler, params=list(model.parameters())):
+        def step(i, fn=fn, opts=opts, scaler=scaler, side_rt=side_rt, params=list(model.parameters())):
             for j in range(cfg.gradient_accumulation_steps):
                 x, y = batches[(i + j) % len(batches)]
-                with rt.autocast():
+                with side_rt.autocast():
                     loss = fn(x, y)[0]
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
             apply_update(opts, scaler, params, cfg.grad_clip)
@@ -1136,11 +1360,12 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
         for i in range(warmup):
             step(i)
         _sync(rt)
-        impls.append({"impl": name, "device": rt.device_name, "peak_mem_gb": _peak_memory_gb(rt.device),
-                      "warmup_s": time.perf_counter() - t})
+        impls.append({"impl": name, "device": rt.device_name, "dtype": side_rt.dtype_name + (
+                          " + GradScaler" if side_rt.amp_dtype == torch.float16 else ""),
+                      "peak_mem_gb": _peak_memory_gb(rt.device) - base_mem, "warmup_s": time.perf_counter() - t})
         steppers.append(step)
-    # Timed steps alternate between the two, so drift on a shared machine hits both alike.
-    times = [[], []]
+    # Timed updates alternate between the sides, so drift on a shared machine hits all alike.
+    times = [[] for _ in steppers]
     for i in range(steps):
         for k, step in enumerate(steppers):
             t = time.perf_counter()
@@ -1151,20 +1376,26 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
         step_s = float(np.median(ts))
         tflops = flops * tokens / step_s / 1e12
         r.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=tflops, mfu=tflops / peak)
-    return {"speedup": impls[1]["step_ms"] / impls[0]["step_ms"], "peak_tflops": peak, "peak_measured_with": peak_what,
-            "flops_per_token": flops, "tokens_per_step": tokens, "dtype": rt.dtype_name, "compile": rt.compile,
-            "torch": torch.__version__, "impls": impls}
+    ours, orig, dense = impls
+    return {"speedup": ours["tokens_per_s"] / orig["tokens_per_s"],
+            "dense_ratio": ours["tokens_per_s"] / dense["tokens_per_s"], "peak_tflops": peak,
+            "peak_measured_with": peak_what, "flops_per_token": flops, "tokens_per_step": tokens,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "dtype": rt.dtype_name,
+            "compile": rt.compile, "torch": torch.__version__, "impls": impls}
 
 
 def print_benchmark(res: dict):
-    print(f"\nbenchmark: {res['tokens_per_step']:,} tokens/step, {res['flops_per_token'] / 1e9:.3f} GFLOP/token, "
-          f"{res['dtype']}, compile {'on' if res['compile'] else 'off'}, torch {res['torch']}")
+    print(f"\nbenchmark: {res['tokens_per_step']:,} tokens per update ({res['gradient_accumulation_steps']} "
+          f"micro-batches), {res['flops_per_token'] / 1e9:.3f} GFLOP/token, compile {'on' if res['compile'] else 'off'}"
+          f", torch {res['torch']}")
     print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} (MFU is against this)")
-    print(f"{'impl':<28}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}{'warmup s':>10}")
+    print(f"{'impl':<14}{'precision':<20}{'update ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GB':>10}"
+          f"{'warmup s':>10}")
     for r in res["impls"]:
-        print(f"{r['impl']:<28}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.2f}"
+        print(f"{r['impl']:<14}{r['dtype']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{r['tflops']:>10.2f}"
               f"{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}{r['warmup_s']:>10.1f}")
-    print(f"speed-up over the per-expert-loop reference: {res['speedup']:.2f}x")
+    print(f"speed-up over the original: {res['speedup']:.2f}x; {res['dense_ratio']:.0%} of the dense model's "
+          f"tokens/s (same active FLOPs, no routing: the ceiling)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1354,7 +1585,7 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
     first = runs[0][0]
     data_for(first)  # fails early on a corpus too short for the first run
     models = ModelCache(rt, quiet=not main_rank)
-    total, active = count_parameters(models.get(first)[0])
+    total, active = count_parameters(models.get(first, data=data_for(first))[0])
     say(f"model: {total:,} parameters, {active:,} active per token; "
         f"{flops_per_token(first) / 1e9:.3f} GFLOP per training token")
     say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in SWEPT + ("d_k",)}))
@@ -1445,7 +1676,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print every run's resolved config; train nothing")
     g.add_argument("--report", metavar="CSV", help="only (re)write the markdown report and plots for CSV")
     g.add_argument("--bench", action="store_true",
-                   help="time the training step against a per-expert-loop reference on random tokens")
+                   help="time the training step against the original's step and a dense model of the same active "
+                        "FLOPs, on random tokens")
     g.add_argument("--bench-steps", type=int, default=None, metavar="N",
                    help="timed steps for --bench (default: 30 on GPU, 20 on CPU)")
     g.add_argument("--bench-out", metavar="JSON", help="also write the --bench figures as JSON")

@@ -214,19 +214,24 @@ def test_corrupt_or_mismatched_cache_is_rebuilt_with_a_warning(run_llm, tmp_path
     assert len(set(vals)) == 1
 
 
-def test_bench_writes_json_with_both_implementations(run_llm, tmp_path):
+def test_bench_writes_json_with_the_original_and_the_dense_ceiling(run_llm, tmp_path):
     proc = run_llm("--bench", "--device", "cpu", "--vocab-size", "512", "--d-model", "32", "--n-heads", "4",
                    "--n-layers", "1", "--d-ff", "64", "--batch-size", "2", "--max-seq-len", "32", "--bench-steps", "2",
-                   "--bench-out", "b.json")
+                   "--gradient-accumulation-steps", "2", "--bench-out", "b.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "b.json").read_text())
-    assert isinstance(res["speedup"], float) and res["speedup"] > 0
-    assert [r["impl"] for r in res["impls"]] == ["this project", "per-expert-loop reference"]
+    assert [r["impl"] for r in res["impls"]] == ["this project", "original", "dense"]
+    ours, orig, dense = res["impls"]
+    assert res["speedup"] == pytest.approx(ours["tokens_per_s"] / orig["tokens_per_s"])
+    assert res["dense_ratio"] == pytest.approx(ours["tokens_per_s"] / dense["tokens_per_s"])
+    assert res["gradient_accumulation_steps"] == 2 and res["tokens_per_step"] == 2 * 64  # whole updates
+    assert orig["dtype"] == "float32"  # on CPU the original's CUDA-only autocast did nothing
     for r in res["impls"]:
-        assert set(r) >= {"impl", "device", "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "warmup_s"}
-        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(64 / (r["step_ms"] / 1e3))
+        assert set(r) >= {"impl", "device", "dtype", "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
+                          "warmup_s"}
+        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(128 / (r["step_ms"] / 1e3))
         assert r["device"].startswith("cpu (") and "threads)" in r["device"]  # which CPU took the timing
-    assert "speed-up" in proc.stdout
+    assert "speed-up over the original" in proc.stdout and "dense" in proc.stdout
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
