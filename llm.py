@@ -690,11 +690,14 @@ def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750,
     if transposed:
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= 1
-    X = X.reshape(-1, *X.shape[-2:])  # (M, A, B) for the fused batched multiply-adds
+    # One matrix stays 2-D (addmm: on CPU a batch-of-one bmm was measured slower than mm); a stack becomes
+    # (M, A, B) for the fused batched multiply-adds.
+    madd = torch.addmm if X.ndim == 2 else torch.baddbmm
+    X = X if X.ndim == 2 else X.reshape(-1, *X.shape[-2:])
     for _ in range(steps):
         gram = X @ X.mT  # (M, A, A)
-        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*gram + c*gram@gram
-        X = torch.baddbmm(X, update, X, beta=a)  # a*X + update@X
+        update = madd(gram, gram, gram, beta=b, alpha=c)  # b*gram + c*gram@gram
+        X = madd(X, update, X, beta=a)  # a*X + update@X
     X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if transposed else X
 
@@ -841,11 +844,33 @@ class FusedUpdate:
         return True
 
 
+class CompiledOrEager:
+    """fn compiled on first use, as the original's @torch.compile decorator did; after one warning, eager where
+    compiling fails (a CPU with no C++ compiler). Only for pure functions: a failed call is simply rerun eagerly.
+    Measured on CPU at the README's shape (1 thread): the original's step took 270 ms with its Newton-Schulz
+    compiled, and the same step 6% longer with it eager."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, backend=compile_backend())
+        if self.compiled is not False:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                warn(f"compiling {self.fn.__name__} failed ({type(e).__name__}: "
+                     f"{str(e).strip().splitlines()[0][:200]}); running it eagerly")
+                self.compiled = False
+        return self.fn(*args, **kwargs)
+
+
 def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, rt: "Runtime", reference=False):
     """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and norms.
 
     reference: the original's optimizers (per-matrix Newton-Schulz in bf16, compiled as its @torch.compile
-    decorator did where this run compiles; torch's default AdamW), for the benchmark."""
+    decorator did, on every device; torch's default AdamW), for the benchmark."""
     device = rt.device
     muon_params = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token_embedding" not in n]
     adam_params = [p for n, p in model.named_parameters() if p.ndim < 2 or "token_embedding" in n]
@@ -853,9 +878,7 @@ def build_optimizers(model: MoEMinimalLLM, cfg: MoEModelConfig, rt: "Runtime", r
     # without bf16 instructions, or MPS): there fp32 costs no more and is more precise. The reference keeps bf16.
     fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     ns_dtype = torch.bfloat16 if fast_bf16 or reference else torch.float32
-    ns = zeropower_via_newtonschulz
-    if reference and rt.compile:
-        ns = torch.compile(ns, backend=compile_backend())
+    ns = CompiledOrEager(zeropower_via_newtonschulz) if reference else zeropower_via_newtonschulz
     muon = Muon(muon_params, lr=cfg.muon_lr, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                 ns_dtype=ns_dtype, batched=not reference, ns=ns)
     adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
@@ -1311,6 +1334,12 @@ class DenseLLM(MoEMinimalLLM):
         self.lb_weight.fill_(load_balancing_weight)  # no router to set
 
 
+def original_runtime(rt: Runtime) -> Runtime:
+    """The original's precision: `torch.cuda.amp.autocast()` (fp16) with a GradScaler on CUDA, whatever the GPU;
+    elsewhere fp32, since that autocast only ever touched CUDA ops."""
+    return replace(rt, amp_dtype=torch.float16 if rt.device.type == "cuda" else None)
+
+
 def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict:
     """Median time of whole updates (gradient_accumulation_steps micro-batches and the optimizer step) for this
     project's step, the original's step, and a dense model of the same active FLOPs, in one process.
@@ -1330,8 +1359,7 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
     batches = [(torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device),
                 torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len), generator=g).to(rt.device))
                for _ in range(4)]
-    rt_orig = replace(rt, amp_dtype=torch.float16 if rt.device.type == "cuda" else None)
-    sides = (("this project", rt, MoEMinimalLLM), ("original", rt_orig, None), ("dense", rt, DenseLLM))
+    sides = (("this project", rt, MoEMinimalLLM), ("original", original_runtime(rt), None), ("dense", rt, DenseLLM))
     impls, steppers = [], []
     for name, side_rt, build in sides:
         base_mem = 0.0

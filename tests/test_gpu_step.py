@@ -178,3 +178,45 @@ def test_dense_ceiling_spends_the_moes_expert_flops_per_token():
     assert torch.isfinite(loss) and aux.item() == 0 and counts.shape == (cfg.n_layers, 1)
     loss.backward()
     assert all(p.grad is not None for p in dense.parameters())  # nothing idle: the fused step needs every grad
+
+
+def test_the_original_side_runs_fp16_with_a_scaler_on_cuda_and_fp32_elsewhere():
+    for amp in (torch.bfloat16, None):
+        cuda = llm.Runtime(torch.device("cuda"), amp, True, "")  # built by hand: no GPU is touched
+        assert llm.original_runtime(cuda).amp_dtype == torch.float16
+        assert llm.original_runtime(llm.Runtime(torch.device("cpu"), amp, False, "")).amp_dtype is None
+
+
+def test_fp16_grad_scaler_path_stays_eager_and_unscales_before_the_clip(monkeypatch, fresh_dynamo):
+    monkeypatch.setenv("LLM_COMPILE_BACKEND", "llm_test_counting")
+    monkeypatch.setattr(llm, "FUSED_UPDATE_DEVICES", ("cpu",))
+    cfg = tiny_config(dropout=0.0)
+    scaled_model, plain_model = llm.MoEMinimalLLM(cfg), llm.MoEMinimalLLM(cfg)
+    scaled_opts = llm.build_optimizers(scaled_model, cfg, llm.resolve_runtime("cpu", use_amp=False, compile=True))
+    plain_opts = llm.build_optimizers(plain_model, cfg, llm.resolve_runtime("cpu", use_amp=False))
+    assert getattr(scaled_opts[0], "fused_update", None) is not None  # attached, but a GradScaler bypasses it
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        scaler.scale(torch.zeros(()))  # as the loss's backward would: the scaler's state starts here
+        for ps, pp in zip(scaled_model.parameters(), plain_model.parameters()):
+            pp.grad = torch.randn(pp.shape, generator=g) * 3  # the clip at 1.0 engages on the unscaled norm
+            ps.grad = pp.grad * scaler.get_scale()
+        llm.apply_update(scaled_opts, scaler, list(scaled_model.parameters()), 1.0)
+        llm.apply_update(plain_opts, torch.amp.GradScaler("cpu", enabled=False), list(plain_model.parameters()), 1.0)
+    assert not COMPILES  # the eager path ran
+    for ps, pp in zip(scaled_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(ps, pp, rtol=1e-5, atol=1e-6)
+
+
+def test_the_originals_compiled_newton_schulz_falls_back_to_eager_once(monkeypatch, fresh_dynamo, capsys):
+    G = torch.randn(3, 24, 40)
+    for backend, warned in (("llm_test_counting", False), ("llm_test_failing", True)):
+        monkeypatch.setenv("LLM_COMPILE_BACKEND", backend)
+        ns = llm.CompiledOrEager(llm.zeropower_via_newtonschulz)
+        for _ in range(2):
+            torch.testing.assert_close(ns(G, 5, dtype=torch.float32),
+                                       llm.zeropower_via_newtonschulz(G, 5, dtype=torch.float32))
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(err) == (1 if warned else 0)
+    assert COMPILES  # the working backend compiled it
