@@ -14,10 +14,14 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shlex
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -62,18 +66,26 @@ You are planning experiments on the mixture-of-experts language model below. The
 
 {user_input}
 
+What the last experiment found:
+
+{results}
+
 The current code (llm.py):
 
 {code_content}
 
 Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to compare
 (name the llm.py settings or code changes for each), seeds, metrics, expected run time, and the total number
-of runs. Keep to the constraints above."""},
+of runs. Build on what the last experiment found. Keep to the constraints above."""},
     {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
 
 The researcher's idea:
 
 {user_input}
+
+What the last experiment found:
+
+{results}
 
 The code the plan builds on (llm.py):
 
@@ -84,8 +96,8 @@ A proposed research plan:
 {step1_result}
 
 Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few seeds to
-separate the effects, metrics that cannot show the claimed effect, steps the code does not support, and
-anything that breaks the constraints. For each problem, suggest a concrete fix."""},
+separate the effects, metrics that cannot show the claimed effect, steps the code does not support, results
+it ignores or misreads, and anything that breaks the constraints. For each problem, suggest a concrete fix."""},
     {"title": "Critique_Analysis", "model": "kimi", "prompt": """{system_prompt}
 
 The original plan:
@@ -105,6 +117,10 @@ The researcher's idea:
 
 {user_input}
 
+What the last experiment found:
+
+{results}
+
 The code (llm.py):
 
 {code_content}
@@ -123,7 +139,9 @@ The analysis of that review:
 
 Write the final research plan in at most 1000 words: goals and questions, the exact conditions and the
 llm.py settings or code changes for each, seeds, metrics and how results will be compared fairly, the time per
-run and in total, and the total number of experiments, stated at the start."""},
+run and in total, and the total number of experiments, stated at the start.
+
+{plan_format}"""},
 ]
 
 
@@ -413,6 +431,7 @@ class SimpleLLM:
         self.last_reply: Reply | None = None
         self._streamed: list[str] = []  # text of the answer in progress, kept if the call fails
         self.interrupted_step = 0  # the chain step a Ctrl-C stopped, for the resume hint
+        self.results_file, self.use_results = None, True  # where {results} comes from (see load_results)
 
     def _emit(self, text: str) -> None:
         self._streamed.append(text)
@@ -455,10 +474,12 @@ class SimpleLLM:
     def read_markdown_file(self, path) -> str:
         return _read_text(path, "prompt")
 
-    def read_code_file(self, path) -> str:
-        """The file in a fenced block; the fence grows past any backtick run inside the code."""
+    def read_code_file(self, path, lean: bool = False) -> str:
+        """The file in a fenced block; the fence grows past any backtick run inside the code.
+        lean: leave out the sections a planner does not need (see lean_code)."""
         path = Path(path)
         code = _read_text(path, "code")
+        code = lean_code(code) if lean else code
         fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
         return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
 
@@ -473,8 +494,10 @@ class SimpleLLM:
         if user_input is not None:
             self.variables["user_input"] = user_input
         used = {name for step in steps for name in placeholders(step["prompt"])}
-        for name, load in (("code_content", lambda: self.read_code_file(DEFAULT_CODE)),
-                           ("system_prompt", lambda: self.read_markdown_file(DEFAULT_SYSTEM))):
+        for name, load in (("code_content", lambda: self.read_code_file(DEFAULT_CODE, lean=True)),
+                           ("system_prompt", lambda: self.read_markdown_file(DEFAULT_SYSTEM)),
+                           ("results", lambda: load_results(self.results_file, self.use_results)[0]),
+                           ("plan_format", plan_format)):
             if name in used and name not in self.variables:
                 self.variables[name] = load()
         for n, step in enumerate(steps, 1):
@@ -605,6 +628,525 @@ def _write(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Closing the loop: the last results in the prompts, a plan's runs checked and run, rounds of both
+
+DEFAULT_MAX_RUNS = 36
+DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"  # report.DEFAULT_CSV, named without importing it
+DEFAULT_LOOP_DIR = "research_loop"
+# llm.py flags the runs command sets itself (where output goes) or that make llm.py another kind of command.
+TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device", "dry_run",
+              "help")
+# llm.py sections (by title prefix) a planner does not need: corpus loading and caching, CSV and resume plumbing.
+PLANNER_SKIPS = ("Data", "Sweep")
+NO_RESULTS = "No results exist yet: this is the first experiment on this question."
+LOOP_STATE = "loop_state.json"
+LEDGER = "ledger.md"
+_SECTION = re.compile(r"(?m)^(# -{20,}\n# (.+)\n)")
+_JSON_BLOCK = re.compile(r"(?ms)^[ \t]*(`{3,}|~{3,})[ \t]*json[ \t]*\n(.*?)^[ \t]*\1[ \t]*$")
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not options
+
+
+def _project_module(name: str):
+    """llm.py or report.py, imported only by the commands that need them (llm imports torch)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import importlib
+    return importlib.import_module(name)
+
+
+def lean_code(code: str) -> str:
+    """The code with each PLANNER_SKIPS section cut to a one-line note naming what it defines, so a chain sends
+    the model, training and config without the data and CSV plumbing. Unknown section titles are kept whole."""
+    pieces = _SECTION.split(code)  # [head, rule+title, title, body, rule+title, title, body, ...]
+    out = [pieces[0]]
+    for header, title, body in zip(pieces[1::3], pieces[2::3], pieces[3::3]):
+        if title.startswith(PLANNER_SKIPS):
+            names = ", ".join(re.findall(r"(?m)^(?:def|class) (\w+)", body))
+            body = f"# ({len(body.splitlines())} lines left out of the planner's context: {names})\n\n\n"
+        out += [header, body]
+    return "".join(out)
+
+
+def _report_text(md: Path) -> str:
+    """A report as prompt context: without its plots, which a model cannot see."""
+    text = _read_text(md, "results")
+    return re.sub(r"(?ms)^## Plots\n.*?(?=^## |\Z)", "", text).strip()
+
+
+def _csv_of(md: Path) -> Path:
+    """The CSV a report was written for (report.report_paths, backwards)."""
+    rp = _project_module("report")
+    stem = md.name.removesuffix("_analysis.md")
+    return md.with_name(rp.DEFAULT_CSV if stem == "experiment" else stem + ".csv")
+
+
+def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path | None]:
+    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and the report.
+
+    path: a report, or a results CSV whose report is (re)built first. None: the default CSV's report in the
+    current folder, rebuilt if the CSV is newer; a line on stderr says which file. Nothing found, or
+    enabled=False: a sentence saying no results exist yet.
+    """
+    if not enabled:
+        print("results: left out (--no-results)", file=sys.stderr)
+        return NO_RESULTS, [], None
+    rp = _project_module("report")
+    explicit = path is not None
+    csv = Path(path) if explicit else Path(rp.DEFAULT_CSV)
+    if explicit and csv.suffix != ".csv":
+        md, csv = csv, _csv_of(csv)
+        if not md.is_file():
+            raise UserError(f"--results {md}: file not found")
+    else:
+        md = rp.report_paths(csv)[0]
+        stale = csv.is_file() and (explicit or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime)
+        if explicit and not csv.is_file():
+            raise UserError(f"--results {csv}: file not found")
+        if stale:
+            try:
+                md = rp.write_report(csv)
+                print(f"results: wrote the report {md} from {csv}", file=sys.stderr)
+            except (OSError, ValueError) as e:
+                if explicit or not md.is_file():
+                    if explicit:
+                        raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
+                    print(f"results: none ({csv}: {_one_line(e)}); the prompts say no results exist yet",
+                          file=sys.stderr)
+                    return NO_RESULTS, [], None
+        if not md.is_file():
+            print(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results "
+                  "exist yet (--results FILE to give some)", file=sys.stderr)
+            return NO_RESULTS, [], None
+    print(f"results: {md} (--results FILE for another, --no-results for none)", file=sys.stderr)
+    return f"From {md.name}:\n\n{_report_text(md)}", [csv] if csv.is_file() else [], md
+
+
+def llm_parser():
+    return _project_module("llm").build_parser()
+
+
+def _invocation(action) -> str:
+    """`--flag METAVAR [METAVAR ...]` as argparse's usage line writes it."""
+    flags = " / ".join(action.option_strings)
+    if action.nargs == 0:
+        return flags
+    meta = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else
+                              action.dest.upper())
+    return f"{flags} {meta} [{meta} ...]" if action.nargs == "+" else f"{flags} {meta}"
+
+
+def plan_format(max_runs: int = DEFAULT_MAX_RUNS) -> str:
+    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own parser."""
+    parser = llm_parser()
+    flags = [f"{_invocation(a)}: {a.help}" for a in parser._actions
+             if a.option_strings and a.dest not in TOOL_OWNED and a.help != argparse.SUPPRESS]
+    owned = ", ".join(s for a in parser._actions if a.dest in TOOL_OWNED for s in a.option_strings)
+    example = {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the balancing "
+                         "loss is off?", "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1",
+                                                  "--seeds", "42", "43", "44"]}]}
+    return "\n".join([
+        "After the plan, end your answer with exactly one fenced ```json block that turns it into runs:", "",
+        "```json", json.dumps(example), "```", "",
+        "Each entry is one call of llm.py with `args` as its arguments (a list of strings, one per token) and gets "
+        "its own CSV and report. Its runs are every combination of --noise-std, --lb-weight, --seeds and each "
+        "--grid, and the report compares each condition with the baseline noise 0 / lb weight 0.01 (else the "
+        "entry's first condition) paired by seed, so put the conditions to compare in one entry. `name` "
+        "(letters, digits, _ and -) names the entry's files; `question` says what it answers. "
+        f"At most {max_runs} runs over all entries. The tool chooses output and device: never use {owned}. "
+        "llm.py's flags (a flag left out keeps its default):", *flags])
+
+
+@dataclasses.dataclass
+class PlanEntry:
+    name: str  # file-name safe
+    question: str
+    args: list[str]
+    runs: list[dict] = dataclasses.field(default_factory=list)  # each run's config, from llm.py's dry run
+
+    def csv(self, out_dir) -> Path:
+        return Path(out_dir) / f"{self.name}.csv"
+
+    def command(self, out_dir) -> list[str]:
+        return [sys.executable, str(DEFAULT_CODE), *self.args, "--out", str(self.csv(out_dir))]
+
+
+def read_plan(path) -> list[PlanEntry]:
+    """The entries of the last ```json block of a markdown file; one-line UserError for anything malformed."""
+    blocks = _JSON_BLOCK.findall(_read_text(path, "plan"))
+    if not blocks:
+        raise UserError(f"{path} has no ```json block with the runs: the final plan ends with one "
+                        '({"runs": [{"name": ..., "question": ..., "args": [...]}]})')
+    try:
+        data = json.loads(blocks[-1][1])
+    except ValueError as e:
+        raise UserError(f"{path}: the ```json block is not valid JSON ({e}); fix it by hand") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise UserError(f'{path}: the ```json block needs {{"runs": [...]}} with at least one entry')
+    entries, seen = [], {}
+    for i, e in enumerate(runs, 1):
+        label = f"{path}: entry {i}"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].strip():
+            raise UserError(f'{label} needs a "name" (text)')
+        label += f" ({e['name']})"
+        args = e.get("args", [])
+        # numbers are accepted as their text (models write 0 for "0"); anything else is not an argument
+        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                                 for a in args):
+            raise UserError(f'{label}: "args" must be a list of strings, one per llm.py argument')
+        name = safe_name(e["name"])
+        if name in seen:
+            raise UserError(f"{label}: its file name {name} is already used by entry {seen[name]}; rename one")
+        seen[name] = i
+        entries.append(PlanEntry(name, str(e.get("question", "")).strip(), [str(a) for a in args]))
+    return entries
+
+
+def _check_flags(label: str, args: list[str], parser) -> None:
+    """Refuse tool-owned flags however they are spelled: exact, a unique prefix (argparse's abbreviations) or
+    --flag=value; unknown flags are left for llm.py's parser to name."""
+    options = {s: a.dest for a in parser._actions for s in a.option_strings}
+    for tok in args:
+        if tok == "--":
+            raise UserError(f"{label}: '--' is not allowed in args (it would hide the tool's own flags)")
+        if not tok.startswith("-") or _NEGATIVE_NUMBER.match(tok):
+            continue
+        key = tok.split("=", 1)[0]
+        hits = [key] if key in options else [s for s in options if s.startswith(key) and key.startswith("--")]
+        owned = sorted({options[h] for h in hits} & set(TOOL_OWNED))
+        if owned:
+            what = "--" + owned[0].replace("_", "-")
+            raise UserError(f"{label}: {tok} ({what}) is chosen by the tool, not the plan; remove it")
+
+
+def _llm_dry_run(label: str, args: list[str]) -> list[dict]:
+    """Each run's config, from `llm.py ARGS --dry-run` (llm.py's own parser and checks; no shell)."""
+    r = subprocess.run([sys.executable, str(DEFAULT_CODE), *args, "--dry-run"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode:
+        lines = [ln for ln in r.stderr.splitlines() if "error:" in ln] or r.stderr.splitlines() or ["no message"]
+        raise UserError(f"{label}: llm.py refuses its args: {_one_line(lines[-1].split('error:', 1)[-1])}")
+    head = re.search(r"(?m)^dry run: (\d+) runs", r.stdout)
+    configs = [json.loads(m) for m in re.findall(r"(?m)^run \d+/\d+: (\{.*\})$", r.stdout)]
+    if not head or len(configs) != int(head.group(1)):
+        raise UserError(f"{label}: cannot read llm.py's dry run output: {_one_line(r.stdout, 160)}")
+    return configs
+
+
+def check_plan(entries: list[PlanEntry], max_runs: int, where: str = "") -> int:
+    """Validate every entry with llm.py's parser before anything runs; fill in each entry's runs; return the
+    total number of runs."""
+    parser, total = llm_parser(), 0
+    for i, e in enumerate(entries, 1):
+        label = f"{where}entry {i} ({e.name})"
+        _check_flags(label, e.args, parser)
+        e.runs = _llm_dry_run(label, e.args)
+        total += len(e.runs)
+        if total > max_runs:
+            raise UserError(f"{label} brings the plan to {total} runs, more than --max-runs {max_runs}; shrink the "
+                            "plan or raise --max-runs")
+    return total
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as the user would type it: `python` when that is this interpreter, llm.py relative if near."""
+    exe = "python" if shutil.which("python") == sys.executable else cmd[0]
+    script = os.path.relpath(cmd[1])
+    return shlex.join([exe, cmd[1] if script.startswith("..") else script, *cmd[2:]])
+
+
+def _shape(c: dict) -> tuple:
+    return tuple(c.get(k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k",
+                                    "batch_size", "max_seq_len", "tokenizer", "use_amp"))
+
+
+def estimate_time(entries: list[PlanEntry], csvs: list[Path]) -> str:
+    """Training time from each run's tokens and the median tokens/s of earlier ok runs of the same model shape
+    (of any shape when none matches, said so)."""
+    rp, seen = _project_module("report"), []
+    for csv in dict.fromkeys(csvs):
+        try:
+            df = rp._read_results(csv)
+        except (OSError, ValueError):
+            continue
+        ok = df[df["status"].astype(str).str.strip().eq("ok")]
+        for tps, cfg, dev in zip(ok["tokens_per_s"], ok["config_json"], ok["device"]):
+            try:
+                seen.append((float(tps), _shape(json.loads(cfg)), str(dev), csv.name))
+            except (TypeError, ValueError):
+                pass
+    seen = [s for s in seen if s[0] > 0]
+    if not seen:
+        return "time: no estimate (no earlier results CSV with finished runs; --results CSV gives one)"
+    seconds, used, other = 0.0, set(), 0
+    for c in (c for e in entries for c in e.runs):
+        tokens = c["max_steps"] * c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"]
+        same = [i for i, s in enumerate(seen) if s[1] == _shape(c)] or range(len(seen))
+        other += len(same) == len(seen) and not any(s[1] == _shape(c) for s in seen)
+        used.update(same)
+        seconds += tokens / statistics.median(seen[i][0] for i in same)
+    devices = ", ".join(dict.fromkeys(seen[i][2] for i in sorted(used)))
+    files = ", ".join(dict.fromkeys(seen[i][3] for i in sorted(used)))
+    rough = f"; {other} run(s) have a model shape no earlier run had, so theirs is rough" if other else ""
+    return (f"time: about {seconds / 60:.1f} min of training, from the tokens/s of {len(used)} earlier "
+            f"run(s) in {files} on {devices}; evaluation, data loading and start-up come on top{rough}")
+
+
+def confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():  # checked up front by the commands too; this is the last guard
+        raise UserError("nothing was run: there is no terminal to ask; add --yes to run without asking")
+    print(f"{question} Type yes to start: ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() == "yes"
+
+
+def _need_consent(args, what: str) -> None:
+    if not args.yes and not sys.stdin.isatty():
+        raise UserError(f"{what} trains without asking only with --yes, and there is no terminal to ask: add --yes "
+                        "(nothing was sent or run)")
+
+
+def show_plan(entries: list[PlanEntry], out_dir, source) -> None:
+    total = sum(len(e.runs) for e in entries)
+    print(f"plan {source}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total} runs, results in "
+          f"{out_dir}")
+    for i, e in enumerate(entries, 1):
+        print(f"  {i}. {e.name} ({len(e.runs)} run{'s' if len(e.runs) != 1 else ''})"
+              + (f": {e.question}" if e.question else ""))
+        print(f"     {shown(e.command(out_dir))}")
+
+
+def run_plan(entries: list[PlanEntry], out_dir) -> int:
+    """Run the entries one after another with llm.py's own progress and resume; stop at the first failure."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    rp = _project_module("report")
+    for i, e in enumerate(entries, 1):
+        print(f"\n== entry {i}/{len(entries)}: {e.name} ({len(e.runs)} runs)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        proc = subprocess.Popen(e.command(out_dir))
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save what it has
+            try:
+                proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+            rc = 130
+        if rc:
+            why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
+            print(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
+                  f"{e.csv(out_dir)}; rerun the same command to resume", file=sys.stderr)
+            return rc
+        print(f"report: {rp.report_paths(e.csv(out_dir))[0]}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _runs_command(args) -> int:
+    if args.run:
+        _need_consent(args, "runs --run")
+    entries = read_plan(args.plan)
+    total = check_plan(entries, args.max_runs)
+    csvs = [e.csv(args.out_dir) for e in entries]  # a rerun: the plan's own finished runs are the best guide
+    csvs.append(Path(args.results or DEFAULT_CSV_NAME))
+    csvs[-1] = csvs[-1] if csvs[-1].suffix == ".csv" else _csv_of(csvs[-1])  # a report: the CSV beside it
+    show_plan(entries, args.out_dir, args.plan)
+    print(estimate_time(entries, csvs))
+    if not args.run:
+        print("nothing was run; add --run to run them", file=sys.stderr)
+        return 0
+    if not confirm(f"Run these {total} runs?", args.yes):
+        print("not confirmed: nothing was run", file=sys.stderr)
+        return 1
+    return run_plan(entries, args.out_dir)
+
+
+# The loop: per round, chain -> plan -> runs -> findings, in DIR/round{k}; state and ledger after every stage.
+
+def headline(csv: Path) -> list[str]:
+    """A sweep's findings in a few lines, from report.py's statistics: the best condition and every paired
+    difference from the baseline with its interval and Holm-corrected p."""
+    rp = _project_module("report")
+    try:
+        df = rp._read_results(csv)
+    except (OSError, ValueError) as e:
+        return [f"no findings: {_one_line(e)}"]
+    import pandas as pd
+    cc, table = rp.condition_columns(df), rp.condition_table(df)
+    labels = rp._labels(table, cc)
+    best = table["mean"].idxmin()
+    out = [f"best: {labels[best]}, best val PPL {table['mean'][best]:.2f} (n={int(table['n'][best])}) of "
+           f"{len(table)} condition(s)"]
+    pc = rp.paired_comparisons(df)
+    base = rp._labels(pd.DataFrame([rp.baseline_condition(df)]), cc)[0]
+    for lab, r in zip(rp._labels(pc, cc), pc.itertuples()):
+        if math.isnan(r.p_value):
+            out.append(f"{lab} vs {base}: not tested ({int(r.n_pairs)} paired seed(s))")
+        else:
+            out.append(f"{lab} vs {base}: Δ {r.mean_diff:+.2f} PPL (95% CI {r.ci_low:.2f} to {r.ci_high:.2f}, "
+                       f"p_holm {r.p_holm:.3g}{', significant' if r.significant else ''})")
+    return out
+
+
+def _rows_done(csv: Path) -> int:
+    import csv as csvlib
+    try:
+        with open(csv, newline="", encoding="utf-8") as f:
+            return sum(1 for row in csvlib.DictReader(f) if (row.get("status") or "").strip())
+    except OSError:
+        return 0
+
+
+def _round_results(out: Path, k: int, rnd: dict) -> tuple[str, list[Path]]:
+    """Round k's reports as the next round's {results}: one section per entry, headed by its question."""
+    parts, csvs = [], []
+    for e in rnd["entries"]:
+        csv = out / f"round{k}" / f"{e['name']}.csv"
+        md = _project_module("report").report_paths(csv)[0]
+        body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
+        parts.append(f"## Round {k}, entry {e['name']}: {e['question'] or 'no question given'}\n\n{body}")
+        csvs.append(csv)
+    return "\n\n".join(parts), csvs
+
+
+def _save_loop(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / LOOP_STATE, json.dumps(state, indent=2) + "\n")
+    md = [f"# Research loop: {state['idea']}", "",
+          f"{state['rounds']} round(s) asked. Each round: the chain plans from the last results, the plan's runs "
+          "train, the reports feed the next round. Rerun the same command to continue an unfinished round.", ""]
+    for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
+        md += [f"## Round {k}: {rnd['status']}", "", f"- Results read: {rnd.get('results_from') or 'none'}"]
+        if rnd.get("plan"):
+            md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']})")
+        if rnd.get("entries"):
+            done = sum(_rows_done(out / f"round{k}" / f"{e['name']}.csv") for e in rnd["entries"])
+            md += [f"- Runs done: {done} of {sum(e['runs'] for e in rnd['entries'])}", "- Commands:", "", "  ```"]
+            md += [f"  {e['command']}" for e in rnd["entries"]] + ["  ```"]
+        if rnd.get("findings"):
+            md.append("- Findings:")
+            for e in rnd["entries"]:
+                md.append(f"  - **{e['name']}** ({e['question'] or 'no question given'}), "
+                          f"[report](round{k}/{e['name']}_analysis.md):")
+                md += [f"    - {line}" for line in rnd["findings"].get(e["name"], [])]
+        md.append("")
+    _write(out / LEDGER, "\n".join(md))
+
+
+def _loop_inputs(llm: "SimpleLLM", args) -> tuple[list[dict], str]:
+    """The chain's steps and input, as `chain` reads them."""
+    steps = DEFAULT_STEPS
+    if args.steps:
+        try:
+            steps = json.loads(_read_text(args.steps, "steps"))
+        except ValueError as e:
+            raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
+    check_steps(steps)
+    user_input = llm.read_markdown_file(args.input)
+    if args.code != str(DEFAULT_CODE):
+        llm.variables["code_content"] = llm.read_code_file(args.code)
+    if args.system != str(DEFAULT_SYSTEM):
+        llm.variables["system_prompt"] = _read_text(args.system, "--system")
+    llm.variables["plan_format"] = plan_format(args.max_runs)
+    llm.variables.update(_pairs(args.var, "--var"))
+    return steps, user_input
+
+
+def _loop_command(llm: "SimpleLLM", args) -> int:
+    if not args.dry_run:
+        _need_consent(args, "loop")
+    out = Path(args.out_dir)
+    try:
+        state = json.loads((out / LOOP_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        state = {"round": {}}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it") from None
+    state.update(idea=str(args.input), rounds=args.rounds)
+    steps, user_input = _loop_inputs(llm, args)
+    given = dict(llm.variables)  # --var and the files: the same in every round
+    for k in range(1, args.rounds + 1):
+        rnd = state["round"].setdefault(str(k), {"status": "not started"})
+        if rnd["status"] == "done":
+            print(f"round {k}: done (see {out / LEDGER})", file=sys.stderr)
+            continue
+        rdir = out / f"round{k}"
+        llm.variables = dict(given)
+        llm.results_file, llm.use_results = args.results, not args.no_results
+        csvs = []
+        if k > 1 and "results" not in given:
+            llm.variables["results"], csvs = _round_results(out, k - 1, state["round"][str(k - 1)])
+            rnd["results_from"] = f"round {k - 1}'s reports"
+        elif "results" not in given:
+            llm.variables["results"], csvs, source = load_results(args.results, not args.no_results)
+            rnd["results_from"] = str(source) if source else None
+        print(f"\n==== round {k}/{args.rounds} in {rdir}", file=sys.stderr, flush=True)
+        if args.dry_run:
+            return _loop_dry_run(llm, steps, user_input, rdir, args, k)
+        rnd["status"] = "chain"
+        _save_loop(out, state)
+        try:
+            llm.run_chain(steps, user_input, out_dir=rdir, resume=True)
+        except ChainError as e:
+            rnd["status"] = f"chain failed at step {e.step}"
+            _save_loop(out, state)
+            raise ChainError(f"round {k}: {e}\n  finished steps are saved in {rdir}; rerun the same command to "
+                             "continue", e.step, rdir) from None
+        except KeyboardInterrupt:
+            rnd["status"] = "chain interrupted"
+            _save_loop(out, state)
+            print(f"\ninterrupted in round {k}'s chain; rerun the same command to continue", file=sys.stderr)
+            return 130
+        rnd["plan"] = f"round{k}/{step_file(len(steps), steps[-1]['title'])}"
+        try:
+            entries = read_plan(out / rnd["plan"])
+            total = check_plan(entries, args.max_runs, where=f"round {k}: ")
+        except UserError as e:
+            rnd["status"] = f"plan refused: {e}"
+            _save_loop(out, state)
+            raise UserError(f"round {k}: {e}; edit {out / rnd['plan']} and rerun the same command") from None
+        rnd["entries"] = [{"name": e.name, "question": e.question, "args": e.args, "runs": len(e.runs),
+                           "command": shown(e.command(rdir))} for e in entries]
+        rnd["status"] = "runs"
+        _save_loop(out, state)
+        show_plan(entries, rdir, out / rnd["plan"])
+        print(estimate_time(entries, [e.csv(rdir) for e in entries] + csvs))
+        if not confirm(f"Round {k}: run these {total} runs?", args.yes):
+            rnd["status"] = "runs not confirmed"
+            _save_loop(out, state)
+            print("not confirmed: nothing was run; rerun the same command to be asked again", file=sys.stderr)
+            return 1
+        rc = run_plan(entries, rdir)
+        if rc:
+            rnd["status"] = "runs interrupted" if rc == 130 else f"a run failed (llm.py exit code {rc})"
+            _save_loop(out, state)
+            return rc
+        rnd["findings"] = {e.name: headline(e.csv(rdir)) for e in entries}
+        rnd["status"] = "done"
+        _save_loop(out, state)
+        print(f"round {k} done: findings in {out / LEDGER}", file=sys.stderr, flush=True)
+    print(f"\nloop complete: {args.rounds} round(s); see {out / LEDGER}", file=sys.stderr)
+    return 0
+
+
+def _loop_dry_run(llm: "SimpleLLM", steps, user_input, rdir: Path, args, k: int) -> int:
+    llm.run_chain(steps, user_input, out_dir=rdir, resume=True, dry_run=True)
+    plan = rdir / step_file(len(steps), steps[-1]["title"])
+    if plan.is_file():  # the chain of this round is done already: its runs are known
+        entries = read_plan(plan)
+        check_plan(entries, args.max_runs, where=f"round {k}: ")
+        show_plan(entries, rdir, plan)
+    else:
+        print(f"then: the runs in the ```json block of {plan} (written by the last step), each checked with "
+              f"`llm.py ARGS --dry-run` (at most {args.max_runs} runs), shown and confirmed (typed yes or --yes), "
+              f"run into {rdir}/NAME.csv with a report each; the findings go to {Path(args.out_dir) / LEDGER}"
+              + (f", and round {k + 1} reads round {k}'s reports" if k < args.rounds else ""))
+    print("dry run: nothing was sent or run", file=sys.stderr)
+    return 0
+
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -636,7 +1178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="simple_llm.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gemini,kimi,chain}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{gemini,kimi,chain,runs,loop}")
     for name, p in PROVIDERS.items():
         cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} ({p.model})")
         cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing reads stdin")
@@ -656,7 +1198,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="reuse saved step files from --out-dir and call only for the missing steps")
     chain.add_argument("--dry-run", action="store_true",
                        help="print each rendered prompt and its size; needs no key and sends nothing")
+    _add_loop_commands(sub, chain)
     args = parser.parse_args(argv)
+    if getattr(args, "max_runs", 1) < 1 or getattr(args, "rounds", 1) < 1:
+        parser.error("--max-runs and --rounds must be at least 1")
+    if args.command == "runs":  # it has no provider settings to check
+        return args
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
     if args.timeout <= 0:
@@ -666,12 +1213,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _add_loop_commands(sub, chain) -> None:
+    """{results} options for chain, and the runs and loop commands (loop takes every chain option)."""
+    results = chain.add_mutually_exclusive_group()
+    results.add_argument("--results", metavar="FILE",
+                         help="{results}: a report or a results CSV (its report is built); default: the report of "
+                              f"{DEFAULT_CSV_NAME} in the current folder, if any")
+    results.add_argument("--no-results", action="store_true", help="{results} says no results exist yet")
+    runs = sub.add_parser("runs", help="check, show and (with --run) run the runs of a plan's ```json block")
+    runs.add_argument("plan", help="markdown file ending in a ```json block of runs (a chain's final step)")
+    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and report (default runs)")
+    runs.add_argument("--run", action="store_true", help="run them, after a typed yes (or --yes)")
+    runs.add_argument("--yes", action="store_true", help="run without asking")
+    runs.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
+                      help=f"refuse plans with more runs than this (default {DEFAULT_MAX_RUNS})")
+    runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate (default: "
+                      f"{DEFAULT_CSV_NAME} here, if any)")
+    runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
+                          help="rounds of chain -> runs -> report, each round planned from the last results")
+    loop.add_argument("--rounds", type=int, default=1, help="rounds to run (default 1)")
+    loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR,
+                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default {DEFAULT_LOOP_DIR})")
+    loop.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
+                      help=f"refuse a round's plan with more runs than this (default {DEFAULT_MAX_RUNS})")
+    loop.add_argument("--yes", action="store_true", help="run each round's runs without asking")
+    loop.add_argument("--dry-run", action="store_true",
+                      help="print the first unfinished round's prompts and what follows; no key, nothing sent")
+    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the loop always resumes
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "runs":
+        return _runs_command(args)
     models = _pairs(args.model, "--model")
     for name in models:
         if name not in PROVIDERS:
             raise UserError(f"--model {name}=...: unknown model name; choose one of {', '.join(PROVIDERS)}")
     llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, models=models)
+    if args.command == "loop":
+        return _loop_command(llm, args)
     if args.command in PROVIDERS:
         prompt = " ".join(args.prompt)
         if prompt.strip() in ("", "-"):
@@ -695,6 +1276,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.system != str(DEFAULT_SYSTEM):
         llm.variables["system_prompt"] = _read_text(args.system, "--system")
     llm.variables.update(_pairs(args.var, "--var"))
+    llm.results_file, llm.use_results = args.results, not args.no_results
     try:
         results = llm.run_chain(steps, user_input, out_dir=args.out_dir, resume=args.resume, dry_run=args.dry_run)
     except ChainError as e:
