@@ -1,12 +1,16 @@
-"""Ask Gemini or Kimi from the command line, and turn a research idea into a reviewed experiment plan.
+"""Ask Gemini or Kimi from the command line, and turn a research idea into a reviewed experiment plan and its runs.
 
     python simple_llm.py kimi "Summarise mixture-of-experts routing in five bullets"
     python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: shows every prompt
     python simple_llm.py chain research_prompt.md --out-dir plans/ --resume
+    python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU (smoke preset)
+    python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/   # chain -> runs -> report, twice
 
 Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in a .env file (see .env.example).
 The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) -> Final_Plan
-(gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them.
+(gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them. The prompts carry the
+last sweep's report ({results}); the final plan ends in a ```json block of llm.py runs, which `runs` checks
+with llm.py's own parser and runs, and `loop` repeats chain -> runs -> report for --rounds rounds.
 """
 from __future__ import annotations
 
@@ -675,48 +679,41 @@ def _report_text(md: Path) -> str:
 
 def _csv_of(md: Path) -> Path:
     """The CSV a report was written for (report.report_paths, backwards)."""
-    rp = _project_module("report")
     stem = md.name.removesuffix("_analysis.md")
-    return md.with_name(rp.DEFAULT_CSV if stem == "experiment" else stem + ".csv")
+    return md.with_name(DEFAULT_CSV_NAME if stem == "experiment" else stem + ".csv")
 
 
 def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path | None]:
     """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and the report.
 
-    path: a report, or a results CSV whose report is (re)built first. None: the default CSV's report in the
-    current folder, rebuilt if the CSV is newer; a line on stderr says which file. Nothing found, or
-    enabled=False: a sentence saying no results exist yet.
+    path: a report, or a results CSV whose report is built first. None: the report of the default CSV in the
+    current folder, rebuilt if the CSV is newer. A line on stderr says which file. Nothing found, or
+    enabled=False: a sentence saying that no results exist yet.
     """
     if not enabled:
         print("results: left out (--no-results)", file=sys.stderr)
         return NO_RESULTS, [], None
-    rp = _project_module("report")
-    explicit = path is not None
-    csv = Path(path) if explicit else Path(rp.DEFAULT_CSV)
-    if explicit and csv.suffix != ".csv":
-        md, csv = csv, _csv_of(csv)
-        if not md.is_file():
-            raise UserError(f"--results {md}: file not found")
+    given = None if path is None else Path(path)
+    if given is not None and not given.is_file():
+        raise UserError(f"--results {given}: file not found")
+    if given is not None and given.suffix != ".csv":
+        md, csv = given, _csv_of(given)
     else:
+        rp = _project_module("report")
+        csv = given or Path(DEFAULT_CSV_NAME)
         md = rp.report_paths(csv)[0]
-        stale = csv.is_file() and (explicit or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime)
-        if explicit and not csv.is_file():
-            raise UserError(f"--results {csv}: file not found")
-        if stale:
+        if csv.is_file() and (given or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime):
             try:
                 md = rp.write_report(csv)
                 print(f"results: wrote the report {md} from {csv}", file=sys.stderr)
             except (OSError, ValueError) as e:
-                if explicit or not md.is_file():
-                    if explicit:
-                        raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
-                    print(f"results: none ({csv}: {_one_line(e)}); the prompts say no results exist yet",
-                          file=sys.stderr)
-                    return NO_RESULTS, [], None
-        if not md.is_file():
-            print(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results "
-                  "exist yet (--results FILE to give some)", file=sys.stderr)
-            return NO_RESULTS, [], None
+                if given:
+                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
+                print(f"warning: no report built from {csv}: {_one_line(e)}", file=sys.stderr)
+    if not md.is_file():
+        print(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results exist "
+              "yet (--results FILE gives some)", file=sys.stderr)
+        return NO_RESULTS, [], None
     print(f"results: {md} (--results FILE for another, --no-results for none)", file=sys.stderr)
     return f"From {md.name}:\n\n{_report_text(md)}", [csv] if csv.is_file() else [], md
 
@@ -798,7 +795,7 @@ def read_plan(path) -> list[PlanEntry]:
         if name in seen:
             raise UserError(f"{label}: its file name {name} is already used by entry {seen[name]}; rename one")
         seen[name] = i
-        entries.append(PlanEntry(name, str(e.get("question", "")).strip(), [str(a) for a in args]))
+        entries.append(PlanEntry(name, str(e.get("question") or "").strip(), [str(a) for a in args]))
     return entries
 
 
@@ -833,12 +830,12 @@ def _llm_dry_run(label: str, args: list[str]) -> list[dict]:
     return configs
 
 
-def check_plan(entries: list[PlanEntry], max_runs: int, where: str = "") -> int:
+def check_plan(entries: list[PlanEntry], max_runs: int) -> int:
     """Validate every entry with llm.py's parser before anything runs; fill in each entry's runs; return the
     total number of runs."""
     parser, total = llm_parser(), 0
     for i, e in enumerate(entries, 1):
-        label = f"{where}entry {i} ({e.name})"
+        label = f"entry {i} ({e.name})"
         _check_flags(label, e.args, parser)
         e.runs = _llm_dry_run(label, e.args)
         total += len(e.runs)
@@ -881,8 +878,9 @@ def estimate_time(entries: list[PlanEntry], csvs: list[Path]) -> str:
     seconds, used, other = 0.0, set(), 0
     for c in (c for e in entries for c in e.runs):
         tokens = c["max_steps"] * c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"]
-        same = [i for i, s in enumerate(seen) if s[1] == _shape(c)] or range(len(seen))
-        other += len(same) == len(seen) and not any(s[1] == _shape(c) for s in seen)
+        same = [i for i, s in enumerate(seen) if s[1] == _shape(c)]
+        other += not same
+        same = same or range(len(seen))
         used.update(same)
         seconds += tokens / statistics.median(seen[i][0] for i in same)
     devices = ", ".join(dict.fromkeys(seen[i][2] for i in sorted(used)))
@@ -947,9 +945,11 @@ def _runs_command(args) -> int:
         _need_consent(args, "runs --run")
     entries = read_plan(args.plan)
     total = check_plan(entries, args.max_runs)
-    csvs = [e.csv(args.out_dir) for e in entries]  # a rerun: the plan's own finished runs are the best guide
-    csvs.append(Path(args.results or DEFAULT_CSV_NAME))
-    csvs[-1] = csvs[-1] if csvs[-1].suffix == ".csv" else _csv_of(csvs[-1])  # a report: the CSV beside it
+    earlier = Path(args.results or DEFAULT_CSV_NAME)
+    if args.results and not earlier.is_file():
+        raise UserError(f"--results {earlier}: file not found")
+    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside it
+    csvs = [e.csv(args.out_dir) for e in entries] + [earlier if earlier.suffix == ".csv" else _csv_of(earlier)]
     show_plan(entries, args.out_dir, args.plan)
     print(estimate_time(entries, csvs))
     if not args.run:
@@ -1071,9 +1071,7 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
             print(f"round {k}: done (see {out / LEDGER})", file=sys.stderr)
             continue
         rdir = out / f"round{k}"
-        llm.variables = dict(given)
-        llm.results_file, llm.use_results = args.results, not args.no_results
-        csvs = []
+        llm.variables, csvs = dict(given), []
         if k > 1 and "results" not in given:
             llm.variables["results"], csvs = _round_results(out, k - 1, state["round"][str(k - 1)])
             rnd["results_from"] = f"round {k - 1}'s reports"
@@ -1100,7 +1098,7 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
         rnd["plan"] = f"round{k}/{step_file(len(steps), steps[-1]['title'])}"
         try:
             entries = read_plan(out / rnd["plan"])
-            total = check_plan(entries, args.max_runs, where=f"round {k}: ")
+            total = check_plan(entries, args.max_runs)
         except UserError as e:
             rnd["status"] = f"plan refused: {e}"
             _save_loop(out, state)
@@ -1134,7 +1132,7 @@ def _loop_dry_run(llm: "SimpleLLM", steps, user_input, rdir: Path, args, k: int)
     plan = rdir / step_file(len(steps), steps[-1]["title"])
     if plan.is_file():  # the chain of this round is done already: its runs are known
         entries = read_plan(plan)
-        check_plan(entries, args.max_runs, where=f"round {k}: ")
+        check_plan(entries, args.max_runs)
         show_plan(entries, rdir, plan)
     else:
         print(f"then: the runs in the ```json block of {plan} (written by the last step), each checked with "
@@ -1143,7 +1141,6 @@ def _loop_dry_run(llm: "SimpleLLM", steps, user_input, rdir: Path, args, k: int)
               + (f", and round {k + 1} reads round {k}'s reports" if k < args.rounds else ""))
     print("dry run: nothing was sent or run", file=sys.stderr)
     return 0
-
 
 
 # ------------------------------------------------------------------------------------------------------------

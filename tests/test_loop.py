@@ -6,7 +6,7 @@ llm.py's own flags (a flag added to llm.py's parser appears without a change her
 ones; llm.py reaches the planner without its data and CSV sections; tool-owned flags are refused however
 argparse would spell them; `runs` refuses a missing block, bad JSON, bad entries, unknown or malformed flags,
 shell metacharacters and too many runs with one line and nothing run; --run needs --yes or a typed yes;
-the shipped example plan runs offline and a rerun resumes; the ledger's findings match scipy's paired test;
+the shipped example plan runs offline and its runs then give the time estimate; the ledger's findings match scipy's paired test;
 and `loop --rounds 2 --yes` against the fake providers runs chain, runs and report twice, feeds round 1's
 report into round 2's first prompt, and after a kill -9 during round 2's runs a rerun finishes without
 asking the models again or duplicating rows.
@@ -29,8 +29,8 @@ import report
 import simple_llm
 from fake_providers import answer
 from test_report import sweep_rows, write_csv
-from test_simple_llm import (GEMINI_KEY, KIMI_KEY, SCRIPT, _no_dotenv, assert_no_keys,  # noqa: F401 (fixtures)
-                             fake, httpserver_listen_address, work)
+from test_simple_llm import (SCRIPT, _no_dotenv, assert_no_keys, fake, httpserver_listen_address,  # noqa: F401
+                             work)  # the fixtures: both providers faked, a work folder with an idea file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "example_plan.md"
@@ -71,6 +71,7 @@ def test_results_from_an_explicit_report_and_from_a_csv(work, capsys):
 
 
 def test_results_auto_found_turned_off_or_absent(work, capsys):
+    assert simple_llm.DEFAULT_CSV_NAME == report.DEFAULT_CSV
     assert simple_llm.main(chain_dry()) == 0
     out, err = capsys.readouterr()
     assert out.count(simple_llm.NO_RESULTS) == 3 and "{results}" not in out
@@ -215,7 +216,7 @@ def test_run_asks_for_a_typed_yes(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_example_plan_runs_offline_and_resumes(tmp_path):
+def test_example_plan_runs_offline(tmp_path):
     """The README's worked example: python simple_llm.py runs tests/example_plan.md --run --yes."""
     def runs(*extra):
         return subprocess.run([sys.executable, str(SCRIPT), "runs", str(EXAMPLE), "--out-dir", "out", *extra],
@@ -229,10 +230,10 @@ def test_example_plan_runs_offline_and_resumes(tmp_path):
     assert "report: out/noise_without_lb_analysis.md" in r.stderr
     assert (tmp_path / "out" / "noise_without_lb_analysis.md").is_file()
 
-    r = runs("--run", "--yes")  # everything done: llm.py resumes and trains nothing
+    r = runs()  # the plan again, without --run: now its own finished runs give a time estimate
     assert r.returncode == 0, r.stderr
-    assert "4 of 4 runs already done, 0 to go" in r.stdout and len(pd.read_csv(csv)) == 4
-    assert "time: about" in r.stdout and "noise_without_lb.csv" in r.stdout  # estimated from the plan's own runs
+    assert "time: about" in r.stdout and "4 earlier run(s) in noise_without_lb.csv" in r.stdout
+    assert "nothing was run" in r.stderr and len(pd.read_csv(csv)) == 4
 
 
 def test_headline_findings_match_scipy(tmp_path):
@@ -271,6 +272,28 @@ def test_loop_dry_run_shows_round_one_with_the_last_results(work, monkeypatch, c
     assert "round 2 reads round 1's reports" in out
     assert "results: experiment_analysis.md" in err and "round 1/2" in err
     assert not (work / simple_llm.DEFAULT_LOOP_DIR).exists()
+
+
+def test_loop_stops_on_a_plan_without_runs_and_on_a_failed_run(fake, work, capfd):
+    # capfd: llm.py's own messages come from a child process
+    # the default fake answers carry no ```json block: refused after the chain, before anything trains
+    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L"]) == 2
+    err = capfd.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.strip().splitlines()[-1]]
+    assert "error: round 1: L/round1/step4_final_plan.md has no ```json block" in err
+    assert "rerun the same command" in err and "Traceback" not in err
+    state = json.loads((work / "L" / "loop_state.json").read_text())
+    assert state["round"]["1"]["status"].startswith("plan refused")
+    assert "## Round 1: plan refused" in (work / "L" / "ledger.md").read_text()
+    # the user fixes the plan by hand; the rerun reuses the chain and stops at llm.py's failure, with its code
+    (work / "L" / "round1" / "step4_final_plan.md").write_text(
+        plan_md([{"name": "x", "args": SMOKE + ["--seeds", "1", "--data-files", "missing.txt"]}]))
+    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L"]) == 2
+    err = capfd.readouterr().err
+    assert "data file not found" in err and "rerun the same command to resume" in err
+    assert len(fake.calls) == 4  # the chain ran once
+    state = json.loads((work / "L" / "loop_state.json").read_text())
+    assert state["round"]["1"]["status"] == "a run failed (llm.py exit code 2)"
 
 
 @pytest.mark.slow
