@@ -936,7 +936,9 @@ def run_plan(entries: list[PlanEntry], out_dir) -> int:
             print(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
                   f"{e.csv(out_dir)}; rerun the same command to resume", file=sys.stderr)
             return rc
-        print(f"report: {rp.report_paths(e.csv(out_dir))[0]}", file=sys.stderr, flush=True)
+    print(f"\ndone: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}; reports:", file=sys.stderr)
+    for e in entries:
+        print(f"  {rp.report_paths(e.csv(out_dir))[0]}", file=sys.stderr)
     return 0
 
 

@@ -227,7 +227,7 @@ def test_example_plan_runs_offline(tmp_path):
     df = pd.read_csv(csv)
     assert len(df) == 4 and set(df["status"]) == {"ok"} and sorted(df["seed"]) == [42, 42, 43, 43]
     assert "time: no estimate" in r.stdout  # no earlier results here
-    assert "report: out/noise_without_lb_analysis.md" in r.stderr
+    assert "reports:\n  out/noise_without_lb_analysis.md" in r.stderr
     assert (tmp_path / "out" / "noise_without_lb_analysis.md").is_file()
 
     r = runs()  # the plan again, without --run: now its own finished runs give a time estimate
