@@ -346,7 +346,7 @@ def _stream_kimi(prompt: str, model_id: str, s: Settings, emit) -> Reply:
                              "check the network or NOVITA_BASE_URL") from None
         except openai.APIError as e:  # an error event inside the stream
             raise ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}") from None
-        except ValueError as e:  # a chunk that is not JSON, or not a chunk
+        except json.JSONDecodeError as e:  # a chunk that is not JSON
             raise _malformed("kimi", e) from e
     return _with_retries("kimi", s, attempt)
 
@@ -389,6 +389,7 @@ def _server_wait(headers, details) -> float | None:
 
 def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
     import httpx2
+    import pydantic
     from google import genai
     from google.genai import errors, types
     base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
@@ -439,7 +440,7 @@ def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
             if isinstance(failure, _Retry) and not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):
                 failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")  # e.g. a malformed URL
             raise failure from None
-        except ValueError as e:  # errors.UnknownApiResponseError: a chunk that is not JSON
+        except (errors.UnknownApiResponseError, pydantic.ValidationError) as e:  # not JSON, or not a response
             raise _malformed("gemini", e) from e
     return _with_retries("gemini", s, attempt)
 
@@ -502,7 +503,7 @@ class SimpleLLM:
         """Stream one answer to `out` and return it with its finish reason and token usage."""
         if name not in PROVIDERS:
             raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
-        check_prompt_size(prompt, "the prompt")
+        check_prompt_size(prompt)
         start, self._streamed, self._redactor = time.perf_counter(), [], Redactor()
         r = None
         try:
@@ -595,7 +596,8 @@ class SimpleLLM:
             api_key(name)  # a missing key stops the chain before it spends anything
         for n, (step, prompt) in enumerate(zip(steps, self._render(steps, saved, lambda n, step: "")), 1):
             if n > len(saved):  # answers still to come count as empty here; reply() checks the real prompt
-                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt")
+                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
+                                  "shorten the input, code or --var values it is made from")
         manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
                     "settings": dataclasses.asdict(self.settings), "steps": []}
         try:  # found now, not when the first paid answer cannot be saved
@@ -692,10 +694,10 @@ def check_steps(steps) -> None:
                             f"{', '.join(PROVIDERS)}")
 
 
-def check_prompt_size(prompt: str, what: str) -> None:
+def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} tokens), far more than "
-                        "any model's context (1M tokens at most); shorten the input or the code file")
+                        f"any model's context (1M tokens at most); {fix}")
 
 
 def _count(n: int, noun: str) -> str:
