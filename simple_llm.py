@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,6 +46,9 @@ DEFAULT_TIMEOUT = 300.0  # seconds for the connection and between streamed chunk
 DEFAULT_RETRIES = 4
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is treated as a hard failure
+# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is over 1M
+# tokens, the largest context of either model (Gemini's): it is refused here instead of uploaded and rejected.
+MAX_PROMPT_CHARS = 8_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,7 @@ run and in total, and the total number of experiments, stated at the start.
 class UserError(Exception):
     """Something the user can fix (bad input, missing key): shown as one line, exit 2."""
     exit_code = 2
+    hint = ""  # a second line telling how to go on (the chain's resume command)
 
 
 class ProviderError(UserError):
@@ -178,6 +183,40 @@ def redact(text: str) -> str:
     for secret in _SECRETS:
         text = text.replace(secret, "***")
     return text
+
+
+def _note(text: str) -> None:
+    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not stop the work."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _silence(sys.stderr)
+
+
+def _silence(stream) -> None:
+    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+class Redactor:
+    """Redacts keys from text that arrives in pieces: a server may echo a key split across two chunks, so the
+    last (longest key - 1) characters wait for the next piece, or for flush() at the end."""
+
+    def __init__(self):
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text = redact(self.held + text)
+        cut = max(len(text) - max(map(len, _SECRETS), default=1) + 1, 0)
+        self.held = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> str:
+        text, self.held = redact(self.held), ""
+        return text
 
 
 def load_env() -> None:
@@ -239,14 +278,63 @@ def _rejected(name: str, status: int, detail: str) -> ProviderError:
                          f"{_one_line(detail, 160)}); check the key in .env or the environment")
 
 
+class _Retry(Exception):
+    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any text)."""
+
+    def __init__(self, problem: str, failure: str, tail: str, wait: float | None = None):
+        self.problem = problem  # short, for the "retrying" line
+        self.failure, self.tail = failure, tail  # the error if no retry is left: "{failure} {attempts}{tail}"
+        self.wait = wait  # seconds the server asked for, if it did
+
+
+def _transient(name: str, parts: list[str], problem: str, failure: str, fix: str) -> Exception:
+    if parts:  # the answer had started: a stream cut off mid-answer, which no retry can pick up again
+        return ProviderError(f"{name}: the answer broke off after {len(''.join(parts)):,} characters: {failure}; "
+                             "try again")
+    return _Retry(problem, failure, f"; {fix}")
+
+
+def _malformed(name: str, e: Exception) -> ProviderError:
+    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try again, or rerun "
+                         "with --debug to see it")
+
+
+def _attempts(made: int, retries: int) -> str:
+    if retries == 0:
+        return "(retries are off)"
+    return f"after {made} attempt{'s' if made != 1 else ''}"
+
+
+def _with_retries(name: str, s: Settings, attempt) -> Reply:
+    """The one retry loop for both providers: the server's Retry-After is honoured up to MAX_SERVER_WAIT,
+    otherwise the waits double from 1 s (at most 30 s), and each retry prints a line."""
+    for made in range(1, s.retries + 2):
+        try:
+            return attempt()
+        except _Retry as r:
+            failure = f"{name}: {r.failure} {_attempts(made, s.retries)}{r.tail}"
+            asked = r.wait if r.wait is not None and r.wait >= 0 else None  # NaN or negative: as if not asked
+            if asked is not None and asked > MAX_SERVER_WAIT:
+                raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer than the "
+                                    f"{MAX_SERVER_WAIT:.0f} s this script waits, so try again later") from None
+            if made > s.retries:
+                raise ProviderError(failure) from None
+            wait = asked if asked is not None else min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
+            _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of {s.retries + 1})")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def _stream_kimi(prompt: str, model_id: str, s: Settings, emit) -> Reply:
     import openai
     base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
-    # The SDK retries 408/409/429/5xx, timeouts and refused connections with backoff and honours Retry-After.
-    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=s.retries)
-    for attempt in range(s.retries + 1):
+    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the shared loop
+    # retries instead, as for Gemini.
+    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0)
+
+    def attempt() -> Reply:
         parts: list[str] = []
-        finish, usage, stream = None, {}, None
+        finish, usage = None, {}
         try:
             stream = client.chat.completions.create(
                 model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=s.max_tokens,
@@ -262,32 +350,26 @@ def _stream_kimi(prompt: str, model_id: str, s: Settings, emit) -> Reply:
                     emit(choice.delta.content)
                 finish = choice.finish_reason or finish
             return _finished("kimi", parts, model_id, finish, usage)
-        except openai.APIError as e:
-            # The SDK retries only until the response starts; a stream that dies before its first word is
-            # retried here, one that dies later is not (its text is already printed and paid for).
-            if not isinstance(e, openai.APIConnectionError) or stream is None or parts or attempt == s.retries:
-                raise _kimi_error(e, parts, base, s) from None
-            wait = min(0.5 * 2 ** attempt, 8.0) * random.uniform(0.75, 1.0)
-            print(f"kimi: the stream broke before the answer started, retrying in {wait:.1f} s", file=sys.stderr)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _kimi_error(e, parts: list[str], base: str, s: Settings) -> ProviderError:
-    import openai
-    tries = _attempts(s.retries + 1)
-    if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
-        return _rejected("kimi", e.status_code, _openai_detail(e))
-    if isinstance(e, openai.APIStatusError):
-        again = f" {tries}" if e.status_code in RETRY_STATUS else ""
-        return ProviderError(f"kimi: HTTP {e.status_code} from {base}{again}: {_openai_detail(e)}")
-    if isinstance(e, openai.APITimeoutError):
-        return _broken("kimi", parts, f"no data for {s.timeout:g} s from {base}", tries,
-                       "raise --timeout or try later")
-    if isinstance(e, openai.APIConnectionError):
-        return _broken("kimi", parts, f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})", tries,
-                       "check the network or NOVITA_BASE_URL")
-    return ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}")  # an error event mid-stream
+        except openai.APIStatusError as e:  # always before the stream starts
+            detail = _openai_detail(e)
+            if e.status_code in (401, 403):
+                raise _rejected("kimi", e.status_code, detail) from None
+            failure = f"HTTP {e.status_code} from {base}"
+            if e.status_code not in RETRY_STATUS:
+                raise ProviderError(f"kimi: {failure}: {detail}") from None
+            raise _Retry(f"HTTP {e.status_code}", failure, f": {detail}", _server_wait(e.response.headers, e.body))
+        except openai.APITimeoutError:
+            raise _transient("kimi", parts, "timed out", f"no data for {s.timeout:g} s from {base}",
+                             "raise --timeout or try later") from None
+        except openai.APIConnectionError as e:
+            raise _transient("kimi", parts, "connection failed",
+                             f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})",
+                             "check the network or NOVITA_BASE_URL") from None
+        except openai.APIError as e:  # an error event inside the stream
+            raise ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}") from None
+        except json.JSONDecodeError as e:  # a chunk that is not JSON
+            raise _malformed("kimi", e) from e
+    return _with_retries("kimi", s, attempt)
 
 
 def _openai_detail(e) -> str:
@@ -297,17 +379,6 @@ def _openai_detail(e) -> str:
         if isinstance(body, dict) and body.get("message"):
             return _one_line(body["message"])
     return _one_line(getattr(e, "message", e))
-
-
-def _attempts(n: int) -> str:
-    return f"after {n} attempts" if n > 1 else "(retries are off)"
-
-
-def _broken(name: str, parts: list[str], problem: str, tries: str, fix: str) -> ProviderError:
-    if parts:  # the answer had started: a stream cut off mid-answer, which no retry can pick up again
-        return ProviderError(f"{name}: the answer broke off after {len(''.join(parts)):,} characters: {problem}; "
-                             "try again")
-    return ProviderError(f"{name}: {problem} {tries}; {fix}")
 
 
 def _finished(name: str, parts: list[str], model_id: str, finish, usage: dict) -> Reply:
@@ -339,10 +410,11 @@ def _server_wait(headers, details) -> float | None:
 
 def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
     import httpx2
+    import pydantic
     from google import genai
     from google.genai import errors, types
     base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
-    # The SDK's own retries ignore Retry-After, so it is told not to retry and the loop below does it instead.
+    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does it instead.
     http = types.HttpOptions(timeout=int(s.timeout * 1000), retry_options=types.HttpRetryOptions(attempts=1))
     if base:
         http.base_url = base
@@ -350,7 +422,8 @@ def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
     config = types.GenerateContentConfig(max_output_tokens=s.max_tokens,
                                          thinking_config=types.ThinkingConfig(thinking_budget=-1))
     where = base or "the Gemini API"
-    for attempt in range(s.retries + 1):
+
+    def attempt() -> Reply:
         parts: list[str] = []
         finish, usage = None, {}
         try:
@@ -359,7 +432,8 @@ def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
                     usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
                 feedback = chunk.prompt_feedback
                 if feedback and feedback.block_reason:
-                    raise ProviderError(f"gemini refused the prompt ({feedback.block_reason}); rephrase it")
+                    reason = getattr(feedback.block_reason, "value", feedback.block_reason)
+                    raise ProviderError(f"gemini refused the prompt ({reason}); rephrase it")
                 for cand in (chunk.candidates or [])[:1]:
                     for part in (cand.content.parts or []) if cand.content else []:
                         if part.text and not part.thought:  # thought summaries are not the answer
@@ -372,31 +446,24 @@ def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
             detail = _one_line(e.message or e.details)
             if e.code in (401, 403) or (e.code == 400 and "API_KEY_INVALID" in str(e.details)):
                 raise _rejected("gemini", e.code, detail) from None
-            if parts or e.code not in RETRY_STATUS:
-                raise ProviderError(f"gemini: HTTP {e.code} {e.status or ''} from {where}: {detail}") from None
-            wait = _server_wait(getattr(e.response, "headers", None), e.details)
             problem = f"HTTP {e.code} {e.status or ''}".strip()
-            failure = ProviderError(f"gemini: {problem} from {where} {_attempts(attempt + 1)}: {detail}")
+            if parts or e.code not in RETRY_STATUS:
+                raise ProviderError(f"gemini: {problem} from {where}: {detail}") from None
+            raise _Retry(problem, f"{problem} from {where}", f": {detail}",
+                         _server_wait(getattr(e.response, "headers", None), e.details)) from None
         except httpx2.TimeoutException:
-            wait, problem = None, "timed out"
-            failure = _broken("gemini", parts, f"no data for {s.timeout:g} s from {where}",
-                              _attempts(attempt + 1), "raise --timeout or try later")
+            raise _transient("gemini", parts, "timed out", f"no data for {s.timeout:g} s from {where}",
+                             "raise --timeout or try later") from None
         except httpx2.TransportError as e:
-            wait, problem = None, "connection failed"
-            failure = _broken("gemini", parts, f"connection to {where} failed ({_one_line(e, 120)})",
-                              _attempts(attempt + 1), "check the network or GEMINI_BASE_URL")
-            if not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):  # e.g. a malformed URL
-                raise failure from None
-        if parts or attempt == s.retries:  # text already shown: retrying would bill and print it twice
-            raise failure
-        if wait is not None and wait > MAX_SERVER_WAIT:
-            raise ProviderError(f"{failure}; the server asks to wait {wait:.0f} s, so try again later")
-        if wait is None:
-            wait = min(1.0 * 2 ** attempt, 30.0) * random.uniform(0.75, 1.0)
-        print(f"gemini: {problem}, retrying in {wait:.1f} s (attempt {attempt + 2} of {s.retries + 1})",
-              file=sys.stderr, flush=True)
-        time.sleep(wait)
-    raise AssertionError("unreachable")
+            failure = _transient("gemini", parts, "connection failed",
+                                 f"connection to {where} failed ({_one_line(e, 120)})",
+                                 "check the network or GEMINI_BASE_URL")
+            if isinstance(failure, _Retry) and not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):
+                failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")  # e.g. a malformed URL
+            raise failure from None
+        except (errors.UnknownApiResponseError, pydantic.ValidationError) as e:  # not JSON, or not a response
+            raise _malformed("gemini", e) from e
+    return _with_retries("gemini", s, attempt)
 
 
 STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
@@ -432,27 +499,47 @@ class SimpleLLM:
         self.models = {n: os.environ.get(p.model_env) or p.model for n, p in PROVIDERS.items()}
         self.models.update(models or {})
         self.out = out or sys.stdout
+        self.out_closed = False  # the reader of `out` went away (`| head`): answers are still returned and saved
         self.last_reply: Reply | None = None
-        self._streamed: list[str] = []  # text of the answer in progress, kept if the call fails
+        self._streamed: list[str] = []  # text of the answer in progress (keys redacted), kept if the call fails
+        self._redactor = Redactor()
         self.interrupted_step = 0  # the chain step a Ctrl-C stopped, for the resume hint
         self.results_file, self.use_results = None, True  # where {results} comes from (see load_results)
 
+    def _show(self, text: str) -> None:
+        if not text or self.out_closed:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            self.out_closed = True
+            _silence(self.out)
+
     def _emit(self, text: str) -> None:
+        text = self._redactor.feed(text)  # before it is shown, saved or passed to the next step
         self._streamed.append(text)
-        self.out.write(text)
-        self.out.flush()
+        self._show(text)
 
     def reply(self, name: str, prompt: str) -> Reply:
         """Stream one answer to `out` and return it with its finish reason and token usage."""
         if name not in PROVIDERS:
             raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
-        start, self._streamed = time.perf_counter(), []
-        r = STREAMERS[name](prompt, self.models[name], self.settings, self._emit)
+        check_prompt_size(prompt)
+        start, self._streamed, self._redactor = time.perf_counter(), [], Redactor()
+        r = None
+        try:
+            r = STREAMERS[name](prompt, self.models[name], self.settings, self._emit)
+        finally:
+            self._streamed.append(self._redactor.flush())
+            self._show(self._streamed[-1])
+            if r is not None or "".join(self._streamed):  # an error message then starts on a line of its own
+                self._show("\n")
+        r.text = redact(r.text)
         r.seconds = round(time.perf_counter() - start, 2)
-        self.out.write("\n")
         if r.cut:
-            print(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens}); the answer "
-                  "is cut short. Raise --max-tokens to get all of it", file=sys.stderr, flush=True)
+            _note(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens}); the answer "
+                  "is cut short. Raise --max-tokens to get all of it")
         self.last_reply = r
         return r
 
@@ -491,8 +578,9 @@ class SimpleLLM:
                   dry_run: bool = False) -> list[str]:
         """Run the steps in order, saving each answer as step{N}_{title}.md; return the answers.
 
-        Everything that can be checked is checked before the first request: step shapes, every {name},
-        the keys. With resume, saved answers for a leading run of steps are reused instead of asked again.
+        Everything that can be checked is checked before the first request: step shapes, every {name}, the
+        keys, the prompt sizes, and that --out-dir can be written. With resume, saved answers for a leading run
+        of steps are reused instead of asked again.
         """
         check_steps(steps)
         if user_input is not None:
@@ -512,7 +600,9 @@ class SimpleLLM:
                 raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or earlier step "
                                 f"defines: pass --var NAME=VALUE or fix the prompt")
         if "user_input" in self.variables and "user_input" not in used:
-            print("warning: no step uses {user_input}, so the input file is not sent", file=sys.stderr)
+            _note("warning: no step uses {user_input}, so the input file is not sent")
+        elif "user_input" in used and not self.variables["user_input"].strip():
+            _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea to work on")
 
         out_dir = Path(out_dir)
         try:
@@ -522,16 +612,26 @@ class SimpleLLM:
         saved: list[str] = []
         for n, step in enumerate(steps, 1):  # only a leading run: a redone step makes later ones stale
             path = out_dir / step_file(n, step["title"])
-            if not resume or not path.is_file() or not path.read_text(encoding="utf-8").strip():
+            text = _read_text(path, "saved step") if resume and path.is_file() else ""
+            if not text.strip():
                 break
-            saved.append(path.read_text(encoding="utf-8"))
+            saved.append(redact(text))  # a file from an older version may hold an echoed key
         if dry_run:
             return self._dry_run(steps, saved, out_dir)
         for name in {step["model"] for step in steps[len(saved):]}:
             api_key(name)  # a missing key stops the chain before it spends anything
-        out_dir.mkdir(parents=True, exist_ok=True)
+        for n, (step, prompt) in enumerate(zip(steps, self._render(steps, saved, lambda n, step: "")), 1):
+            if n > len(saved):  # answers still to come count as empty here; reply() checks the real prompt
+                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
+                                  "shorten the input, code or --var values it is made from")
         manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
                     "settings": dataclasses.asdict(self.settings), "steps": []}
+        try:  # found now, not when the first paid answer cannot be saved
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+            raise UserError(f"cannot create --out-dir {out_dir} ({why}); choose another folder") from None
+        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # and that the folder can be written
         results: list[str] = []
         for n, step in enumerate(steps, 1):
             prompt = self.substitute_vars(step["prompt"])
@@ -543,36 +643,39 @@ class SimpleLLM:
                 text = saved[n - 1]
                 before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
                 if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
-                    print(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing it "
-                          "anyway (delete the file to ask again)", file=sys.stderr)
-                entry = {**before, **entry, "reused": True}
-                print(f"== step {n}/{len(steps)}: {step['title']} reused from {entry['output']} (--resume)",
-                      file=sys.stderr, flush=True)
+                    _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing it "
+                          "anyway (delete the file to ask again)")
+                # The saved answer's own prompt, model and usage stay on record, so the next --resume warns too.
+                entry = {**entry, **before, "reused": True}
+                _note(f"== step {n}/{len(steps)}: {step['title']} reused from {entry['output']} (--resume)")
             else:
-                print(f"\n== step {n}/{len(steps)}: {step['title']} ({step['model']}, {entry['model_id']}, "
-                      f"{len(prompt):,} prompt characters)", file=sys.stderr, flush=True)
+                _note(f"\n== step {n}/{len(steps)}: {step['title']} ({step['model']}, {entry['model_id']}, "
+                      f"{len(prompt):,} prompt characters)")
                 partial = out_dir / entry["output"].replace(".md", ".partial.md")
-                (out_dir / entry["output"]).unlink(missing_ok=True)  # an older answer must not pass for this one
+                self._streamed = []
                 try:
+                    _remove(out_dir / entry["output"])  # an older answer must not pass for this one
                     r = self.reply(step["model"], prompt)
+                    _write(out_dir / entry["output"], r.text)
                 except (Exception, KeyboardInterrupt) as e:
                     interrupted = isinstance(e, KeyboardInterrupt)
                     entry.update(output=None, error="interrupted" if interrupted else redact(_one_line(e)))
-                    if "".join(self._streamed).strip():  # paid for: keep it, but never as a finished step
-                        _write(partial, "".join(self._streamed))
-                        self.out.write("\n")
-                        entry["partial"] = partial.name
                     manifest["status"] = "interrupted" if interrupted else "failed"
                     manifest["steps"].append(entry)
-                    _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                    try:  # best effort: the folder itself may be what failed
+                        if "".join(self._streamed).strip():  # paid for: keep it, but never as a finished step
+                            _write(partial, "".join(self._streamed))
+                            entry["partial"] = partial.name
+                        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                    except UserError:
+                        pass
                     if interrupted:
                         self.interrupted_step = n
                         raise
-                    why = e if isinstance(e, ProviderError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
+                    why = e if isinstance(e, UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
                     raise ChainError(f"step {n} ({step['title']}, {step['model']}) failed: {why}", n, out_dir) \
-                        from (None if isinstance(e, ProviderError) else e)
+                        from e
                 text = r.text
-                _write(out_dir / entry["output"], text)
                 partial.unlink(missing_ok=True)
                 entry.update(seconds=r.seconds, usage=r.usage, finish_reason=r.finish_reason, cut=r.cut)
             self.variables[f"step{n}_result"] = text
@@ -583,22 +686,25 @@ class SimpleLLM:
         _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         return results
 
-    def _dry_run(self, steps: list[dict], saved: list[str], out_dir: Path) -> list[str]:
+    def _render(self, steps: list[dict], saved: list[str], unknown) -> list[str]:
+        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to come."""
         values = dict(self.variables)
         for n, step in enumerate(steps, 1):
-            self.variables[f"step{n}_result"] = (saved[n - 1] if n <= len(saved) else
-                                                 f"<output of step {n} ({step['title']})>")
+            self.variables[f"step{n}_result"] = saved[n - 1] if n <= len(saved) else unknown(n, step)
         try:
-            rendered = [self.substitute_vars(step["prompt"]) for step in steps]
+            return [self.substitute_vars(step["prompt"]) for step in steps]
         finally:
             self.variables = values
+
+    def _dry_run(self, steps: list[dict], saved: list[str], out_dir: Path) -> list[str]:
+        rendered = self._render(steps, saved, lambda n, step: f"<output of step {n} ({step['title']})>")
         for n, (step, prompt) in enumerate(zip(steps, rendered), 1):
             note = "reused from disk (--resume)" if n <= len(saved) else "would be sent"
-            self._emit(f"==== step {n}/{len(steps)}: {step['title']} -> {step['model']} "
-                       f"({self.models[step['model']]}), {len(prompt):,} characters (~{len(prompt) // 4:,} "
-                       f"tokens), {note}, saved as {out_dir / step_file(n, step['title'])}\n{prompt}\n\n")
-        print(f"dry run: {len(steps)} steps, {sum(map(len, rendered)):,} prompt characters; nothing was sent",
-              file=sys.stderr)
+            self._show(redact(f"==== step {n}/{len(steps)}: {step['title']} -> {step['model']} "
+                              f"({self.models[step['model']]}), {len(prompt):,} characters (~{len(prompt) // 4:,} "
+                              f"tokens), {note}, saved as {out_dir / step_file(n, step['title'])}\n{prompt}\n\n"))
+        _note(f"dry run: {_count(len(steps), 'step')}, {sum(map(len, rendered)):,} prompt characters; nothing was "
+              "sent")
         return rendered
 
 
@@ -614,6 +720,16 @@ def check_steps(steps) -> None:
                             f"{', '.join(PROVIDERS)}")
 
 
+def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} tokens), far more than "
+                        f"any model's context (1M tokens at most); {fix}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _read_text(path, what: str) -> str:
     path = Path(path)
     try:
@@ -627,8 +743,18 @@ def _read_text(path, what: str) -> str:
 def _write(path: Path, text: str) -> None:
     """Write-then-rename, so an interrupted write never leaves a file that looks like a finished step."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder in the way, no permission
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from e
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot replace {path} ({e.strerror or e})") from e
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -691,7 +817,7 @@ def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path
     enabled=False: a sentence saying that no results exist yet.
     """
     if not enabled:
-        print("results: left out (--no-results)", file=sys.stderr)
+        _note("results: left out (--no-results)")
         return NO_RESULTS, [], None
     given = None if path is None else Path(path)
     if given is not None and not given.is_file():
@@ -705,16 +831,16 @@ def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path
         if csv.is_file() and (given or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime):
             try:
                 md = rp.write_report(csv)
-                print(f"results: wrote the report {md} from {csv}", file=sys.stderr)
+                _note(f"results: wrote the report {md} from {csv}")
             except (OSError, ValueError) as e:
                 if given:
                     raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
-                print(f"warning: no report built from {csv}: {_one_line(e)}", file=sys.stderr)
+                _note(f"warning: no report built from {csv}: {_one_line(e)}")
     if not md.is_file():
-        print(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results exist "
-              "yet (--results FILE gives some)", file=sys.stderr)
+        _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results exist "
+              "yet (--results FILE gives some)")
         return NO_RESULTS, [], None
-    print(f"results: {md} (--results FILE for another, --no-results for none)", file=sys.stderr)
+    _note(f"results: {md} (--results FILE for another, --no-results for none)")
     return f"From {md.name}:\n\n{_report_text(md)}", [csv] if csv.is_file() else [], md
 
 
@@ -920,7 +1046,7 @@ def run_plan(entries: list[PlanEntry], out_dir) -> int:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     rp = _project_module("report")
     for i, e in enumerate(entries, 1):
-        print(f"\n== entry {i}/{len(entries)}: {e.name} ({len(e.runs)} runs)", file=sys.stderr, flush=True)
+        _note(f"\n== entry {i}/{len(entries)}: {e.name} ({len(e.runs)} runs)")
         sys.stdout.flush()
         proc = subprocess.Popen(e.command(out_dir))
         try:
@@ -933,12 +1059,12 @@ def run_plan(entries: list[PlanEntry], out_dir) -> int:
             rc = 130
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
-            print(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
-                  f"{e.csv(out_dir)}; rerun the same command to resume", file=sys.stderr)
+            _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
+                  f"{e.csv(out_dir)}; rerun the same command to resume")
             return rc
-    print(f"\ndone: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}; reports:", file=sys.stderr)
+    _note(f"\ndone: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}; reports:")
     for e in entries:
-        print(f"  {rp.report_paths(e.csv(out_dir))[0]}", file=sys.stderr)
+        _note(f"  {rp.report_paths(e.csv(out_dir))[0]}")
     return 0
 
 
@@ -955,10 +1081,10 @@ def _runs_command(args) -> int:
     show_plan(entries, args.out_dir, args.plan)
     print(estimate_time(entries, csvs))
     if not args.run:
-        print("nothing was run; add --run to run them", file=sys.stderr)
+        _note("nothing was run; add --run to run them")
         return 0
     if not confirm(f"Run these {total} runs?", args.yes):
-        print("not confirmed: nothing was run", file=sys.stderr)
+        _note("not confirmed: nothing was run")
         return 1
     return run_plan(entries, args.out_dir)
 
@@ -1035,8 +1161,8 @@ def _save_loop(out: Path, state: dict) -> None:
     _write(out / LEDGER, "\n".join(md))
 
 
-def _loop_inputs(llm: "SimpleLLM", args) -> tuple[list[dict], str]:
-    """The chain's steps and input, as `chain` reads them."""
+def _chain_inputs(llm: "SimpleLLM", args) -> list[dict]:
+    """The steps, and the variables from the files and --var, as `chain` and `loop` read them."""
     steps = DEFAULT_STEPS
     if args.steps:
         try:
@@ -1044,14 +1170,15 @@ def _loop_inputs(llm: "SimpleLLM", args) -> tuple[list[dict], str]:
         except ValueError as e:
             raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
     check_steps(steps)
-    user_input = llm.read_markdown_file(args.input)
-    if args.code != str(DEFAULT_CODE):
-        llm.variables["code_content"] = llm.read_code_file(args.code)
+    llm.variables["user_input"] = llm.read_markdown_file(args.input)
+    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (run_chain does that)
+        llm.variables["code_content"] = llm.read_code_file(args.code)  # "code file X not found" if missing
     if args.system != str(DEFAULT_SYSTEM):
         llm.variables["system_prompt"] = _read_text(args.system, "--system")
-    llm.variables["plan_format"] = plan_format(args.max_runs)
-    llm.variables.update(_pairs(args.var, "--var"))
-    return steps, user_input
+    if hasattr(args, "max_runs"):
+        llm.variables["plan_format"] = plan_format(args.max_runs)
+    llm.variables.update(_pairs(args.var, "--var"))  # last, so that --var wins over every other source
+    return steps
 
 
 def _loop_command(llm: "SimpleLLM", args) -> int:
@@ -1065,12 +1192,12 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
     except (OSError, ValueError) as e:
         raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it") from None
     state.update(idea=str(args.input), rounds=args.rounds)
-    steps, user_input = _loop_inputs(llm, args)
+    steps = _chain_inputs(llm, args)
     given = dict(llm.variables)  # --var and the files: the same in every round
     for k in range(1, args.rounds + 1):
         rnd = state["round"].setdefault(str(k), {"status": "not started"})
         if rnd["status"] == "done":
-            print(f"round {k}: done (see {out / LEDGER})", file=sys.stderr)
+            _note(f"round {k}: done (see {out / LEDGER})")
             continue
         rdir = out / f"round{k}"
         llm.variables, csvs = dict(given), []
@@ -1080,22 +1207,23 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
         elif "results" not in given:
             llm.variables["results"], csvs, source = load_results(args.results, not args.no_results)
             rnd["results_from"] = str(source) if source else None
-        print(f"\n==== round {k}/{args.rounds} in {rdir}", file=sys.stderr, flush=True)
+        _note(f"\n==== round {k}/{args.rounds} in {rdir}")
         if args.dry_run:
-            return _loop_dry_run(llm, steps, user_input, rdir, args, k)
+            return _loop_dry_run(llm, steps, rdir, args, k)
         rnd["status"] = "chain"
         _save_loop(out, state)
         try:
-            llm.run_chain(steps, user_input, out_dir=rdir, resume=True)
+            llm.run_chain(steps, out_dir=rdir, resume=True)
         except ChainError as e:
             rnd["status"] = f"chain failed at step {e.step}"
             _save_loop(out, state)
-            raise ChainError(f"round {k}: {e}\n  finished steps are saved in {rdir}; rerun the same command to "
-                             "continue", e.step, rdir) from None
+            e.args = (f"round {k}: {e}",)
+            e.hint = f"finished steps are saved in {rdir}; rerun the same command to continue"
+            raise
         except KeyboardInterrupt:
             rnd["status"] = "chain interrupted"
             _save_loop(out, state)
-            print(f"\ninterrupted in round {k}'s chain; rerun the same command to continue", file=sys.stderr)
+            _note(f"\ninterrupted in round {k}'s chain; rerun the same command to continue")
             return 130
         rnd["plan"] = f"round{k}/{step_file(len(steps), steps[-1]['title'])}"
         try:
@@ -1114,7 +1242,7 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
         if not confirm(f"Round {k}: run these {total} runs?", args.yes):
             rnd["status"] = "runs not confirmed"
             _save_loop(out, state)
-            print("not confirmed: nothing was run; rerun the same command to be asked again", file=sys.stderr)
+            _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
         rc = run_plan(entries, rdir)
         if rc:
@@ -1124,13 +1252,13 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
         rnd["findings"] = {e.name: headline(e.csv(rdir)) for e in entries}
         rnd["status"] = "done"
         _save_loop(out, state)
-        print(f"round {k} done: findings in {out / LEDGER}", file=sys.stderr, flush=True)
-    print(f"\nloop complete: {args.rounds} round(s); see {out / LEDGER}", file=sys.stderr)
+        _note(f"round {k} done: findings in {out / LEDGER}")
+    _note(f"\nloop complete: {args.rounds} round(s); see {out / LEDGER}")
     return 0
 
 
-def _loop_dry_run(llm: "SimpleLLM", steps, user_input, rdir: Path, args, k: int) -> int:
-    llm.run_chain(steps, user_input, out_dir=rdir, resume=True, dry_run=True)
+def _loop_dry_run(llm: "SimpleLLM", steps, rdir: Path, args, k: int) -> int:
+    llm.run_chain(steps, out_dir=rdir, resume=True, dry_run=True)
     plan = rdir / step_file(len(steps), steps[-1]["title"])
     if plan.is_file():  # the chain of this round is done already: its runs are known
         entries = read_plan(plan)
@@ -1141,7 +1269,7 @@ def _loop_dry_run(llm: "SimpleLLM", steps, user_input, rdir: Path, args, k: int)
               f"`llm.py ARGS --dry-run` (at most {args.max_runs} runs), shown and confirmed (typed yes or --yes), "
               f"run into {rdir}/NAME.csv with a report each; the findings go to {Path(args.out_dir) / LEDGER}"
               + (f", and round {k + 1} reads round {k}'s reports" if k < args.rounds else ""))
-    print("dry run: nothing was sent or run", file=sys.stderr)
+    _note("dry run: nothing was sent or run")
     return 0
 
 
@@ -1159,18 +1287,39 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     return out
 
 
+def _bounded(convert, low: float, above: bool = False):
+    """An argparse type with a lower bound: a bad value gets the subcommand's usage line and exit 2."""
+    def check(text: str):
+        value = convert(text)
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, not {text}")
+        return value
+    check.__name__ = convert.__name__  # argparse names the type in "invalid int value"
+    return check
+
+
+def _model_id(text: str) -> tuple[str, str]:
+    name, sep, model_id = (part.strip() for part in text.partition("="))
+    if not sep or name not in PROVIDERS:
+        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_ID with NAME one of {', '.join(PROVIDERS)}, "
+                                         f"not {text!r}")
+    if not model_id:  # an empty id would be sent as is, or crash the SDK
+        raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. {name}={PROVIDERS[name].model}")
+    return name, model_id
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     # provider settings
-    common.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    common.add_argument("--max-tokens", type=_bounded(int, 1), default=DEFAULT_MAX_TOKENS,
                         help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; gemini counts "
                              "its thinking too)")
-    common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+    common.add_argument("--timeout", type=_bounded(float, 0, above=True), default=DEFAULT_TIMEOUT,
                         help=f"seconds to wait to connect and between streamed chunks (default {DEFAULT_TIMEOUT:g})")
-    common.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+    common.add_argument("--retries", type=_bounded(int, 0), default=DEFAULT_RETRIES,
                         help=f"retries for 429, 5xx, timeouts and refused connections, with exponential backoff "
                              f"that honours Retry-After (default {DEFAULT_RETRIES}; 0 = off)")
-    common.add_argument("--model", action="append", default=[], metavar="NAME=MODEL_ID",
+    common.add_argument("--model", action="append", default=[], type=_model_id, metavar="NAME=MODEL_ID",
                         help="use another model id, e.g. gemini=gemini-2.5-flash (repeatable)")
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
@@ -1190,7 +1339,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     chain.add_argument("--steps", metavar="FILE.json",
                        help="JSON list of {title, model, prompt} replacing the built-in four steps")
     chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra variable for {KEY} in prompts (repeatable; wins over built-in ones)")
+                       help="variable for {KEY} in prompts (repeatable; wins over all others, even {user_input} "
+                            "and --code)")
     # where results go
     chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json (default .)")
     chain.add_argument("--resume", action="store_true",
@@ -1198,18 +1348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     chain.add_argument("--dry-run", action="store_true",
                        help="print each rendered prompt and its size; needs no key and sends nothing")
     _add_loop_commands(sub, chain)
-    args = parser.parse_args(argv)
-    if getattr(args, "max_runs", 1) < 1 or getattr(args, "rounds", 1) < 1:
-        parser.error("--max-runs and --rounds must be at least 1")
-    if args.command == "runs":  # it has no provider settings to check
-        return args
-    if args.max_tokens < 1:
-        parser.error("--max-tokens must be at least 1")
-    if args.timeout <= 0:
-        parser.error("--timeout must be positive")
-    if args.retries < 0:
-        parser.error("--retries must be 0 or more")
-    return args
+    return parser.parse_args(argv)
 
 
 def _add_loop_commands(sub, chain) -> None:
@@ -1224,17 +1363,17 @@ def _add_loop_commands(sub, chain) -> None:
     runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and report (default runs)")
     runs.add_argument("--run", action="store_true", help="run them, after a typed yes (or --yes)")
     runs.add_argument("--yes", action="store_true", help="run without asking")
-    runs.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
+    runs.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
                       help=f"refuse plans with more runs than this (default {DEFAULT_MAX_RUNS})")
     runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate (default: "
                       f"{DEFAULT_CSV_NAME} here, if any)")
     runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
     loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
                           help="rounds of chain -> runs -> report, each round planned from the last results")
-    loop.add_argument("--rounds", type=int, default=1, help="rounds to run (default 1)")
+    loop.add_argument("--rounds", type=_bounded(int, 1), default=1, help="rounds to run (default 1)")
     loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR,
                       help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default {DEFAULT_LOOP_DIR})")
-    loop.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS,
+    loop.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
                       help=f"refuse a round's plan with more runs than this (default {DEFAULT_MAX_RUNS})")
     loop.add_argument("--yes", action="store_true", help="run each round's runs without asking")
     loop.add_argument("--dry-run", action="store_true",
@@ -1245,52 +1384,42 @@ def _add_loop_commands(sub, chain) -> None:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "runs":
         return _runs_command(args)
-    models = _pairs(args.model, "--model")
-    for name in models:
-        if name not in PROVIDERS:
-            raise UserError(f"--model {name}=...: unknown model name; choose one of {', '.join(PROVIDERS)}")
-    llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, models=models)
+    llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries,
+                    models=dict(args.model))
     if args.command == "loop":
         return _loop_command(llm, args)
     if args.command in PROVIDERS:
         prompt = " ".join(args.prompt)
         if prompt.strip() in ("", "-"):
             if sys.stdin.isatty():
-                print("reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
+                _note("reading the prompt from stdin; end it with Ctrl-D")
             prompt = sys.stdin.read()
         if not prompt.strip():
             raise UserError("empty prompt: pass it as arguments or pipe it on stdin")
         llm.call_model(args.command, prompt)
         return 0
 
-    steps = DEFAULT_STEPS
-    if args.steps:
-        try:
-            steps = json.loads(_read_text(args.steps, "steps"))
-        except ValueError as e:
-            raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
-    user_input = llm.read_markdown_file(args.input)
-    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (run_chain does that)
-        llm.variables["code_content"] = llm.read_code_file(args.code)  # "code file X not found" if missing
-    if args.system != str(DEFAULT_SYSTEM):
-        llm.variables["system_prompt"] = _read_text(args.system, "--system")
-    llm.variables.update(_pairs(args.var, "--var"))
+    steps = _chain_inputs(llm, args)
     llm.results_file, llm.use_results = args.results, not args.no_results
     try:
-        results = llm.run_chain(steps, user_input, out_dir=args.out_dir, resume=args.resume, dry_run=args.dry_run)
+        results = llm.run_chain(steps, out_dir=args.out_dir, resume=args.resume, dry_run=args.dry_run)
     except ChainError as e:
-        done = e.step - 1
-        kept = f"steps 1-{done} are saved in {e.out_dir}" if done else "no step had finished"
-        raise ChainError(f"{e}\n  {kept}; continue with: {_resume_command(argv)}", e.step, e.out_dir) from None
+        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else "no step had finished"
+        e.hint = f"{kept}; continue with: {_resume_command(argv)}"
+        raise
     except KeyboardInterrupt:
         n = llm.interrupted_step
-        kept = f"steps 1-{n - 1} are kept in {args.out_dir}; " if n > 1 else ""
+        kept = f"{_first_steps(n - 1)} kept in {args.out_dir}; " if n > 1 else ""
         if n:
-            print(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}", file=sys.stderr)
+            _note(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}")
         return 130
     if not args.dry_run:
-        print(f"\nchain complete: {len(results)} steps saved in {args.out_dir} (see {MANIFEST})", file=sys.stderr)
+        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see {MANIFEST})")
     return 0
+
+
+def _first_steps(n: int) -> str:
+    return "step 1 is" if n == 1 else f"steps 1-{n} are"
 
 
 def _resume_command(argv: list[str]) -> str:
@@ -1304,18 +1433,17 @@ def main(argv=None) -> int:
     try:
         return _run(args, argv)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _note("interrupted")
         return 130
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return e.exit_code
-    except Exception as e:  # a bug or an SDK surprise: one line unless --debug
-        if args.debug:
-            raise
-        print(f"error: unexpected {type(e).__name__}: {redact(_one_line(e))} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+    except Exception as e:
+        if args.debug:  # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
+            _note(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))).rstrip())
+        if isinstance(e, UserError):
+            _note(redact(f"error: {e}" + (f"\n  {e.hint}" if e.hint else "")))
+            return e.exit_code
+        # a bug or an SDK surprise: one line unless --debug
+        _note(f"error: unexpected {type(e).__name__}: {redact(_one_line(e))}"
+              + ("" if args.debug else " (rerun with --debug for the traceback)"))
         return 1
 
 
