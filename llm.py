@@ -56,8 +56,8 @@ def warn(msg: str):
 # ------------------------------------------------------------------------------------------------------------
 # Config
 
-def _f(default, group: str, help: str, **kw):
-    return field(default=default, metadata={"group": group, "help": help}, **kw)
+def _f(default, group: str, help: str, choices: tuple = (), **kw):
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices}, **kw)
 
 
 @dataclass
@@ -74,6 +74,13 @@ class MoEModelConfig:
     # routing (swept: set with --noise-std / --lb-weight)
     noise_std: float = _f(0.1, "routing", "std of Gaussian noise added to router logits in training")
     load_balancing_weight: float = _f(0.01, "routing", "weight of the load-balancing loss (0 = off)")
+    router_z_loss_weight: float = _f(0.0, "routing", "weight of the router z-loss (ST-MoE: mean squared logsumexp "
+                                                     "of the router logits, summed over layers; 1e-3 usual; 0 = off)")
+    balancing: str = _f("loss", "routing", "'loss': only the balancing loss (weight --lb-weight); 'bias': also "
+                                           "DeepSeek-V3's per-expert routing bias (use --lb-weight 0 for its "
+                                           "loss-free form)", choices=("loss", "bias"))
+    bias_update_rate: float = _f(1e-3, "routing", "with --balancing bias: how far each update moves every "
+                                                  "expert's bias toward even load")
     # training
     batch_size: int = _f(24, "training", "sequences per micro-batch")
     max_steps: int = _f(400, "training", "optimizer updates per run")
@@ -83,7 +90,8 @@ class MoEModelConfig:
     grad_clip: float = _f(1.0, "training", "gradient-norm clip (0 = off)")
     use_amp: bool = _f(True, "training", "mixed precision: bf16 where the GPU or CPU has native bf16, fp16 with a "
                                          "GradScaler on older GPUs")
-    eval_every: int = _f(500, "training", "evaluate every N updates (the final update is always evaluated)")
+    eval_every: int = _f(50, "training", "evaluate every N updates, and always after the last (8 evaluations "
+                                         "at the default 400: the curve shows over-fitting, best vs final)")
     eval_steps: int = _f(100, "training", "validation batches per evaluation (fewer if the split is smaller)")
     log_every: int = _f(10, "training", "read training metrics back from the device every N updates")
     seed: int = _f(42, "training", "seed for weights, batches, dropout and noise (swept: --seeds)")
@@ -118,13 +126,18 @@ class MoEModelConfig:
         if self.expert_top_k > self.num_experts:
             raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
                             f"{self.num_experts}; choose top-k <= experts")
-        for name in ("noise_std", "load_balancing_weight", "muon_lr", "weight_decay", "grad_clip"):
+        for name in ("noise_std", "load_balancing_weight", "router_z_loss_weight", "bias_update_rate", "muon_lr",
+                     "weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"--{_flag(name)} must be a finite number >= 0 (got {getattr(self, name)})")
         if not 0 <= self.seed < 2 ** 63:
             raise UserError(f"--seeds must be in [0, 2**63) (got {self.seed})")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        for f in fields(self):
+            if f.metadata.get("choices") and getattr(self, f.name) not in f.metadata["choices"]:
+                raise UserError(f"--{_flag(f.name)} must be one of {', '.join(f.metadata['choices'])} "
+                                f"(got {getattr(self, f.name)!r})")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
 
@@ -138,7 +151,7 @@ PRESETS = {
     # fp32: at this size bf16's casts cost more than its matmuls save (17 s against 31 s for the sweep, measured
     # on a 2-core EPYC with native bf16).
     "smoke": dict(tokenizer="bytes", data_files=(str(SAMPLE_CORPUS),), d_model=64, n_heads=4, n_layers=2,
-                  d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=15, eval_steps=4,
+                  d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=10, eval_steps=4,
                   log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),
 }
 
@@ -148,10 +161,16 @@ def _flag(name: str) -> str:
     return {"load_balancing_weight": "lb-weight", "seed": "seeds"}.get(name, name.replace("_", "-"))
 
 
+# Fields added after results existed, with the value every earlier run had: at that value they stay out of a
+# run's identity, so a CSV written before they existed still resumes.
+LATER_FIELDS = {"router_z_loss_weight": 0.0, "balancing": "loss", "bias_update_rate": 1e-3}
+
+
 def config_hash(config: MoEModelConfig, tokens_sha256: str = "") -> str:
     """Identity of a run: every result-affecting field plus the tokens' content hash (not the files' paths,
     which change with a checkout or a copy), so resume never mixes setups and works across machines."""
-    d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k", "data_files")}
+    d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k", "data_files")
+         and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps([d, tokens_sha256], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -195,24 +214,41 @@ class MultiHeadAttention(nn.Module):
 
 
 class TopKRouter(nn.Module):
-    """Linear gate in float32; noise on the logits only in training; top-k picks, softmax over the k combines."""
+    """Linear gate in float32; noise on the logits only in training; top-k of logits + bias picks the experts,
+    a softmax over the k chosen (unbiased) logits combines them."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        # A buffer, not a Python float: changing it between runs must not recompile the graph.
+        # Buffers, not Python floats or parameters: changing them between runs or updates must not recompile the
+        # graph, and the bias is set by the balancing rule (update_routing_bias), never by gradients.
         self.register_buffer("noise_std", torch.zeros(()), persistent=False)
+        self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=False)  # (E,); 0 for "loss"
 
-    def forward(self, x):  # x (N, C)
+    def forward(self, x):  # x (N, C) -> combine weights (N, k), experts (N, k), probs (N, E), z-loss ()
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = F.linear(x.float(), self.gate.weight.float())  # (N, E) float32
             if self.training:
                 logits = logits + torch.randn_like(logits) * self.noise_std
             probs = logits.softmax(dim=-1)  # (N, E) full softmax, for the balancing loss
-            top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, k)
-            top_w = top_logits.softmax(dim=-1)  # (N, k) combine weights
-        return top_w, top_idx, probs
+            # DeepSeek-V3's bias steers only the choice; the weights stay the router's own (all zero: plain top-k).
+            top_idx = (logits + self.expert_bias).topk(self.top_k, dim=-1).indices  # (N, k)
+            top_w = logits.gather(-1, top_idx).softmax(dim=-1)  # (N, k) combine weights
+            # ST-MoE's z-loss, on the logits this routing used (noisy in training), as the balancing loss's probs:
+            # it keeps the logits that pick and weigh the experts small.
+            z = logits.logsumexp(dim=-1).square().mean()
+        return top_w, top_idx, probs, z
+
+
+@torch.no_grad()
+def update_routing_bias(bias, counts, rate: float):
+    """DeepSeek-V3's balancing step, in place: bias (..., E) += rate * sign(mean load - load), then centred (a
+    shift common to all experts changes no top-k choice, so centring only stops the values drifting).
+    counts (..., E): assignments per expert in the update just taken."""
+    load = counts.float()  # (..., E)
+    bias += rate * torch.sign(load.mean(dim=-1, keepdim=True) - load)
+    bias -= bias.mean(dim=-1, keepdim=True)
 
 
 def load_balancing_loss(probs, counts, n_assignments: int):
@@ -279,11 +315,11 @@ class MixtureOfExperts(nn.Module):
         h = drop(F.silu(xs @ self.w1[e].to(dt).T), self.dropout, self.training)
         return h @ self.w2[e].to(dt).T
 
-    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), counts (E,)
+    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), z-loss (), counts (E,)
         B, T, C = x.shape
         N, k, E = B * T, self.top_k, self.num_experts
         x_flat = x.reshape(N, C)
-        top_w, top_idx, probs = self.router(x_flat)  # (N, k), (N, k), (N, E)
+        top_w, top_idx, probs, z = self.router(x_flat)  # (N, k), (N, k), (N, E), ()
         flat_idx = top_idx.reshape(-1)  # (N*k,) expert of each token copy
         # scatter_add instead of bincount: bincount sizes its output from the data and would sync with the host.
         counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat_idx,
@@ -291,7 +327,7 @@ class MixtureOfExperts(nn.Module):
         aux = load_balancing_loss(probs, counts, N * k)
         dt = compute_dtype(x)  # grouped_mm is not on autocast's cast lists: cast by hand
         if self.dispatch == "loop":
-            return self._forward_loop(x_flat, top_w, top_idx, dt).view(B, T, C), aux, counts
+            return self._forward_loop(x_flat, top_w, top_idx, dt).view(B, T, C), aux, z, counts
         order = flat_idx.argsort(stable=True)  # (N*k,) copies grouped by expert
         xs = x_flat[order // k].to(dt)  # (N*k, C) each copy's token
         if self.dispatch == "grouped":
@@ -306,7 +342,7 @@ class MixtureOfExperts(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
         y = ys[inverse].view(N, k, C).float()  # (N, k, C) in token order
         out = (y * top_w.unsqueeze(-1)).sum(dim=1)  # (N, C) float32 accumulation
-        return out.to(x.dtype).view(B, T, C), aux, counts
+        return out.to(x.dtype).view(B, T, C), aux, z, counts
 
     def _forward_loop(self, x_flat, top_w, top_idx, dt):
         out = torch.zeros(x_flat.shape, dtype=torch.float32, device=x_flat.device)
@@ -378,8 +414,8 @@ class MoETransformerBlock(nn.Module):
 
     def forward(self, x):  # x (B, T, C)
         x = x + self.dropout(self.attention(self.norm1(x)))
-        moe_out, aux, counts = self.feed_forward(self.norm2(x))
-        return x + self.dropout(moe_out), aux, counts
+        moe_out, aux, z, counts = self.feed_forward(self.norm2(x))
+        return x + self.dropout(moe_out), aux, z, counts
 
 
 class MoEMinimalLLM(nn.Module):
@@ -393,7 +429,9 @@ class MoEMinimalLLM(nn.Module):
         self.dropout = Dropout(cfg.dropout)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied
-        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)  # buffer: no recompiles per run
+        # Buffers: no recompiles per run.
+        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)
+        self.register_buffer("z_weight", torch.zeros(()), persistent=False)
         self.fused_ce = True
         self.reset_parameters(cfg.seed)
 
@@ -405,11 +443,20 @@ class MoEMinimalLLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02)
             else:
                 nn.init.ones_(p)  # RMSNorm gains
+        for m in self.modules():  # a bias learnt in the previous run must not steer this one
+            if isinstance(m, TopKRouter):
+                m.expert_bias.zero_()
 
-    def set_routing(self, noise_std: float, load_balancing_weight: float):
+    def set_routing(self, noise_std: float, load_balancing_weight: float, router_z_loss_weight: float = 0.0):
         self.lb_weight.fill_(load_balancing_weight)
+        self.z_weight.fill_(router_z_loss_weight)
         for block in self.blocks:
             block.feed_forward.router.noise_std.fill_(noise_std)
+
+    def update_routing_bias(self, counts, rate: float):
+        """counts (L, E): the last update's assignments per layer; see update_routing_bias."""
+        for block, c in zip(self.blocks, counts):
+            update_routing_bias(block.feed_forward.router.expert_bias, c, rate)
 
     def set_dispatch(self, dispatch: str):
         """"grouped" / "sorted" (fast paths) or "loop" (the original's, which also uses the plain loss)."""
@@ -421,12 +468,13 @@ class MoEMinimalLLM(nn.Module):
             block.feed_forward.dispatch = dispatch
 
     def forward(self, idx, targets):
-        """idx, targets (B, T) -> loss (), cross-entropy (), aux loss (), routing counts (L, E), correct ()."""
+        """idx, targets (B, T) -> loss (), cross-entropy (), aux loss (), z-loss (), routing counts (L, E),
+        correct (). aux and z are unweighted sums over layers; loss = ce + lb_weight * aux + z_weight * z."""
         x = self.dropout(self.token_embedding(idx) * math.sqrt(self.cfg.d_model))  # (B, T, C)
-        aux_total, layer_counts = 0.0, []
+        aux_total, z_total, layer_counts = 0.0, 0.0, []
         for block in self.blocks:
-            x, aux, counts = block(x)
-            aux_total = aux_total + aux
+            x, aux, z, counts = block(x)
+            aux_total, z_total = aux_total + aux, z_total + z
             layer_counts.append(counts)
         h = self.dropout(self.norm(x)).flatten(0, 1)  # (B*T, C)
         y = targets.flatten()  # (B*T,)
@@ -439,7 +487,8 @@ class MoEMinimalLLM(nn.Module):
             logits = self.lm_head(h)  # (B*T, V)
             ce = F.cross_entropy(logits.float(), y)
             correct = (logits.argmax(dim=-1) == y).sum()
-        return ce + self.lb_weight * aux_total, ce, aux_total, torch.stack(layer_counts), correct
+        loss = ce + self.lb_weight * aux_total + self.z_weight * z_total
+        return loss, ce, aux_total, z_total, torch.stack(layer_counts), correct
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -461,6 +510,29 @@ def expert_usage_cv(counts) -> float:
     """Coefficient of variation of per-expert counts: population std / mean (0 = perfectly balanced)."""
     c = np.asarray(counts, dtype=np.float64)
     return float(c.std() / c.mean()) if c.mean() > 0 else float("nan")
+
+
+DEAD_SHARE = 0.1  # an expert given under a tenth of its fair share (1/E) of the assignments counts as dead
+
+
+def routing_metrics(counts) -> dict:
+    """Load statistics of routing counts (L, E) ((token, slot) assignments per layer and expert), per layer and
+    overall. Overall CV is of the counts summed over layers (as the original); the other overall figures are
+    means of the per-layer ones. max/mean load: 1 = even, E / top_k at worst; entropy of the load shares over
+    log E: 1 = even; dead: fraction of experts under DEAD_SHARE of the fair share."""
+    from scipy.stats import entropy  # handles 0 log 0 and normalises
+    c = np.asarray(counts, dtype=np.float64)  # (L, E)
+    L, E = c.shape
+    share = c / c.sum(axis=1, keepdims=True)  # (L, E), each row sums to 1
+    max_mean = share.max(axis=1) * E  # (L,) max load over mean load (the mean share is 1 / E)
+    ent = entropy(share, axis=1) / math.log(E) if E > 1 else np.ones(L)  # (L,)
+    dead = (share < DEAD_SHARE / E).mean(axis=1)  # (L,)
+    return {"expert_usage_cv": expert_usage_cv(c.sum(axis=0)),
+            "expert_load_max_mean": float(max_mean.mean()), "routing_entropy": float(ent.mean()),
+            "dead_expert_fraction": float(dead.mean()),
+            "expert_usage_cv_per_layer": [expert_usage_cv(row) for row in c],
+            "expert_load_max_mean_per_layer": max_mean.tolist(), "routing_entropy_per_layer": ent.tolist(),
+            "dead_expert_fraction_per_layer": dead.tolist(), "expert_load_per_layer": share.tolist()}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -925,7 +997,10 @@ class Runtime:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.amp_dtype or torch.float32).replace("torch.", "")
+        name = str(self.amp_dtype or torch.float32).replace("torch.", "")
+        if self.amp_dtype is None and self.device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+            name += " (tf32 matmuls)"  # set by whoever imported this module: llm.py leaves TF32 off
+        return name
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -967,8 +1042,9 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
                         f"that many processes per node (--nproc-per-node)")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
+        # TF32 stays off (torch's default): under bf16 autocast nearly every matmul is bf16 anyway, and what
+        # runs in float32 (the router; everything with --no-use-amp) is then really float32.
         torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         try:  # without this flag, pre-Ampere GPUs report (slow, emulated) bf16 as supported
             bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         except TypeError:
@@ -1011,9 +1087,9 @@ class CompiledStep:
 class ModelCache:
     """The current architecture's model (and compiled version), re-initialised for every run.
 
-    Reusing the module lets torch.compile build its graphs once per architecture instead of once per run (noise
-    and balancing weight are buffers, so changing them does not recompile), and the graphs are built by a
-    warm-up before the first run, so no run's time includes compilation: the warm-up runs the training step
+    Reusing the module lets torch.compile build its graphs once per architecture instead of once per run (noise,
+    loss weights and routing biases are buffers, so changing them does not recompile), and the graphs are built
+    by a warm-up before the first run, so no run's time includes compilation: the warm-up runs the training step
     (forward, backward and the optimizer step) and the evaluation forward on batches laid out as the real ones
     (the run's own data when given). Only one architecture is kept: a --grid sweep runs each architecture's runs
     together, and old models, compiled code and CUDA-graph pools would hold GPU memory."""
@@ -1035,7 +1111,7 @@ class ModelCache:
             self.fn = self._compile(self.model, cfg, data) if self.rt.compile else self.model
             self.key = key
         self.model.reset_parameters(cfg.seed)
-        self.model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+        self.model.set_routing(cfg.noise_std, cfg.load_balancing_weight, cfg.router_z_loss_weight)
         for p in self.model.parameters():
             if p.grad is not None:  # kept gradients (CUDA with compile) start every run at zero
                 p.grad.zero_()
@@ -1131,6 +1207,12 @@ def default_dispatch(rt: Runtime) -> str:
         return "sorted"
 
 
+# routing_metrics' keys: columns of the results CSV and the "routing" record of each evaluation in metrics.jsonl.
+ROUTING_COLUMNS = ("expert_usage_cv", "expert_usage_cv_per_layer", "expert_load_max_mean", "routing_entropy",
+                   "dead_expert_fraction", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
+                   "dead_expert_fraction_per_layer", "expert_load_per_layer")
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -1141,7 +1223,8 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> dict:
-    """Cross-entropy, top-1 accuracy and routing counts over the fixed validation batches.
+    """Cross-entropy (without the balancing or z-loss), top-1 accuracy and routing_metrics of the routing the model
+    used, over the fixed validation batches.
 
     Everything accumulates on the device (float32: MPS has no float64); the host reads it once at the end."""
     model.eval()
@@ -1152,18 +1235,16 @@ def evaluate_model(fn, model: MoEMinimalLLM, data: TokenData, rt: Runtime) -> di
     n_tokens = 0
     for x, y in data.val:
         with rt.autocast():
-            _, ce, _, layer_counts, n_correct = fn(x, y)
+            _, ce, _, _, layer_counts, n_correct = fn(x, y)
         loss_sum += ce.float() * y.numel()
         correct += n_correct
         counts += layer_counts
         n_tokens += y.numel()
     model.train()
     val_loss = loss_sum.item() / n_tokens
-    per_layer = counts.cpu().numpy()  # (L, E)
     return {"val_loss": val_loss, "val_accuracy": correct.item() / n_tokens,
             "val_perplexity": math.exp(val_loss) if val_loss < 700 else float("inf"),
-            "expert_usage_cv": expert_usage_cv(per_layer.sum(axis=0)),
-            "expert_usage_cv_per_layer": [expert_usage_cv(c) for c in per_layer]}
+            **routing_metrics(counts.cpu().numpy())}
 
 
 def apply_update(optimizers, scaler, params, grad_clip: float):
@@ -1199,8 +1280,11 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
     torch.manual_seed(cfg.seed)  # dropout and router noise
     params = list(model.parameters())
     log = open(metrics_path, "w") if metrics_path else None
-    # Running sums on the device: cross-entropy, aux loss, and the first non-finite update (0 = none yet).
-    stats = torch.zeros(3, device=rt.device)
+    # Running sums on the device over the log window: cross-entropy, aux loss and z-loss (unweighted), correct
+    # predictions, and the first non-finite update (0 = none yet). float32: MPS has no float64.
+    stats = torch.zeros(5, device=rt.device)
+    bias_balancing = cfg.balancing == "bias"
+    update_counts = torch.zeros(cfg.n_layers, cfg.num_experts, dtype=torch.int64, device=rt.device)  # (L, E)
     tokens_per_update = cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
     status, diverged_step, best_ppl, last_eval, steps_done, since_log = "ok", None, float("inf"), None, 0, 0
     bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb {cfg.load_balancing_weight}",
@@ -1216,32 +1300,44 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
             for _ in range(cfg.gradient_accumulation_steps):
                 x, y = data.sample_batch(gen)
                 with rt.autocast():
-                    loss, ce, aux, _, n_correct = fn(x, y)
+                    loss, ce, aux, z, layer_counts, n_correct = fn(x, y)
                 scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
-                bad = (~torch.isfinite(loss.detach()) & (stats[2] == 0)).float() * step
-                stats += torch.stack([ce.detach().float(), aux.detach().float(), bad])
+                bad = (~torch.isfinite(loss.detach()) & (stats[4] == 0)).float() * step
+                stats += torch.stack([ce.detach().float(), aux.detach().float(), z.detach().float(),
+                                      n_correct.float(), bad])
+                if bias_balancing:
+                    update_counts += layer_counts
             apply_update(optimizers, scaler, params, cfg.grad_clip)
+            if bias_balancing:  # on the device, no host sync
+                model.update_routing_bias(update_counts, cfg.bias_update_rate)
+                update_counts.zero_()
             steps_done, since_log = step, since_log + 1
             last = step == cfg.max_steps
             if step % cfg.log_every == 0 or last:
-                ce_sum, aux_sum, bad_step, n_ok = torch.cat([stats, n_correct.view(1).float()]).tolist()  # one sync
+                ce_sum, aux_sum, z_sum, n_ok, bad_step = stats.tolist()  # one sync
                 n_micro = since_log * cfg.gradient_accumulation_steps
-                train_loss, train_aux, acc = ce_sum / n_micro, aux_sum / n_micro, n_ok / y.numel()
+                train_loss, train_aux, train_z = ce_sum / n_micro, aux_sum / n_micro, z_sum / n_micro
+                acc = n_ok / (n_micro * y.numel())  # over the same window as the loss
                 now = time.perf_counter()
                 tps = since_log * tokens_per_update / (now - t_log - eval_since_log)
                 t_log, eval_since_log, since_log = now, 0.0, 0
-                stats[:2] = 0
+                stats[:4] = 0
                 if bad_step:
                     status, diverged_step = "diverged", int(bad_step)
                     bar.write(f"  run diverged: non-finite loss at update {diverged_step}")
                     break
-                bar.set_postfix(loss=f"{train_loss:.3f}", aux=f"{train_aux:.3f}", acc=f"{acc:.3f}",
-                                ppl=f"{math.exp(min(train_loss, 50)):.1f}", tok_s=f"{tps:,.0f}")
+                rec = {"loss": train_loss, "accuracy": acc, "aux_loss_unweighted": train_aux,
+                       "aux_loss_weighted": cfg.load_balancing_weight * train_aux, "z_loss_unweighted": train_z,
+                       "z_loss_weighted": cfg.router_z_loss_weight * train_z}
+                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{acc:.3f}", ppl=f"{math.exp(min(train_loss, 50)):.1f}",
+                                tok_s=f"{tps:,.0f}", aux_unweighted=f"{train_aux:.3f}",
+                                aux_weighted=f"{rec['aux_loss_weighted']:.4f}",
+                                **({"z_unweighted": f"{train_z:.2f}", "z_weighted": f"{rec['z_loss_weighted']:.4f}"}
+                                   if cfg.router_z_loss_weight else {}))
                 bar.update(step - bar.n)
                 if log:
-                    log.write(json.dumps({"split": "train", "step": step, "loss": train_loss, "aux_loss": train_aux,
-                                          "accuracy": acc, "lr": optimizers[0].param_groups[0]["lr"],
-                                          "tokens_per_s": tps}) + "\n")
+                    log.write(json.dumps({"split": "train", "step": step, **rec,
+                                          "lr": optimizers[0].param_groups[0]["lr"], "tokens_per_s": tps}) + "\n")
             if step % cfg.eval_every == 0 or last:
                 _sync(rt)
                 t_eval = time.perf_counter()
@@ -1250,9 +1346,12 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
                 eval_time += time.perf_counter() - t_eval
                 eval_since_log += time.perf_counter() - t_eval
                 if log:
+                    routing = {k: last_eval[k] for k in ROUTING_COLUMNS}
+                    if bias_balancing:
+                        routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist() for b in model.blocks]
                     log.write(json.dumps({"split": "val", "step": step, "loss": last_eval["val_loss"],
                                           "accuracy": last_eval["val_accuracy"],
-                                          "perplexity": last_eval["val_perplexity"]}) + "\n")
+                                          "perplexity": last_eval["val_perplexity"], "routing": routing}) + "\n")
                     log.flush()
     finally:
         bar.close()
@@ -1266,11 +1365,10 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
         "val_loss": ev.get("val_loss", nan), "val_accuracy": ev.get("val_accuracy", nan),
         "val_perplexity": ev.get("val_perplexity", nan),
         "training_time_minutes": (time.perf_counter() - t_run) / 60, "peak_memory_gb": _peak_memory_gb(rt.device),
-        "best_val_perplexity": best_ppl if status == "ok" else nan,
-        "expert_usage_cv": ev.get("expert_usage_cv", nan), "status": status, "diverged_step": diverged_step,
+        "best_val_perplexity": best_ppl if status == "ok" else nan, "status": status, "diverged_step": diverged_step,
         "steps": steps_done, "train_tokens": steps_done * tokens_per_update,
         "tokens_per_s": steps_done * tokens_per_update / train_time if train_time > 0 else nan,
-        "expert_usage_cv_per_layer": ev.get("expert_usage_cv_per_layer", []),
+        **{k: ev.get(k, [] if k.endswith("_per_layer") else nan) for k in ROUTING_COLUMNS},
     }
 
 
@@ -1316,9 +1414,10 @@ class DenseFFN(nn.Module):
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
         self.p = cfg.dropout
 
-    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), counts (1,), as MixtureOfExperts
+    def forward(self, x):  # x (B, T, C) -> out (B, T, C), aux loss (), z-loss (), counts (1,), as MixtureOfExperts
         h = dropout(F.silu(self.w1(x)), self.p, self.training)  # (B, T, d_ff * k)
-        return self.w2(h), x.new_zeros((), dtype=torch.float32), torch.zeros(1, dtype=torch.int64, device=x.device)
+        zero = x.new_zeros((), dtype=torch.float32)
+        return self.w2(h), zero, zero, torch.zeros(1, dtype=torch.int64, device=x.device)
 
 
 class DenseLLM(MoEMinimalLLM):
@@ -1330,8 +1429,8 @@ class DenseLLM(MoEMinimalLLM):
             block.feed_forward = DenseFFN(cfg)
         self.reset_parameters(cfg.seed)
 
-    def set_routing(self, noise_std: float, load_balancing_weight: float):
-        self.lb_weight.fill_(load_balancing_weight)  # no router to set
+    def set_routing(self, noise_std: float, load_balancing_weight: float, router_z_loss_weight: float = 0.0):
+        pass  # no router: nothing to set
 
 
 def original_runtime(rt: Runtime) -> Runtime:
@@ -1370,7 +1469,7 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
         t = time.perf_counter()
         if build is None:  # the original: eager, per-expert loop, plain loss
             fn = model = MoEMinimalLLM(cfg).to(rt.device)
-            model.set_routing(cfg.noise_std, cfg.load_balancing_weight)
+            model.set_routing(cfg.noise_std, cfg.load_balancing_weight, cfg.router_z_loss_weight)
             model.set_dispatch("loop")
         else:  # exactly what a sweep runs (compiled on CUDA; compilation counts as warm-up)
             model, fn = ModelCache(rt, quiet=True, build=build).get(cfg)
@@ -1487,7 +1586,9 @@ def _csv_value(v):
         return ""
     if isinstance(v, float):
         return "nan" if math.isnan(v) else repr(v)
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple)):  # per layer ";"-joined; a matrix (expert_load_per_layer): rows "|"-joined
+        if v and isinstance(v[0], (list, tuple)):
+            return "|".join(_csv_value(row) for row in v)
         return ";".join(f"{x:.6g}" for x in v)
     return v
 
@@ -1617,6 +1718,10 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
     say(f"model: {total:,} parameters, {active:,} active per token; "
         f"{flops_per_token(first) / 1e9:.3f} GFLOP per training token")
     say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in SWEPT + ("d_k",)}))
+    both = sum(c.balancing == "bias" and c.load_balancing_weight > 0 for c, _ in runs)
+    if both:
+        say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > 0); "
+            f"--lb-weight 0 gives DeepSeek-V3's loss-free balancing")
 
     if main_rank:
         done = read_done(out, header)
@@ -1722,6 +1827,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
         elif hints[f.name] is tuple:
             kw.update(nargs="+", metavar="PATH")
+        elif f.metadata["choices"]:
+            kw.update(type=typ, choices=f.metadata["choices"])
         else:
             kw.update(type=typ, metavar=typ.__name__.upper())
         groups[group].add_argument(f"--{_flag(f.name)}", dest=f.name, default=argparse.SUPPRESS,

@@ -66,13 +66,17 @@ def _gemini_events(pieces: list[str], finish: str | None) -> list[str]:
     return events
 
 
-def answer(provider: str, text: str, *, finish: str | None = "default", pieces: int = 3,
+def answer(provider: str, text: str | list[str], *, finish: str | None = "default", pieces: int = 3,
            break_after: int | None = None, hold: threading.Event | None = None) -> Response:
-    """A streamed answer split into `pieces`. finish=None sends no finish reason (a stream cut off cleanly);
-    break_after=N closes the connection after N events with the body incomplete (a dropped connection);
-    hold makes the stream wait after its first event until the event is set (for Ctrl-C tests)."""
-    size = max(1, -(-len(text) // pieces))
-    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    """A streamed answer split into `pieces` (or sent in the pieces given as a list). finish=None sends no finish
+    reason (a stream cut off cleanly); break_after=N closes the connection after N events with the body
+    incomplete (a dropped connection); hold makes the stream wait after its first event until the event is set
+    (for Ctrl-C tests)."""
+    if isinstance(text, list):
+        parts = text
+    else:
+        size = max(1, -(-len(text) // pieces))
+        parts = [text[i:i + size] for i in range(0, len(text), size)]
     if finish == "default":
         finish = "stop" if provider == "kimi" else "STOP"
     events = (_kimi_events if provider == "kimi" else _gemini_events)(parts, finish)
@@ -103,6 +107,24 @@ def error(provider: str, status: int, message: str, *, headers: dict | None = No
             body["error"]["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
                                          "retryDelay": retry_delay}]
     return Response(json.dumps(body), status=status, content_type="application/json", headers=headers or {})
+
+
+def raw(body: str) -> Response:
+    """An event stream sent exactly as given: for malformed chunks."""
+    return Response(body, content_type="text/event-stream")
+
+
+def blocked(reason: str = "SAFETY") -> Response:
+    """Gemini refusing the prompt itself: promptFeedback.blockReason and no candidates."""
+    data = {"promptFeedback": {"blockReason": reason}, "usageMetadata": {"promptTokenCount": 13}}
+    return Response(f"data: {json.dumps(data)}\n\n", content_type="text/event-stream")
+
+
+def stalled(release: threading.Event) -> Response:
+    """A server that accepts the request and then says nothing until `release` is set (at most 30 s); the
+    server is single-threaded, so the test must set it when done."""
+    release.wait(30)
+    return Response("{}", status=500, content_type="application/json")
 
 
 class FakeProviders:

@@ -174,8 +174,9 @@ def test_dense_ceiling_spends_the_moes_expert_flops_per_token():
     assert dense_params == expert_params * cfg.expert_top_k // cfg.num_experts  # the weights one token uses
     dense.set_routing(0.5, 0.01)
     idx, tgt = torch.randint(0, 97, (2, 4, 16)).unbind(0)
-    loss, ce, aux, counts, correct = dense(idx, tgt)
-    assert torch.isfinite(loss) and aux.item() == 0 and counts.shape == (cfg.n_layers, 1)
+    loss, ce, aux, z, counts, correct = dense(idx, tgt)
+    assert torch.isfinite(loss) and aux.item() == 0 and z.item() == 0 and counts.shape == (cfg.n_layers, 1)
+    torch.testing.assert_close(loss, ce)  # no routing losses in the ceiling
     loss.backward()
     assert all(p.grad is not None for p in dense.parameters())  # nothing idle: the fused step needs every grad
 

@@ -2,14 +2,20 @@
 
 Covers: both direct commands stream text (arguments and stdin); the four-step chain sends its requests in order
 to the right models, step 1 carries the user's file, the code and the system prompt, later steps carry earlier
-answers, and step files and chain_run.json are written; substitution is one pass and strict; 429/5xx then 200
-succeeds for both providers; 401 fails fast with one request; a missing key stops before any request; a step
-failing mid-chain (error or broken stream) keeps earlier files and --resume finishes with only the missing
-requests; Ctrl-C exits 130 and keeps finished steps; dry-run and unknown variables send nothing; step titles
-become safe file names; a cut answer is reported; the keys never appear in output or files.
+answers, and step files and chain_run.json are written; substitution is one pass and strict, and --var wins over
+every built-in variable; 429/5xx then 200 succeeds for both providers, with a line per retry, and a Retry-After
+over the cap fails at once naming the wait; 401 fails fast with one request; a stalled server times out; a
+malformed chunk is a provider error that keeps its cause under --debug; a missing key, an empty model id, a bad
+number, an unusable --out-dir and a prompt far over any context stop before any request; a step failing
+mid-chain (error, broken stream, or an answer that cannot be saved) keeps earlier files and --resume finishes
+with only the missing requests, and keeps warning about a stale step; Ctrl-C exits 130 and keeps finished steps;
+a closed stdout stops the echo, not the chain; dry-run and unknown variables send nothing; step titles become
+safe file names; cut answers and Gemini's refusals are reported; the keys never appear in output, files,
+tracebacks or later prompts, even when a server echoes them in its answer split across chunks.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +26,7 @@ from pathlib import Path
 import pytest
 
 import simple_llm
-from fake_providers import FakeProviders, answer, error
+from fake_providers import FakeProviders, answer, blocked, error, raw, stalled
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simple_llm.py"
@@ -64,6 +70,23 @@ def work(tmp_path, monkeypatch):
 def cli(*args, cwd, stdin=None, timeout=60):
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=dict(os.environ),
                           input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_into_head(*args, cwd, stderr_too=False, timeout=60):
+    """Run the CLI with its stdout (and stderr, like `2>&1`) read by a process that takes 10 bytes and exits,
+    like `| head -c 10`. Returns the CompletedProcess and the 10 bytes."""
+    head = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read(10))"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        r = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=dict(os.environ),
+                           stdout=head.stdin, stderr=head.stdin if stderr_too else subprocess.PIPE, text=True,
+                           timeout=timeout)
+    finally:
+        head.stdin.close()
+        first = head.stdout.read()
+        head.stdout.close()
+        head.wait(timeout)
+    return r, first
 
 
 def chain_args(out="out", *extra):
@@ -163,11 +186,12 @@ def test_transient_error_then_success(fake, capsys, provider, status):
     headers = {"retry-after-ms": "10", "Retry-After": "0"}
     fake.then(provider, lambda: error(provider, status, "slow down", headers=headers,
                                       retry_delay="0s" if provider == "gemini" else None))
-    start = time.perf_counter()
     reply = simple_llm.SimpleLLM().reply(provider, "hi")
     assert reply.text.startswith(f"{provider} answer 2")
     assert len(fake.calls) == 2
-    assert time.perf_counter() - start < 5  # the server's short Retry-After was honoured, not a long backoff
+    # the server's short wait was honoured, not a long backoff, and both providers say so the same way
+    line = rf"^{provider}: HTTP {status}\b.*, retrying in 0\.0 s \(attempt 2 of 5\)$"
+    assert re.search(line, capsys.readouterr().err, re.M)
 
 
 def test_gemini_honours_retry_info_without_headers(fake, capsys):
@@ -177,11 +201,99 @@ def test_gemini_honours_retry_info_without_headers(fake, capsys):
     assert "gemini: HTTP 429 RESOURCE_EXHAUSTED, retrying in 0.1 s (attempt 2 of 5)" in capsys.readouterr().err
 
 
-def test_gemini_gives_up_when_server_asks_for_a_long_wait(fake):
-    fake.then("gemini", lambda: error("gemini", 429, "quota", headers={"Retry-After": "3600"}))
-    with pytest.raises(simple_llm.ProviderError, match="wait 3600 s"):
-        simple_llm.SimpleLLM().reply("gemini", "hi")
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_long_retry_after_fails_at_once_naming_the_wait(fake, provider):
+    # Not waited for (the cap is MAX_SERVER_WAIT) and not misreported: one attempt was made, retries were on.
+    fake.then(provider, lambda: error(provider, 429, "quota", headers={"Retry-After": "600"}))
+    with pytest.raises(simple_llm.ProviderError) as e:
+        simple_llm.SimpleLLM().reply(provider, "hi")
+    assert f"{provider}: HTTP 429" in str(e.value) and "after 1 attempt: quota" in str(e.value)
+    assert "the server asks to wait 600 s" in str(e.value)
     assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_stalled_server_times_out(fake, capsys, provider):
+    # The server accepts the request and then says nothing: --timeout must end the wait for both clients.
+    release = threading.Event()
+    fake.then(provider, lambda: stalled(release))
+    try:
+        assert simple_llm.main([provider, "hi", "--timeout", "0.3", "--retries", "0"]) == 1
+    finally:
+        release.set()
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"error: {provider}: no data for 0.3 s" in err and "(retries are off)" in err
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_malformed_chunk_is_a_provider_error_and_debug_keeps_the_cause(fake, capsys, provider):
+    # A broken gateway that also echoes the request's key header into the chunk it garbles.
+    garbled = lambda: raw(f"data: {{not json x-goog-api-key={GEMINI_KEY} {KIMI_KEY}\n\n")  # noqa: E731
+    fake.then(provider, garbled, garbled)
+    assert simple_llm.main([provider, "hi"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"error: {provider}: the stream sent a malformed chunk" in err and "unexpected" not in err
+    assert simple_llm.main([provider, "hi", "--debug"]) == 1
+    debug = capsys.readouterr().err
+    assert "Traceback" in debug and "JSONDecodeError" in debug and "ProviderError" in debug
+    assert_no_keys(err, debug)
+    assert len(fake.calls) == 2  # not retried
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_key_echoed_in_the_answer_is_redacted(fake, capsys, provider):
+    # Cut inside each key, so no one chunk holds a whole key.
+    pieces = ["your key is " + KIMI_KEY[:5], KIMI_KEY[5:] + " and " + GEMINI_KEY[:-3], GEMINI_KEY[-3:] + "."]
+    fake.then(provider, lambda: answer(provider, pieces))
+    reply = simple_llm.SimpleLLM().reply(provider, "hi")
+    assert reply.text == "your key is *** and ***."
+    assert capsys.readouterr().out == "your key is *** and ***.\n"
+
+
+def test_redactor_catches_a_key_split_anywhere(monkeypatch):
+    monkeypatch.setattr(simple_llm, "_SECRETS", {KIMI_KEY, GEMINI_KEY})
+    text = f"a {KIMI_KEY} b {GEMINI_KEY}{KIMI_KEY} c"
+    for cut in range(len(text) + 1):
+        r = simple_llm.Redactor()
+        assert r.feed(text[:cut]) + r.feed(text[cut:]) + r.flush() == "a *** b ****** c"
+    r = simple_llm.Redactor()
+    assert "".join(r.feed(c) for c in text) + r.flush() == "a *** b ****** c"
+
+
+def test_failed_call_ends_the_partial_answer_line(fake, capsys):
+    fake.then("kimi", lambda: answer("kimi", "the first half of an answer", break_after=2))
+    assert simple_llm.main(["kimi", "hi"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "the first\n"  # on a terminal, the error line starts on a line of its own
+    assert_one_error_line(captured.err)
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_empty_model_id_is_rejected_before_any_request(fake, capsys, provider):
+    with pytest.raises(SystemExit) as e:
+        simple_llm.main([provider, "hi", "--model", f"{provider}="])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: simple_llm.py {provider}") and "needs a model id" in err
+    assert "Traceback" not in err and fake.calls == []
+
+
+@pytest.mark.parametrize("flag,value", [("--max-tokens", "0"), ("--timeout", "-1"), ("--timeout", "nan"),
+                                        ("--retries", "-1"), ("--max-tokens", "many")])
+def test_bad_number_shows_the_subcommand_usage(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        simple_llm.main(["chain", "idea.md", flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: simple_llm.py chain") and f"argument {flag}: " in err
+
+
+def test_prompt_far_over_any_context_is_refused(fake):
+    with pytest.raises(simple_llm.UserError, match="far more than any model's context"):
+        simple_llm.SimpleLLM().reply("gemini", "y" * (simple_llm.MAX_PROMPT_CHARS + 1))
+    assert fake.calls == []
 
 
 @pytest.mark.parametrize("provider", ["kimi", "gemini"])
@@ -227,11 +339,21 @@ def test_gemini_timeout_is_retried_then_reported(fake):
         simple_llm.SimpleLLM(timeout=0.2, retries=0).reply("gemini", "hi")
 
 
-def test_cut_by_length_is_reported(fake, capsys):
-    fake.then("kimi", lambda: answer("kimi", "a long plan that stops", finish="length"))
-    reply = simple_llm.SimpleLLM(max_tokens=5).reply("kimi", "hi")
-    assert reply.cut and reply.finish_reason == "length"
-    assert "--max-tokens" in capsys.readouterr().err
+@pytest.mark.parametrize("provider,finish", [("kimi", "length"), ("gemini", "MAX_TOKENS")])
+def test_cut_by_length_is_reported(fake, capsys, provider, finish):
+    fake.then(provider, lambda: answer(provider, "a long plan that stops", finish=finish))
+    reply = simple_llm.SimpleLLM(max_tokens=5).reply(provider, "hi")
+    assert reply.cut and reply.finish_reason == finish and reply.text == "a long plan that stops"
+    assert f"warning: {provider} stopped at the --max-tokens limit (5)" in capsys.readouterr().err
+
+
+def test_gemini_refusing_the_prompt_is_one_clear_error(fake, capsys):
+    fake.then("gemini", lambda: blocked("SAFETY"))
+    assert simple_llm.main(["gemini", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "error: gemini refused the prompt (SAFETY); rephrase it" in err
+    assert len(fake.calls) == 1
 
 
 # ---------------------------------------------------------------------------------------------- variables
@@ -304,7 +426,8 @@ def test_chain_uses_default_code_and_system_files(fake, work, capsys):
     assert "```python\n" in first and "MARKER-IDEA" in first
     assert (ROOT / "research_system_prompt.md").read_text().strip() in first
     if (ROOT / "llm.py").is_file():
-        assert (ROOT / "llm.py").read_text().rstrip() in first
+        # the planner's view of llm.py: the model, training and config, without the data and CSV plumbing
+        assert simple_llm.lean_code((ROOT / "llm.py").read_text()).rstrip() in first
 
 
 @pytest.mark.slow
@@ -408,6 +531,119 @@ def test_unknown_variable_sends_nothing_and_var_fills_it(fake, work):
         "chain_run.json", "step1_ask.md", "step2_escape.md"]
 
 
+def test_var_wins_over_every_built_in_variable(fake, work, capsys):
+    steps = [{"title": "All", "model": "kimi", "prompt": "{user_input}|{code_content}|{system_prompt}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    args = chain_args("out", "--steps", "steps.json", "--var", "user_input=U", "--var", "code_content=C",
+                      "--var", "system_prompt=S")
+    assert simple_llm.main(args) == 0  # chain_args also passes the input file, --code and --system
+    assert fake.calls[0].prompt == "U|C|S"
+    assert "chain complete: 1 step saved" in capsys.readouterr().err
+
+
+def test_key_echoed_in_a_chain_answer_is_never_printed_saved_or_passed_on(fake, work, capsys):
+    fake.then("kimi", lambda: answer("kimi", ["plan: " + KIMI_KEY[:7], KIMI_KEY[7:] + " end"]))
+    assert simple_llm.main(chain_args()) == 0
+    captured = capsys.readouterr()
+    assert "plan: *** end" in fake.calls[1].prompt  # what Gemini got in step 2
+    assert (work / "out" / "step1_research_plan.md").read_text() == "plan: *** end"
+    assert_no_keys(captured.out, captured.err, *(c.prompt for c in fake.calls), folder=work)
+
+
+def test_chain_debug_traceback_keeps_the_cause_without_keys(fake, work, capsys):
+    fake.then("gemini", lambda: raw(f"data: {{oops x-goog-api-key={GEMINI_KEY}\n\n"))
+    assert simple_llm.main(chain_args("out", "--debug")) == 1
+    err = capsys.readouterr().err
+    assert "UnknownApiResponseError" in err and "ChainError" in err
+    assert "step 2 (Critical_Review, gemini) failed: gemini: the stream sent a malformed chunk" in err
+    assert "step 1 is saved in out; continue with:" in err
+    assert_no_keys(err, folder=work)
+
+
+@pytest.mark.parametrize("out", ["notes.md", "notes.md/plans"])
+def test_unusable_out_dir_is_found_before_any_request(fake, work, capsys, out):
+    (work / "notes.md").write_text("mine")
+    assert simple_llm.main(chain_args(out)) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert f"cannot create --out-dir {out} (a file is in the way)" in err
+    assert fake.calls == [] and (work / "notes.md").read_text() == "mine"
+
+
+def test_answer_that_cannot_be_saved_is_kept_as_partial_with_resume_hint(fake, work, capsys):
+    def review_then_block():
+        (work / "out" / "step2_critical_review.md").mkdir()  # the folder changes while step 2 is asked
+        return answer("gemini", "a review worth keeping")
+    fake.then("gemini", review_then_block)
+    assert simple_llm.main(chain_args()) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "step 2 (Critical_Review, gemini) failed: cannot write out/step2_critical_review.md" in err
+    assert "step 1 is saved in out; continue with:" in err and "--resume" in err
+    out = work / "out"
+    assert (out / "step2_critical_review.partial.md").read_text() == "a review worth keeping"
+    manifest = json.loads((out / "chain_run.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"][-1]["partial"] == "step2_critical_review.partial.md"
+
+
+def test_resume_keeps_warning_while_a_reused_step_is_stale(fake, work, capsys):
+    assert simple_llm.main(chain_args()) == 0
+    first = json.loads((work / "out" / "chain_run.json").read_text())["steps"][0]
+    (work / "idea.md").write_text(IDEA + "A new thought.\n")
+    capsys.readouterr()
+    for _ in range(2):  # the second --resume must still know that step 1 was made from the old input
+        assert simple_llm.main(chain_args("out", "--resume")) == 0
+        assert "warning: step 1's prompt changed" in capsys.readouterr().err
+    assert len(fake.calls) == 4  # everything was reused
+    again = json.loads((work / "out" / "chain_run.json").read_text())["steps"][0]
+    assert again["reused"] is True and again["prompt_sha256"] == first["prompt_sha256"]
+
+
+def test_empty_input_file_warns(work, capsys):
+    (work / "idea.md").write_text("\n")
+    steps = [{"title": "Only", "model": "kimi", "prompt": "Idea: {user_input}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json", "--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert "warning: {user_input} is empty" in err and "dry run: 1 step," in err
+
+
+def test_prompt_far_over_any_context_stops_the_chain_before_any_request(fake, work, capsys):
+    (work / "idea.md").write_text("x" * 20_000_000)  # 20 MB: about 5M tokens
+    assert simple_llm.main(chain_args()) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "step 1 (Research_Plan)'s prompt is 20,0" in err and "far more than any model's context" in err
+    assert fake.calls == [] and not (work / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stderr_too", [False, True])
+def test_closed_stdout_stops_the_echo_but_not_the_chain(fake, work, stderr_too):
+    # Answers larger than a pipe holds, so writing fails once the reader has gone.
+    fake.answers = {"kimi": "k" * 100_000 + " {n}", "gemini": "g" * 100_000 + " {n}"}
+    steps = [{"title": "Plan", "model": "kimi", "prompt": "{user_input}"},
+             {"title": "Review", "model": "gemini", "prompt": "{step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    r, first = cli_into_head(*chain_args("out", "--steps", "steps.json"), cwd=work, stderr_too=stderr_too)
+    assert r.returncode == 0, r.stderr
+    if not stderr_too:
+        assert first == b"k" * 10
+        assert "Traceback" not in r.stderr and "error" not in r.stderr and "chain complete: 2 steps" in r.stderr
+    out = work / "out"
+    assert (out / "step1_plan.md").read_text() == "k" * 100_000 + " 1"
+    assert (out / "step2_review.md").read_text() == "g" * 100_000 + " 1"
+    assert json.loads((out / "chain_run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
+def test_closed_stdout_ends_a_single_call_quietly(fake, tmp_path):
+    fake.answers["kimi"] = "k" * 100_000
+    r, first = cli_into_head("kimi", "hi", cwd=tmp_path)
+    assert first == b"k" * 10
+    assert r.returncode == 0 and r.stderr == ""
+
+
 def test_bad_steps_file_is_a_user_error(fake, work, capsys):
     (work / "steps.json").write_text(json.dumps([{"title": "x", "model": "gpt", "prompt": "hi"}]))
     assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 2
@@ -429,9 +665,11 @@ def test_dotenv_from_cwd_never_overrides_the_environment(work, monkeypatch):
         os.environ.pop("NOVITA_API_KEY", None)
 
 
-def test_debug_shows_the_traceback(work):
-    with pytest.raises(simple_llm.UserError, match="NOVITA_API_KEY"):
-        simple_llm.main(["kimi", "hi", "--debug"])
+def test_debug_shows_the_traceback(work, capsys):
+    assert simple_llm.main(["kimi", "hi", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError: NOVITA_API_KEY is not set" in err
+    assert err.rstrip().splitlines()[-1].startswith("error: NOVITA_API_KEY")
 
 
 @pytest.mark.parametrize("provider", ["kimi", "gemini"])
