@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import socket
 import sys
 import threading
 import time
@@ -547,21 +546,26 @@ class ByteTokenizer:
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
-    """A quick TCP probe, so an offline user hears so in seconds rather than after the hub client's retries."""
+    """A quick HTTP probe, so an offline user hears so in seconds rather than after the hub client's retries.
+
+    A request, not just a TCP connect: a server (or middlebox) that accepts and then stays silent must count as
+    unreachable, or the hub client would wait on it for minutes. Any HTTP answer, even an error status, counts."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True  # behind a proxy a direct probe proves nothing: let the hub client try
-    from urllib.parse import urlsplit
-    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    address = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
+    import urllib.error
+    import urllib.request
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     ok = []
 
-    def probe():  # in a thread: getaddrinfo itself has no timeout
+    def probe():  # in a thread: name resolution itself has no timeout
         try:
-            socket.create_connection(address, timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             ok.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # the server answered: it is there
+            ok.append(True)
+        except (OSError, ValueError):  # refused, timed out, no route, no name, a malformed URL
             pass
 
     t = threading.Thread(target=probe, daemon=True)
