@@ -6,8 +6,9 @@
     torchrun --nproc-per-node=4 llm.py --out results.csv   # the same runs spread over 4 GPUs
 
 Each run appends one row to the CSV as it finishes; rerunning the same command skips finished runs. After the
-sweep a markdown report with paired statistics and plots is written beside the CSV (`--report CSV` rebuilds it).
-Sections: config, model, data, optimiser and schedule, train/evaluate/benchmark, sweep/CSV/report, CLI.
+sweep report.py writes a markdown report with paired statistics and plots beside the CSV (`--report CSV`, or
+`python report.py CSV`, rebuilds it). Sections: config, model, data, optimiser and schedule,
+train/evaluate/benchmark, sweep and CSV, CLI.
 """
 from __future__ import annotations
 
