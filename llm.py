@@ -1213,7 +1213,7 @@ def default_dispatch(rt: Runtime) -> str:
 
 
 # routing_metrics' keys: columns of the results CSV and the "routing" record of each evaluation in metrics.jsonl.
-ROUTING_COLUMNS = ("expert_usage_cv", "expert_usage_cv_per_layer", "expert_load_max_mean", "routing_entropy",
+ROUTING_KEYS = ("expert_usage_cv", "expert_usage_cv_per_layer", "expert_load_max_mean", "routing_entropy",
                    "dead_expert_fraction", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
                    "dead_expert_fraction_per_layer", "expert_load_per_layer")
 
@@ -1351,7 +1351,7 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
                 eval_time += time.perf_counter() - t_eval
                 eval_since_log += time.perf_counter() - t_eval
                 if log:
-                    routing = {k: last_eval[k] for k in ROUTING_COLUMNS}
+                    routing = {k: last_eval[k] for k in ROUTING_KEYS}
                     if bias_balancing:
                         routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist() for b in model.blocks]
                     log.write(json.dumps({"split": "val", "step": step, "loss": last_eval["val_loss"],
@@ -1373,7 +1373,7 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, rt: Runtime, models: M
         "best_val_perplexity": best_ppl if status == "ok" else nan, "status": status, "diverged_step": diverged_step,
         "steps": steps_done, "train_tokens": steps_done * tokens_per_update,
         "tokens_per_s": steps_done * tokens_per_update / train_time if train_time > 0 else nan,
-        **{k: ev.get(k, [] if k.endswith("_per_layer") else nan) for k in ROUTING_COLUMNS},
+        **{k: ev.get(k, [] if k.endswith("_per_layer") else nan) for k in ROUTING_KEYS},
     }
 
 

@@ -36,12 +36,12 @@ FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_
 # Routing on the validation batches of the last evaluation (see llm.py's routing_metrics): overall, per layer
 # (";"-joined), and the share of assignments per expert (experts ";"-joined, layers "|"-joined). CSVs written
 # before these existed lack them: the reader accepts that and the report says what it cannot show.
-ROUTING_COLUMNS = ("expert_load_max_mean", "routing_entropy", "dead_expert_fraction",
-                   "expert_load_max_mean_per_layer", "routing_entropy_per_layer", "dead_expert_fraction_per_layer",
-                   "expert_load_per_layer")
+LATER_ROUTING_COLUMNS = ("expert_load_max_mean", "routing_entropy", "dead_expert_fraction",
+                         "expert_load_max_mean_per_layer", "routing_entropy_per_layer", "dead_expert_fraction_per_layer",
+                         "expert_load_per_layer")
 TAIL_COLUMNS = ("status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_per_layer",
-                *ROUTING_COLUMNS, "device", "dtype", "run_id", "config_hash", "config_json")
-REQUIRED_COLUMNS = FIRST_COLUMNS + tuple(c for c in TAIL_COLUMNS if c not in ROUTING_COLUMNS)
+                *LATER_ROUTING_COLUMNS, "device", "dtype", "run_id", "config_hash", "config_json")
+REQUIRED_COLUMNS = FIRST_COLUMNS + tuple(c for c in TAIL_COLUMNS if c not in LATER_ROUTING_COLUMNS)
 _SHORT = {"noise_std": "noise", "load_balancing_weight": "lb"}
 # Read as text: a hex hash can be all digits, and a one-layer list would otherwise become a float.
 _TEXT_COLUMNS = ("status", "expert_usage_cv_per_layer", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",

@@ -33,7 +33,7 @@ CONDS = [(0.0, 0.01), (0.1, 0.01), (0.5, 0.01), (0.0, 0.0), (0.1, 0.0), (0.5, 0.
 def write_csv(path, rows, grid=(), old=False):
     """Write rows in the tool's CSV schema; unspecified fields get plausible defaults, routing columns blank.
     old: the schema before the routing columns existed."""
-    header = list(R.FIRST_COLUMNS) + list(grid) + [c for c in R.TAIL_COLUMNS if not old or c not in R.ROUTING_COLUMNS]
+    header = list(R.FIRST_COLUMNS) + list(grid) + [c for c in R.TAIL_COLUMNS if not old or c not in R.LATER_ROUTING_COLUMNS]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)

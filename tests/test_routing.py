@@ -32,7 +32,7 @@ def test_routing_metrics_hand_computed():
     assert m["expert_load_max_mean"] == pytest.approx(2.0)
     assert m["routing_entropy"] == pytest.approx((h0 + 1) / 2)
     assert m["dead_expert_fraction"] == pytest.approx(0.25)
-    assert set(llm.ROUTING_COLUMNS) == set(m)
+    assert set(llm.ROUTING_KEYS) == set(m)
     assert llm._csv_value(m["expert_load_per_layer"]) == "0.75;0.25;0;0|0.25;0.25;0.25;0.25"
     assert llm._csv_value(m["dead_expert_fraction_per_layer"]) == "0.5;0"
 
@@ -214,7 +214,7 @@ def test_training_log_reports_the_window_it_averages(tmp_path, monkeypatch):
         assert r["z_loss_unweighted"] == pytest.approx(float(sum(z)) / 2, rel=1e-5)
         assert r["z_loss_weighted"] == pytest.approx(0.002 * r["z_loss_unweighted"])
     val = [r for r in recs if r["split"] == "val"][-1]
-    assert set(val["routing"]) == set(llm.ROUTING_COLUMNS)
+    assert set(val["routing"]) == set(llm.ROUTING_KEYS)
     assert np.asarray(val["routing"]["expert_load_per_layer"]).sum(axis=1) == pytest.approx([1.0] * cfg.n_layers)
 
 
