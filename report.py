@@ -37,8 +37,8 @@ FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_
 # (";"-joined), and the share of assignments per expert (experts ";"-joined, layers "|"-joined). CSVs written
 # before these existed lack them: the reader accepts that and the report says what it cannot show.
 LATER_ROUTING_COLUMNS = ("expert_load_max_mean", "routing_entropy", "dead_expert_fraction",
-                         "expert_load_max_mean_per_layer", "routing_entropy_per_layer", "dead_expert_fraction_per_layer",
-                         "expert_load_per_layer")
+                         "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
+                         "dead_expert_fraction_per_layer", "expert_load_per_layer")
 TAIL_COLUMNS = ("status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_per_layer",
                 *LATER_ROUTING_COLUMNS, "device", "dtype", "run_id", "config_hash", "config_json")
 REQUIRED_COLUMNS = FIRST_COLUMNS + tuple(c for c in TAIL_COLUMNS if c not in LATER_ROUTING_COLUMNS)
