@@ -488,18 +488,28 @@ def test_amp_policy_prefers_native_bf16_and_falls_back_to_fp16():
 
 
 def test_hub_probe_uses_the_endpoint_port_and_trusts_proxies(monkeypatch):
-    import socket
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    port = server.getsockname()[1]
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):  # any HTTP answer, even an error status, means "reachable"
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     assert llm._hub_reachable(timeout=2)
-    server.close()
-    assert not llm._hub_reachable(timeout=2)
+    server.shutdown()
+    server.server_close()
+    assert not llm._hub_reachable(timeout=2)  # the port now refuses
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
     assert llm._hub_reachable(timeout=2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
