@@ -1550,6 +1550,8 @@ def read_done(path: Path, header: list[str]) -> set[str]:
         return set()
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
+    if rows[0] == [c for c in header if c not in report.LATER_ROUTING_COLUMNS]:
+        rows = _add_routing_columns(path, rows, header)
     if rows[0] != header:
         raise UserError(f"{path} has different columns than this sweep writes (another --grid?); pass --fresh to "
                         f"start a new file (the old one is kept as a backup) or choose another --out")
@@ -1561,6 +1563,22 @@ def read_done(path: Path, header: list[str]) -> set[str]:
         if row[header.index("status")] in ("ok", "diverged"):
             done.add(row[col])
     return done
+
+
+def _add_routing_columns(path: Path, rows: list[list[str]], header: list[str]) -> list[list[str]]:
+    """A CSV written before the routing columns existed gets them, empty, so its runs still count as done; the
+    file as it was is kept as a .bak copy. Returns the rows as now written."""
+    old, width = rows[0], len(rows[0])
+    backup = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{path.suffix}")
+    backup.write_bytes(path.read_bytes())
+    new = [header] + [[dict(zip(old, r)).get(c, "") for c in header] for r in rows[1:] if len(r) == width]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(new)
+    os.replace(tmp, path)
+    warn(f"{path} predates the routing columns: added them (empty for its {len(new) - 1} run(s)); the file as it "
+         f"was is kept as {backup}")
+    return new
 
 
 def append_row(path: Path, header: list[str], row: dict):

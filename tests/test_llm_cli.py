@@ -399,6 +399,32 @@ def test_csv_with_other_columns_is_not_appended_to(llm_main, tmp_path, smoke_fas
     assert len(read_rows(tmp_path / "r.csv")) == 1
 
 
+
+@pytest.mark.timeout(180)
+def test_csv_from_before_the_routing_columns_gets_them_and_still_resumes(llm_main, tmp_path, smoke_fast):
+    args = (*smoke_fast, "--seeds", "42", "--noise-std", "0", "--lb-weight", "0", "--out", "r.csv")
+    assert llm_main(*args).returncode == 0
+    out = tmp_path / "r.csv"
+    with open(out, newline="") as f:
+        new_header, *rows = list(csv.reader(f))
+    later = ["expert_load_max_mean", "routing_entropy", "dead_expert_fraction", "expert_load_max_mean_per_layer",
+             "routing_entropy_per_layer", "dead_expert_fraction_per_layer", "expert_load_per_layer"]
+    keep = [i for i, c in enumerate(new_header) if c not in later]
+    with open(out, "w", newline="") as f:  # the file as the previous version wrote it
+        csv.writer(f).writerows([[r[i] for i in keep] for r in [new_header, *rows]])
+    before = out.read_text()
+    again = llm_main(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 of 1 runs already done" in again.stdout and "predates the routing columns" in again.stderr
+    assert [b.read_text() for b in tmp_path.glob("r.*.bak.csv")] == [before]  # kept as it was
+    with open(out, newline="") as f:
+        header, *now = list(csv.reader(f))
+    assert header == new_header and len(now) == 1
+    row = dict(zip(header, now[0]))
+    assert all(row[c] == "" for c in later)
+    assert all(row[c] == v for c, v in zip(new_header, rows[0]) if c not in later)  # nothing else changed
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Offline: a port that refuses, a server that accepts and never answers, an address that drops every packet
 
