@@ -4,6 +4,7 @@ The fast paths (sorted and grouped dispatch, fused linear cross-entropy, batched
 straightforward forms they replace (the original's per-expert loop, F.cross_entropy, torch.optim.Muon) on
 random inputs; the balancing loss and CV against hand-computed values.
 """
+import json
 import math
 
 import numpy as np
@@ -295,7 +296,7 @@ def test_config_rejects_bad_values_and_computes_d_k():
 
 def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
     cfg = llm.MoEModelConfig(**{**llm.PRESETS["smoke"], "cache_dir": str(tmp_path), "max_steps": 40,
-                                "eval_every": 40})
+                                "eval_every": 10})
     tokens, meta = llm.load_and_cache_data(cfg, quiet=True)
     cfg = llm.replace(cfg, vocab_size=meta["vocab_size"])
     rt = llm.resolve_runtime("cpu")
@@ -308,7 +309,13 @@ def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
     assert result["train_tokens"] == 40 * cfg.batch_size * cfg.max_seq_len
     assert before["val_loss"] > math.log(100)  # about uniform over the bytes at initialisation
     assert result["val_loss"] < before["val_loss"] - 1.5
-    assert result["best_val_perplexity"] <= result["val_perplexity"]
+    # best = the lowest of the run's evaluations (every 10 updates and the last), final = the last one
+    vals = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    vals = [v for v in vals if v["split"] == "val"]
+    assert [v["step"] for v in vals] == [10, 20, 30, 40]
+    assert result["best_val_perplexity"] == pytest.approx(min(v["perplexity"] for v in vals))
+    assert result["val_perplexity"] == pytest.approx(vals[-1]["perplexity"])
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
     # The run's routing figures are those of the trained model's own routing on the validation batches, read
     # here from each router's choices: CV of the counts summed over layers, the per-layer CVs from each layer.
     picks = {i: [] for i in range(cfg.n_layers)}
