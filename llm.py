@@ -1214,8 +1214,8 @@ def default_dispatch(rt: Runtime) -> str:
 
 # routing_metrics' keys: columns of the results CSV and the "routing" record of each evaluation in metrics.jsonl.
 ROUTING_KEYS = ("expert_usage_cv", "expert_usage_cv_per_layer", "expert_load_max_mean", "routing_entropy",
-                   "dead_expert_fraction", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
-                   "dead_expert_fraction_per_layer", "expert_load_per_layer")
+                "dead_expert_fraction", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
+                "dead_expert_fraction_per_layer", "expert_load_per_layer")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
