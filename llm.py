@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam  # torch's AdamW math over tensor lists (FusedUpdate)
 
 import report
-from report import DEFAULT_CSV, FIRST_COLUMNS, RESULT_NEUTRAL, TAIL_COLUMNS
+from report import DEFAULT_CSV, FIRST_COLUMNS, LATER_FIELDS, RESULT_NEUTRAL, TAIL_COLUMNS
 
 HERE = Path(__file__).resolve().parent
 SAMPLE_CORPUS = HERE / "data_cache" / "sample_corpus.txt"
@@ -161,14 +161,10 @@ def _flag(name: str) -> str:
     return {"load_balancing_weight": "lb-weight", "seed": "seeds"}.get(name, name.replace("_", "-"))
 
 
-# Fields added after results existed, with the value every earlier run had: at that value they stay out of a
-# run's identity, so a CSV written before they existed still resumes.
-LATER_FIELDS = {"router_z_loss_weight": 0.0, "balancing": "loss", "bias_update_rate": 1e-3}
-
-
 def config_hash(config: MoEModelConfig, tokens_sha256: str = "") -> str:
     """Identity of a run: every result-affecting field plus the tokens' content hash (not the files' paths,
-    which change with a checkout or a copy), so resume never mixes setups and works across machines."""
+    which change with a checkout or a copy), so resume never mixes setups and works across machines. Fields
+    added later (report.LATER_FIELDS) count only away from their old value, so earlier rows still resume."""
     d = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL + ("d_k", "data_files")
          and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps([d, tokens_sha256], sort_keys=True).encode()).hexdigest()[:16]
@@ -899,6 +895,7 @@ class FusedUpdate:
 
     def __call__(self, grad_clip: float) -> bool:
         """Run the step; False (after one warning, for the rest of the process) where it cannot compile."""
+        import torch._dynamo.exc  # (loaded by torch.compile already; named here for the except clause)
         grads = [p.grad for p in self.muon_p + self.adam_p]
         if _fused_state["broken"] or any(g is None for g in grads):
             return False
@@ -913,7 +910,9 @@ class FusedUpdate:
                 [st[p]["exp_avg"] for p in self.adam_p], [st[p]["exp_avg_sq"] for p in self.adam_p],
                 [st[p]["step"] for p in self.adam_p], self.lr[0], self.lr[1], grad_clip, self.muon_hp,
                 self.adam_hp)
-        except Exception as e:  # a compile error, raised before the compiled code changed anything
+        except torch._dynamo.exc.TorchDynamoException as e:
+            # Compilation failed (inductor's errors derive from this too), before the step changed anything. Other
+            # errors (out of memory mid-step) propagate: an eager rerun could apply part of the step twice.
             _fused_state["broken"] = True
             warn(f"the compiled optimizer step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                  f"); running it eagerly (slower)")
@@ -1135,15 +1134,20 @@ class ModelCache:
             torch.cuda.empty_cache()
 
     def _compile(self, model: MoEMinimalLLM, cfg: MoEModelConfig, data):
-        """Compile and warm up: CUDA graphs first on CUDA, then the default mode, then eager, one warning each."""
+        """Compile and warm up: CUDA graphs first where they fit (CUDA, static shapes, no GradScaler), then the
+        default mode, then eager, one warning each."""
         import torch._dynamo
         for name in ("recompile_limit", "cache_size_limit"):  # a new architecture counts as a recompile
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         backend, t = compile_backend(), time.perf_counter()
-        # CUDA graphs (no per-kernel launches from the host) where the FusedUpdate keeps gradients in place; the
-        # fp16 path (old GPUs) keeps the GradScaler's eager step and runs the sorted dispatch, which graph-breaks.
-        modes = ["reduce-overhead", None] if (self.rt.device.type == "cuda" and backend == "inductor" and
+        # CUDA graphs (no per-kernel launches from the host) where the step has static shapes: the grouped
+        # dispatch (or the dense ceiling). The sorted dispatch (fp16 or fp32 GPUs, where grouped_mm is not
+        # compiled) slices by data-dependent sizes, so graphs would be re-recorded for every new routing; the
+        # fp16 path also keeps the GradScaler's eager optimizer step.
+        static = all(getattr(m, "dispatch", "grouped") == "grouped" for m in model.modules()
+                     if isinstance(m, MixtureOfExperts))
+        modes = ["reduce-overhead", None] if (self.rt.device.type == "cuda" and backend == "inductor" and static and
                                               self.rt.amp_dtype != torch.float16) else [None]
         for i, mode in enumerate(modes):
             fn = CompiledStep(torch.compile(model, backend=backend, mode=mode), cudagraphs=mode == "reduce-overhead")
@@ -1736,16 +1740,7 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
 
     first = runs[0][0]
     data_for(first)  # fails early on a corpus too short for the first run
-    models = ModelCache(rt, quiet=not main_rank)
-    total, active = count_parameters(models.get(first, data=data_for(first))[0])
-    say(f"model: {total:,} parameters, {active:,} active per token; "
-        f"{flops_per_token(first) / 1e9:.3f} GFLOP per training token")
-    say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in SWEPT + ("d_k",)}))
-    both = sum(c.balancing == "bias" and c.load_balancing_weight > 0 for c, _ in runs)
-    if both:
-        say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > 0); "
-            f"--lb-weight 0 gives DeepSeek-V3's loss-free balancing")
-
+    # The CSV is checked before the model is built: a wrong --out fails before minutes of compiling.
     if main_rank:
         done = read_done(out, header)
         todo = [i for i, (_, h) in enumerate(runs) if h not in done]
@@ -1762,6 +1757,16 @@ def run_sweep(args, base: MoEModelConfig, axes: dict[str, list], grid_fields: li
         todo = box[0]
     if len(todo) < len(runs):
         say(f"resuming {out}: {len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to go")
+    models = ModelCache(rt, quiet=not main_rank)
+    total, active = count_parameters(models.get(first, data=data_for(first))[0])
+    say(f"model: {total:,} parameters, {active:,} active per token; "
+        f"{flops_per_token(first) / 1e9:.3f} GFLOP per training token")
+    say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in SWEPT + ("d_k",)}))
+    both = sum(c.balancing == "bias" and c.load_balancing_weight > 0 for c, _ in runs)
+    if both:
+        say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > 0); "
+            f"--lb-weight 0 gives DeepSeek-V3's loss-free balancing")
+
     mine = todo[rank::world]
     runs_dir = out.with_name(out.stem + "_runs")
     from tqdm.auto import tqdm
@@ -1877,6 +1882,9 @@ def main(argv=None) -> int:
                      if f.name not in SWEPT and hasattr(args, f.name)}
         base = MoEModelConfig(**{**PRESETS.get(args.preset, {}), **overrides})
         grid = parse_grid(args.grid)
+        both = sorted(set(grid) & set(overrides))
+        if both:  # the grid would silently replace the flag's value
+            raise UserError(f"--{_flag(both[0])} and --grid {both[0]}=... both set {both[0]}; keep one")
         axes = {k: v for k, v in grid.items() if k not in SWEPT}
         axes.update(noise_std=grid.get("noise_std", args.noise_std),
                     load_balancing_weight=grid.get("load_balancing_weight", args.lb_weight),

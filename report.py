@@ -30,6 +30,10 @@ import numpy as np
 DEFAULT_CSV = "moe_routing_noise_experiment_results.csv"
 # Config fields that do not change a run's numbers: not part of a run's identity, never a condition.
 RESULT_NEUTRAL = ("cache_dir", "log_every")
+# Config fields added after results existed, with the value every earlier run had: at that value they stay out
+# of a run's identity (llm.config_hash), and a row recorded before they existed is read as having that value.
+LATER_FIELDS = {"router_z_loss_weight": 0.0, "balancing": "loss", "bias_update_rate": 1e-3}
+NOT_RECORDED = "(not recorded)"  # the level of a differing config field that a row's config_json lacks
 
 FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
                  "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv")
@@ -123,10 +127,12 @@ def _read_results(csv_path, hashes=None):
         raise ValueError(f"{p} has no successful runs ({len(df)} run(s), none with status 'ok')")
     # Rows of different setups in one CSV (say, two --max-steps appended to one file) must not be pooled:
     # every config field that differs between rows becomes a condition column, as if swept with --grid.
-    df, cfgs = df.reset_index(drop=True), _configs(df)
+    df, cfgs = df.reset_index(drop=True), [{**LATER_FIELDS, **c} if c else c for c in _configs(df)]
     skip = set(condition_columns(df)) | {"seed", "data_files"} | set(RESULT_NEUTRAL)
     for name in dict.fromkeys(k for c in cfgs for k in c):
-        values = [json.dumps(c.get(name)) if isinstance(c.get(name), (list, dict)) else c.get(name) for c in cfgs]
+        # a missing value is a level of its own, never NaN (NaN keys would drop those runs from every contrast)
+        values = [json.dumps(v) if isinstance(v, (list, dict)) else NOT_RECORDED if v is None else v
+                  for v in (c.get(name) for c in cfgs)]
         if name not in skip and len(set(map(str, values))) > 1:
             df.insert(df.columns.get_loc("status"), name, values)
     return df
@@ -223,9 +229,9 @@ def condition_table(df, metric="best_val_perplexity", confidence=0.95):
 
 
 def baseline_condition(df) -> dict:
-    """The default routing (noise 0, lb weight 0.01) if the CSV has it, else the first ok run's condition."""
+    """The default routing (noise 0, lb weight 0.01) if an ok run has it, else the first ok run's condition."""
     noise, lbw = _num(df, "noise_std"), _num(df, "load_balancing_weight")
-    hits = df[np.isclose(noise, 0.0) & np.isclose(lbw, 0.01)]
+    hits = df[np.isclose(noise, 0.0) & np.isclose(lbw, 0.01) & _ok_mask(df)]  # a condition with an ok run
     row = hits.iloc[0] if len(hits) else df[_ok_mask(df)].iloc[0]
     return {c: (row[c].item() if isinstance(row[c], np.generic) else row[c]) for c in condition_columns(df)}
 

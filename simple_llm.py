@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -269,7 +270,7 @@ class Reply:
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
+    text = " ".join(redact(str(text)).split())  # redacted before the cut: a cut key would no longer match
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -588,7 +589,8 @@ class SimpleLLM:
         used = {name for step in steps for name in placeholders(step["prompt"])}
         for name, load in (("code_content", lambda: self.read_code_file(DEFAULT_CODE, lean=True)),
                            ("system_prompt", lambda: self.read_markdown_file(DEFAULT_SYSTEM)),
-                           ("results", lambda: load_results(self.results_file, self.use_results)[0]),
+                           ("results", lambda: load_results(self.results_file, self.use_results,
+                                                            write=not dry_run)[0]),
                            ("plan_format", plan_format)):
             if name in used and name not in self.variables:
                 self.variables[name] = load()
@@ -626,11 +628,7 @@ class SimpleLLM:
                                   "shorten the input, code or --var values it is made from")
         manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
                     "settings": dataclasses.asdict(self.settings), "steps": []}
-        try:  # found now, not when the first paid answer cannot be saved
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-            raise UserError(f"cannot create --out-dir {out_dir} ({why}); choose another folder") from None
+        make_dir(out_dir)  # found now, not when the first paid answer cannot be saved
         _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # and that the folder can be written
         results: list[str] = []
         for n, step in enumerate(steps, 1):
@@ -727,7 +725,7 @@ def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
 
 def _read_text(path, what: str) -> str:
@@ -748,6 +746,14 @@ def _write(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a folder in the way, no permission
         raise UserError(f"cannot write {path} ({e.strerror or e})") from e
+
+
+def make_dir(path: Path, flag: str = "--out-dir") -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise UserError(f"cannot create {flag} {path} ({why}); choose another folder") from None
 
 
 def _remove(path: Path) -> None:
@@ -774,6 +780,9 @@ LEDGER = "ledger.md"
 _SECTION = re.compile(r"(?m)^(# -{20,}\n# (.+)\n)")
 _JSON_BLOCK = re.compile(r"(?ms)^[ \t]*(`{3,}|~{3,})[ \t]*json[ \t]*\n(.*?)^[ \t]*\1[ \t]*$")
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not options
+# Control and bidirectional-override characters: in a plan they could redraw the terminal line that shows the
+# command the user is asked to confirm (carriage return, ANSI escapes), or hide a NUL that breaks the call.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _project_module(name: str):
@@ -809,12 +818,13 @@ def _csv_of(md: Path) -> Path:
     return md.with_name(DEFAULT_CSV_NAME if stem == "experiment" else stem + ".csv")
 
 
-def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path | None]:
+def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path], Path | None]:
     """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and the report.
 
     path: a report, or a results CSV whose report is built first. None: the report of the default CSV in the
     current folder, rebuilt if the CSV is newer. A line on stderr says which file. Nothing found, or
-    enabled=False: a sentence saying that no results exist yet.
+    enabled=False: a sentence saying that no results exist yet. write=False (a dry run): a report that needs
+    building is built in a temporary folder and not kept.
     """
     if not enabled:
         _note("results: left out (--no-results)")
@@ -830,6 +840,12 @@ def load_results(path=None, enabled: bool = True) -> tuple[str, list[Path], Path
         md = rp.report_paths(csv)[0]
         if csv.is_file() and (given or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime):
             try:
+                if not write:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        shutil.copy(csv, Path(tmp) / csv.name)
+                        text = _report_text(rp.write_report(Path(tmp) / csv.name))
+                    _note(f"results: the report of {csv}, built for this dry run only (nothing written)")
+                    return f"From {md.name}:\n\n{text}", [csv], md
                 md = rp.write_report(csv)
                 _note(f"results: wrote the report {md} from {csv}")
             except (OSError, ValueError) as e:
@@ -917,11 +933,18 @@ def read_plan(path) -> list[PlanEntry]:
         if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
                                                  for a in args):
             raise UserError(f'{label}: "args" must be a list of strings, one per llm.py argument')
+        question, args = str(e.get("question") or "").strip(), [str(a) for a in args]
+        for what, text in [("name", e["name"]), ("question", question)] + [("args", a) for a in args]:
+            if _UNSAFE_TEXT.search(text):
+                raise UserError(f"{label}: its {what} contains control characters ({text!r}), which could disguise "
+                                "the command shown before you confirm; remove them")
         name = safe_name(e["name"])
-        if name in seen:
-            raise UserError(f"{label}: its file name {name} is already used by entry {seen[name]}; rename one")
-        seen[name] = i
-        entries.append(PlanEntry(name, str(e.get("question") or "").strip(), [str(a) for a in args]))
+        # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key for both
+        files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
+        if files in seen:
+            raise UserError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; rename one")
+        seen[files] = i
+        entries.append(PlanEntry(name, question, args))
     return entries
 
 
@@ -933,8 +956,14 @@ def _check_flags(label: str, args: list[str], parser) -> None:
         if tok == "--":
             raise UserError(f"{label}: '--' is not allowed in args (it would hide the tool's own flags)")
         if not tok.startswith("-") or _NEGATIVE_NUMBER.match(tok):
+            path = Path(tok)
+            if tok.startswith("~") or path.is_absolute() or ".." in path.parts:
+                raise UserError(f"{label}: {tok} points outside the current folder; a plan may only name files "
+                                "under it (copy the file here)")
             continue
         key = tok.split("=", 1)[0]
+        if not key.startswith("--"):  # short options bundle: -hh is -h -h
+            key = key[:2]
         hits = [key] if key in options else [s for s in options if s.startswith(key) and key.startswith("--")]
         owned = sorted({options[h] for h in hits} & set(TOOL_OWNED))
         if owned:
@@ -1033,22 +1062,48 @@ def _need_consent(args, what: str) -> None:
 
 def show_plan(entries: list[PlanEntry], out_dir, source) -> None:
     total = sum(len(e.runs) for e in entries)
-    print(f"plan {source}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total} runs, results in "
+    print(f"plan {source}: {_count(len(entries), 'entry')}, {_count(total, 'run')}, results in "
           f"{out_dir}")
     for i, e in enumerate(entries, 1):
-        print(f"  {i}. {e.name} ({len(e.runs)} run{'s' if len(e.runs) != 1 else ''})"
+        print(f"  {i}. {e.name} ({_count(len(e.runs), 'run')})"
               + (f": {e.question}" if e.question else ""))
         print(f"     {shown(e.command(out_dir))}")
 
 
+def _lock_out_dir(out_dir):
+    """An exclusive lock on out_dir for the whole run, shared with each llm.py it starts (pass_fds): a second
+    `runs`/`loop` on the same folder is refused while this one, or an llm.py it left running, still writes."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one at a time is up to the user
+        return None
+    lock = open(Path(out_dir) / ".runs.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"another runs/loop (or an llm.py it started) is still writing in {out_dir}; wait for it "
+                        "to finish, or use another --out-dir") from None
+    return lock
+
+
 def run_plan(entries: list[PlanEntry], out_dir) -> int:
     """Run the entries one after another with llm.py's own progress and resume; stop at the first failure."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
+    lock = _lock_out_dir(out_dir)
+    try:
+        return _run_entries(entries, out_dir, () if lock is None else (lock.fileno(),))
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_entries(entries: list[PlanEntry], out_dir, pass_fds) -> int:
     rp = _project_module("report")
     for i, e in enumerate(entries, 1):
-        _note(f"\n== entry {i}/{len(entries)}: {e.name} ({len(e.runs)} runs)")
+        _note(f"\n== entry {i}/{len(entries)}: {e.name} ({_count(len(e.runs), 'run')})")
         sys.stdout.flush()
-        proc = subprocess.Popen(e.command(out_dir))
+        proc = subprocess.Popen(e.command(out_dir), pass_fds=pass_fds)
         try:
             rc = proc.wait()
         except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save what it has
@@ -1062,7 +1117,7 @@ def run_plan(entries: list[PlanEntry], out_dir) -> int:
             _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
                   f"{e.csv(out_dir)}; rerun the same command to resume")
             return rc
-    _note(f"\ndone: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}; reports:")
+    _note(f"\ndone: {_count(len(entries), 'entry')}; reports:")
     for e in entries:
         _note(f"  {rp.report_paths(e.csv(out_dir))[0]}")
     return 0
@@ -1083,7 +1138,11 @@ def _runs_command(args) -> int:
     if not args.run:
         _note("nothing was run; add --run to run them")
         return 0
+    created = not Path(args.out_dir).exists()
+    make_dir(args.out_dir)  # before asking: a folder that cannot be used fails now
     if not confirm(f"Run these {total} runs?", args.yes):
+        if created:
+            Path(args.out_dir).rmdir()  # leave nothing behind
         _note("not confirmed: nothing was run")
         return 1
     return run_plan(entries, args.out_dir)
@@ -1128,11 +1187,11 @@ def _rows_done(csv: Path) -> int:
 def _round_results(out: Path, k: int, rnd: dict) -> tuple[str, list[Path]]:
     """Round k's reports as the next round's {results}: one section per entry, headed by its question."""
     parts, csvs = [], []
-    for e in rnd["entries"]:
+    for e in rnd.get("entries", []):
         csv = out / f"round{k}" / f"{e['name']}.csv"
         md = _project_module("report").report_paths(csv)[0]
         body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
-        parts.append(f"## Round {k}, entry {e['name']}: {e['question'] or 'no question given'}\n\n{body}")
+        parts.append(f"## Round {k}, entry {e['name']}: {e.get('question') or 'no question given'}\n\n{body}")
         csvs.append(csv)
     return "\n\n".join(parts), csvs
 
@@ -1191,6 +1250,13 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
         state = {"round": {}}
     except (OSError, ValueError) as e:
         raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it") from None
+    rounds = state.get("round") if isinstance(state, dict) else None
+    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"), str)
+                                               for r in rounds.values()):
+        raise UserError(f"{out / LOOP_STATE} is not a loop state of this tool; fix or delete it")
+    if state.get("idea") not in (None, str(args.input)):
+        raise UserError(f"{out} holds a loop over {state['idea']}, not {args.input}; use another --out-dir (or "
+                        "the same idea file)")
     state.update(idea=str(args.input), rounds=args.rounds)
     steps = _chain_inputs(llm, args)
     given = dict(llm.variables)  # --var and the files: the same in every round
@@ -1201,11 +1267,14 @@ def _loop_command(llm: "SimpleLLM", args) -> int:
             continue
         rdir = out / f"round{k}"
         llm.variables, csvs = dict(given), []
-        if k > 1 and "results" not in given:
+        if "results" in given:
+            rnd["results_from"] = "--var results"
+        elif k > 1:
             llm.variables["results"], csvs = _round_results(out, k - 1, state["round"][str(k - 1)])
             rnd["results_from"] = f"round {k - 1}'s reports"
-        elif "results" not in given:
-            llm.variables["results"], csvs, source = load_results(args.results, not args.no_results)
+        else:
+            llm.variables["results"], csvs, source = load_results(args.results, not args.no_results,
+                                                                  write=not args.dry_run)
             rnd["results_from"] = str(source) if source else None
         _note(f"\n==== round {k}/{args.rounds} in {rdir}")
         if args.dry_run:

@@ -343,6 +343,7 @@ def test_preset_values_yield_to_explicit_flags(llm_main):
     (["--device", "cuda"], ["--device cuda"]),
     (["--bench", "--bench-out", "no/such/dir/b.json"], ["--bench-out"]),
     (["--vocab-size", "100"], ["--vocab-size 100", "tokenizer"]),  # the byte tokenizer's ids reach 255
+    (["--balancing", "bias", "--grid", "balancing=loss,bias"], ["--balancing", "--grid balancing", "keep one"]),
 ])
 def test_bad_config_is_one_line_exit_2(llm_main, smoke_fast, args, words):
     if args == ["--device", "cuda"] and llm.torch.cuda.is_available():

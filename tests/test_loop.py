@@ -65,8 +65,7 @@ def test_results_from_an_explicit_report_and_from_a_csv(work, capsys):
     csv = write_csv(work / "sweep.csv", sweep_rows([0, 0.2, 14, 0.1, 0.3, 0.2]))
     assert simple_llm.main(chain_dry("--results", str(csv))) == 0
     out, err = capsys.readouterr()
-    built = work / "sweep_analysis.md"
-    assert built.is_file() and "wrote the report" in err
+    assert not (work / "sweep_analysis.md").exists() and "built for this dry run only" in err  # a dry run writes nothing
     assert "analysis of `sweep.csv`" in out and "## Paired comparisons against the baseline" in out
 
 
@@ -165,6 +164,21 @@ BAD_PLANS = {
               "invalid float value: '0; touch pwned'"),
     "too_many": (plan_md([{"name": "a", "args": SMOKE + ["--seeds", "1", "2", "3"]},
                           {"name": "b", "args": SMOKE + ["--seeds", "1", "2"]}]), "entry 2 (b) brings the plan to 5"),
+    # text that redraws the terminal line showing the command to confirm (carriage return, erase-line escape)
+    "control_chars": (plan_md([{"name": "a", "args": SMOKE + ["--dataset", "\r\x1b[2K python llm.py --seeds 1"]}]),
+                      "control characters"),
+    "control_question": (plan_md([{"name": "a", "question": "ok?\x1b[8m hidden", "args": SMOKE}]),
+                         "its question contains control characters"),
+    "nul": (plan_md([{"name": "a", "args": SMOKE + ["--dataset", "x\u0000y"]}]), "control characters"),
+    "outside_absolute": (plan_md([{"name": "a", "args": SMOKE + ["--data-files", "/etc/hostname"]}]),
+                         "outside the current folder"),
+    "outside_parent": (plan_md([{"name": "a", "args": SMOKE + ["--data-files", "../secret.txt"]}]),
+                       "outside the current folder"),
+    "outside_home": (plan_md([{"name": "a", "args": SMOKE + ["--tokenizer", "~/tok"]}]), "outside the current folder"),
+    "bundled_help": (plan_md([{"name": "a", "args": SMOKE + ["-hh"]}]), "chosen by the tool"),
+    # report.py names the default CSV's report "experiment_analysis.md": an entry named "experiment" would share it
+    "same_report": (plan_md([{"name": "experiment", "args": SMOKE},
+                             {"name": "moe_routing_noise_experiment_results", "args": SMOKE}]), "already used"),
 }
 
 
@@ -252,6 +266,69 @@ def test_headline_findings_match_scipy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- loop
+
+def test_runs_out_dir_that_cannot_be_made_fails_before_asking(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    for out in ("afile", "afile/sub"):
+        assert simple_llm.main(["runs", str(EXAMPLE), "--run", "--yes", "--out-dir", out]) == 2
+        assert f"cannot create --out-dir {out}" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_second_runs_on_a_busy_out_dir_is_refused(tmp_path, monkeypatch, capsys):
+    import fcntl
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".runs.lock", "w") as held:  # as a running runs/loop, or its llm.py, holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert simple_llm.main(["runs", str(EXAMPLE), "--run", "--yes", "--out-dir", "out"]) == 2
+        assert "still writing in out" in one_error_line(capsys.readouterr().err)
+    assert not list((tmp_path / "out").glob("*.csv"))  # nothing ran
+
+
+def test_llm_py_started_by_runs_holds_the_out_dir_lock(tmp_path, monkeypatch):
+    # The lock travels to each llm.py (pass_fds): if the tool is killed, its llm.py still holds the folder.
+    import fcntl
+    seen = {}
+
+    class Child:
+        def __init__(self, cmd, pass_fds=()):
+            with open(tmp_path / "out" / ".runs.lock", "w") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen["locked"] = False
+                except OSError:
+                    seen["locked"] = True
+            seen["fds"] = pass_fds
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(simple_llm.subprocess, "Popen", Child)
+    entry = simple_llm.PlanEntry("a", "", SMOKE, runs=[{}])
+    assert simple_llm.run_plan([entry], tmp_path / "out") == 0
+    assert seen["locked"] and len(seen["fds"]) == 1
+
+
+def test_loop_refuses_a_foreign_or_broken_state_file(fake, work, capsys):
+    (work / "L").mkdir()
+    for bad in ("[]", "{}", '{"round": []}', '{"round": {"1": {}}}'):
+        (work / "L" / "loop_state.json").write_text(bad)
+        assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L"]) == 2
+        assert "not a loop state of this tool" in one_error_line(capsys.readouterr().err)
+    (work / "L" / "loop_state.json").write_text('{"idea": "other.md", "round": {}}')
+    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L"]) == 2
+    assert "holds a loop over other.md" in one_error_line(capsys.readouterr().err)
+    assert fake.calls == []
+
+
+def test_dry_run_builds_a_stale_report_without_writing_it(work, monkeypatch, capsys):
+    write_csv(work / simple_llm.DEFAULT_CSV_NAME, sweep_rows([0, 0.2, 14, 0.1, 0.3, 0.2]))
+    before = sorted(p.name for p in work.iterdir())
+    assert simple_llm.main(chain_dry()) == 0
+    out, err = capsys.readouterr()
+    assert "built for this dry run only" in err and "Paired comparisons against the baseline" in out
+    assert sorted(p.name for p in work.iterdir()) == before  # no report, no plots
+
 
 def test_loop_without_terminal_or_yes_refuses_before_any_request(fake, work, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))

@@ -600,3 +600,24 @@ def test_summary_and_report_say_sample_std(main_csv, capsys):
     x = pd.read_csv(main_csv).query("noise_std == 0 and load_balancing_weight == 0.01").best_val_perplexity
     assert f"{x.mean():.2f} ± {x.std(ddof=1):.2f}" in first and f"± {x.std(ddof=0):.2f}" not in first
     assert "(mean ± sample std over seeds" in R.write_report(main_csv).read_text()
+
+
+def test_rows_from_before_later_fields_pool_with_rows_at_their_defaults(tmp_path):
+    # A CSV resumed across versions: seed 44's rows were written with the fields added later, at their defaults;
+    # the others predate them. They are the same setup (llm.config_hash agrees) and must stay one condition each.
+    rows = sweep_rows([0, 0.2, 14, 0.1, 0.3, 0.2])
+    for r in rows:
+        cfg = {"d_model": 64, "noise_std": r["noise_std"], "load_balancing_weight": r["load_balancing_weight"],
+               "seed": r["seed"], **(R.LATER_FIELDS if r["seed"] == 44 else {})}
+        r["config_json"] = json.dumps(cfg)
+    df = R._read_results(write_csv(tmp_path / "mixed.csv", rows))
+    assert R.condition_columns(df) == ["noise_std", "load_balancing_weight"]
+    assert R.condition_table(df)["n"].tolist() == [3] * 6
+    # A field that only some rows recorded (and that is not a later field) is a level of its own, never NaN:
+    # no run drops out of the tables or the contrasts.
+    for r in rows:
+        r["config_json"] = json.dumps({**json.loads(r["config_json"]), **({"max_steps": 100} if r["seed"] == 42
+                                                                           else {})})
+    df = R._read_results(write_csv(tmp_path / "partial.csv", rows))
+    assert set(df["max_steps"]) == {100, R.NOT_RECORDED}
+    assert R.condition_table(df)["n"].sum() == len(rows)

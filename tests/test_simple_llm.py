@@ -683,3 +683,12 @@ def test_bad_base_url_is_one_clear_error(fake, monkeypatch):
     monkeypatch.setenv("GEMINI_BASE_URL", "localhost:1/")  # no scheme
     with pytest.raises(simple_llm.ProviderError, match="gemini: connection to localhost:1/ failed"):
         simple_llm.SimpleLLM().reply("gemini", "hi")
+
+
+def test_a_key_is_redacted_before_a_long_message_is_cut(monkeypatch):
+    # A message cut at its length limit must not keep the front of a key that redaction would no longer match.
+    monkeypatch.setenv("NOVITA_API_KEY", KIMI_KEY)
+    simple_llm.load_env()
+    for cut in range(len(KIMI_KEY)):
+        text = str(simple_llm._rejected("kimi", 401, "x" * (160 - 5 - cut) + " key " + KIMI_KEY))
+        assert KIMI_KEY[:6] not in text
