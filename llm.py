@@ -980,7 +980,7 @@ def lr_multiplier(step: int, max_steps: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Train, evaluate and benchmark
+# Runtime: device, precision and compilation, decided once per sweep
 
 @dataclass
 class Runtime:
@@ -1216,6 +1216,14 @@ def default_dispatch(rt: Runtime) -> str:
         return "sorted"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Train and evaluate
+
+def _sync(rt: Runtime):
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
 # routing_metrics' keys: columns of the results CSV and the "routing" record of each evaluation in metrics.jsonl.
 ROUTING_KEYS = ("expert_usage_cv", "expert_usage_cv_per_layer", "expert_load_max_mean", "routing_entropy",
                 "dead_expert_fraction", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
@@ -1389,6 +1397,8 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Benchmark: this project's training step against the original's and a dense model's
 
 def _matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
     """Measured, not looked up: the best of a few large matmuls in the training dtype."""
@@ -1405,11 +1415,6 @@ def _matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
         _sync(rt)
         best = min(best, (time.perf_counter() - t) / 3)
     return 2 * n ** 3 / best / 1e12, f"{str(dt).replace('torch.', '')} {n}x{n} matmul"
-
-
-def _sync(rt: Runtime):
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
 
 
 class DenseFFN(nn.Module):

@@ -772,8 +772,9 @@ DEFAULT_LOOP_DIR = "research_loop"
 # llm.py flags the runs command sets itself (where output goes) or that make llm.py another kind of command.
 TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device", "dry_run",
               "help")
-# llm.py sections (by title prefix) a planner does not need: corpus loading and caching, CSV and resume plumbing.
-PLANNER_SKIPS = ("Data", "Sweep")
+# llm.py sections (by title prefix) a planner does not need: corpus loading and caching, device and compilation
+# plumbing, the benchmark, CSV and resume plumbing. Config, model, optimiser, training and evaluation stay.
+PLANNER_SKIPS = ("Data", "Runtime", "Benchmark", "Sweep")
 NO_RESULTS = "No results exist yet: this is the first experiment on this question."
 LOOP_STATE = "loop_state.json"
 LEDGER = "ledger.md"
