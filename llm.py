@@ -7,8 +7,8 @@
 
 Each run appends one row to the CSV as it finishes; rerunning the same command skips finished runs. After the
 sweep report.py writes a markdown report with paired statistics and plots beside the CSV (`--report CSV`, or
-`python report.py CSV`, rebuilds it). Sections: config, model, data, optimiser and schedule,
-train/evaluate/benchmark, sweep and CSV, CLI.
+`python report.py CSV`, rebuilds it). Sections: config, model, data, optimiser and schedule, runtime (device,
+precision, compilation), train and evaluate, benchmark, sweep and CSV, CLI.
 """
 from __future__ import annotations
 
