@@ -1229,7 +1229,6 @@ def _chain_inputs(llm: "SimpleLLM", args) -> list[dict]:
             steps = json.loads(_read_text(args.steps, "steps"))
         except ValueError as e:
             raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
-    check_steps(steps)
     llm.variables["user_input"] = llm.read_markdown_file(args.input)
     if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (run_chain does that)
         llm.variables["code_content"] = llm.read_code_file(args.code)  # "code file X not found" if missing

@@ -301,6 +301,12 @@ def test_report_cli_writes_report_and_fails_in_one_line(main_csv, tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+    strict = subprocess.run([sys.executable, str(script), str(main_csv), "--alpha", "0.01"], capture_output=True,
+                            text=True, timeout=120)
+    assert strict.returncode == 0 and "99% CI" in report.read_text() and "alpha = 0.01" in report.read_text()
+    wrong = subprocess.run([sys.executable, str(script), str(main_csv), "--alpha", "2"], capture_output=True,
+                           text=True, timeout=120)
+    assert wrong.returncode == 2 and "--alpha" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 # ------------------------------------------------------------------------------------------------------------
