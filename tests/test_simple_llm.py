@@ -253,7 +253,9 @@ def test_key_echoed_in_the_answer_is_redacted(fake, capsys, provider):
 
 
 def test_redactor_catches_a_key_split_anywhere(monkeypatch):
-    monkeypatch.setattr(simple_llm, "_SECRETS", {KIMI_KEY, GEMINI_KEY})
+    monkeypatch.setattr(simple_llm, "_SECRETS", {})
+    simple_llm.add_secret(KIMI_KEY)
+    simple_llm.add_secret(GEMINI_KEY)
     text = f"a {KIMI_KEY} b {GEMINI_KEY}{KIMI_KEY} c"
     for cut in range(len(text) + 1):
         r = simple_llm.Redactor()
@@ -359,22 +361,22 @@ def test_gemini_refusing_the_prompt_is_one_clear_error(fake, capsys):
 # ---------------------------------------------------------------------------------------------- variables
 
 def test_substitution_is_one_pass_and_strict():
-    llm = simple_llm.SimpleLLM()
-    llm.variables.update(code="x = {'a': 1}; f'{x}' {user_input}", user_input="IDEA {code}")
-    text = llm.substitute_vars("{user_input} | {code} | {{user_input}} | {\"json\": 1} | {0}")
+    values = dict(code="x = {'a': 1}; f'{x}' {user_input}", user_input="IDEA {code}")
+    text = simple_llm.substitute("{user_input} | {code} | {{user_input}} | {\"json\": 1} | {0}", values)
     assert text == "IDEA {code} | x = {'a': 1}; f'{x}' {user_input} | {user_input} | {\"json\": 1} | {0}"
     with pytest.raises(simple_llm.UserError, match=r"\{missing\}"):
-        llm.substitute_vars("{missing}")
-    assert llm.substitute_vars("{missing}", strict=False) == "{missing}"
+        simple_llm.substitute("{missing}", values)
+    assert simple_llm.substitute("{missing}", values, strict=False) == "{missing}"
 
 
-def test_file_readers(tmp_path):
-    llm = simple_llm.SimpleLLM()
+def test_code_file_is_fenced_whole_up_to_its_limit(tmp_path):
     (tmp_path / "a.py").write_text("print('{x}')\n```\n")
-    fenced = llm.read_code_file(tmp_path / "a.py")
+    fenced = simple_llm.fenced_code(tmp_path / "a.py")
     assert fenced.startswith("````python\n") and fenced.endswith("\n````") and "print('{x}')" in fenced
     with pytest.raises(simple_llm.UserError, match="not found"):
-        llm.read_markdown_file(tmp_path / "nope.md")
+        simple_llm.fenced_code(tmp_path / "nope.py")
+    with pytest.raises(simple_llm.UserError, match="more than the 10 sent whole"):
+        simple_llm.fenced_code(tmp_path / "a.py", limit=10)
 
 
 @pytest.mark.parametrize("title", ["../../etc/passwd", "a/b\\c", "..", "Final Plan: v2!", "", "🙂"])
@@ -390,8 +392,8 @@ def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys)
     assert simple_llm.main(chain_args()) == 0
     out = work / "out"
     assert [(c.provider, c.model) for c in fake.calls] == [
-        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro"),
-        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro")]
+        ("kimi", "moonshotai/kimi-k2.5"), ("gemini", "gemini-3.1-pro-preview"),
+        ("kimi", "moonshotai/kimi-k2.5"), ("gemini", "gemini-3.1-pro-preview")]
     prompts = [c.prompt for c in fake.calls]
     answers = ["kimi answer 1", "gemini answer 1", "kimi answer 2", "gemini answer 2"]
     answers = [a + ": keep {braces} and {step1_result} as text." for a in answers]
@@ -415,7 +417,9 @@ def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys)
     assert [s["finish_reason"] for s in steps] == ["stop", "STOP", "stop", "STOP"]
     assert steps[0]["usage"]["completion_tokens"] > 0 and steps[1]["usage"]["total_token_count"] > 0
     assert all(s["seconds"] >= 0 and s["cut"] is False for s in steps)
+    assert [s["answered_by"] for s in steps] == [s["model_id"] for s in steps]  # no reroute, no warning
     captured = capsys.readouterr()
+    assert "warning" not in captured.err
     assert all(a in captured.out for a in answers)  # streamed as it arrived
     assert_no_keys(captured.out, captured.err, folder=work)
 
@@ -425,9 +429,7 @@ def test_chain_uses_default_code_and_system_files(fake, work, capsys):
     first = fake.calls[0].prompt
     assert "```python\n" in first and "MARKER-IDEA" in first
     assert (ROOT / "research_system_prompt.md").read_text().strip() in first
-    if (ROOT / "llm.py").is_file():
-        # the planner's view of llm.py: the model, training and config, without the data and CSV plumbing
-        assert simple_llm.lean_code((ROOT / "llm.py").read_text()).rstrip() in first
+    assert (ROOT / "llm.py").read_text().rstrip() in first  # the whole of llm.py: it is small enough
 
 
 @pytest.mark.slow
@@ -653,16 +655,25 @@ def test_bad_steps_file_is_a_user_error(fake, work, capsys):
     assert fake.calls == []
 
 
-def test_dotenv_from_cwd_never_overrides_the_environment(work, monkeypatch):
+def test_dotenv_sets_only_the_tools_own_variables_and_names_the_rest(work, monkeypatch, capsys):
+    # issue 16 item 4: an idea folder's .env with PYTHONPATH= or a redirecting base URL
     monkeypatch.delenv("SIMPLE_LLM_NO_DOTENV")
     monkeypatch.setenv("GEMINI_API_KEY", "from-environment")
-    (work / ".env").write_text("GEMINI_API_KEY=from-dotenv\nNOVITA_API_KEY=nv-from-dotenv\n")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(simple_llm, "_DOTENV_NAMES", set())
+    (work / ".env").write_text("GEMINI_API_KEY=from-dotenv\nNOVITA_API_KEY=nv-from-dotenv\n"
+                               "PYTHONPATH=/tmp/evil\nHF_TOKEN=hf_x\nKIMI_MODEL=other/kimi\n")
     try:
         simple_llm.load_env()
-        assert os.environ["GEMINI_API_KEY"] == "from-environment"
-        assert os.environ["NOVITA_API_KEY"] == "nv-from-dotenv"
+        assert os.environ["GEMINI_API_KEY"] == "from-environment"  # set variables win
+        assert os.environ["NOVITA_API_KEY"] == "nv-from-dotenv" and os.environ["KIMI_MODEL"] == "other/kimi"
+        assert "PYTHONPATH" not in os.environ and "HF_TOKEN" not in os.environ
+        assert "sets HF_TOKEN, PYTHONPATH: ignored" in capsys.readouterr().err
+        env = simple_llm.child_env()
+        assert not {"GEMINI_API_KEY", "NOVITA_API_KEY", "KIMI_MODEL", "PYTHONPATH"} & set(env)
     finally:
         os.environ.pop("NOVITA_API_KEY", None)
+        os.environ.pop("KIMI_MODEL", None)
 
 
 def test_debug_shows_the_traceback(work, capsys):
