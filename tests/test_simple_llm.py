@@ -703,3 +703,170 @@ def test_a_key_is_redacted_before_a_long_message_is_cut(monkeypatch):
     for cut in range(len(KIMI_KEY)):
         text = str(simple_llm._rejected("kimi", 401, "x" * (160 - 5 - cut) + " key " + KIMI_KEY))
         assert KIMI_KEY[:6] not in text
+
+
+# ---------------------------------------------------------------------------------------------- models (issue 20)
+
+def test_models_lists_what_each_key_can_call_marking_the_defaults(fake, tmp_path, capsys):
+    assert simple_llm.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["gemini\tgemini-3.1-pro-preview\tdefault", "gemini\tgemini-pro-latest",
+                     "kimi\tmoonshotai/kimi-k2-0905", "kimi\tmoonshotai/kimi-k2.5\tdefault"]
+    assert [c.path for c in fake.calls].count("/openai/models") == 1  # gemini's pager asked for two pages
+    assert simple_llm.main(["models", "kimi", "--model", "kimi=moonshotai/kimi-k2-0905"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["kimi\tmoonshotai/kimi-k2-0905\tdefault",
+                                                    "kimi\tmoonshotai/kimi-k2.5"]
+
+
+def test_models_without_a_key_is_one_line_and_sends_nothing(fake, monkeypatch, capsys):
+    monkeypatch.delenv("NOVITA_API_KEY")
+    assert simple_llm.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "NOVITA_API_KEY is not set" in err and fake.calls == []
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_a_retired_model_fails_at_once_with_a_hint(fake, capsys, provider):
+    fake.then(provider, lambda: error(provider, 404, "models/old-model is not found for API version v1, or is "
+                                      "not supported for generateContent."))
+    assert simple_llm.main([provider, "hi", "--model", f"{provider}=old-model"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    var = simple_llm.PROVIDERS[provider].model_env
+    assert f"model 'old-model' is not available (HTTP 404" in err
+    assert f"python simple_llm.py models {provider}" in err and f"--model {provider}=ID" in err and var in err
+    assert len(fake.calls) == 1  # no retry
+
+
+def test_a_deprecated_model_error_is_the_same_hint(fake):
+    fake.then("kimi", lambda: error("kimi", 400, "The model moonshotai/kimi-k2-0905 has been deprecated"))
+    with pytest.raises(simple_llm.ProviderError, match="is not available .* it may be retired"):
+        simple_llm.SimpleLLM().reply("kimi", "hi")
+    assert len(fake.calls) == 1
+
+
+def test_a_rerouted_answer_warns_and_is_recorded(fake, work, capsys):
+    fake.then("gemini", lambda: answer("gemini", "a review", model="gemini-2.5-flash"))
+    steps = [{"title": "Plan", "model": "kimi", "prompt": "{user_input}"},
+             {"title": "Review", "model": "gemini", "prompt": "{step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 0
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warnings == ["warning: gemini answered with model gemini-2.5-flash, not gemini-3.1-pro-preview as "
+                        "asked (the provider rerouted the request; --model or the env variable picks another)"]
+    entries = json.loads((work / "out" / "chain_run.json").read_text())["steps"]
+    assert [(e["model_id"], e["answered_by"]) for e in entries] == [
+        ("moonshotai/kimi-k2.5", "moonshotai/kimi-k2.5"), ("gemini-3.1-pro-preview", "gemini-2.5-flash")]
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_reasoning_never_reaches_the_answer_file_or_next_prompt(fake, work, capsys, provider):
+    # A long thinking phase: each chunk comes within --timeout, the whole phase takes longer than it.
+    thoughts = [f"THOUGHT-{i} the user wants a plan; " for i in range(6)]
+    fake.then(provider, lambda: answer(provider, "the plan itself", reasoning=thoughts, gap=0.15))
+    other = "gemini" if provider == "kimi" else "kimi"
+    steps = [{"title": "Plan", "model": provider, "prompt": "{user_input}"},
+             {"title": "Review", "model": other, "prompt": "Review: {step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json", "--timeout", "0.6")) == 0
+    out = capsys.readouterr().out
+    assert (work / "out" / "step1_plan.md").read_text() == "the plan itself"
+    assert "THOUGHT" not in out and "THOUGHT" not in fake.calls[1].prompt
+    assert fake.calls[1].prompt == "Review: the plan itself"
+    entry = json.loads((work / "out" / "chain_run.json").read_text())["steps"][0]
+    assert entry["reasoning_chars"] == len("".join(thoughts))
+    assert entry["reasoning_tokens"] == (6 if provider == "kimi" else 11)  # the fake's usage counts
+
+
+# ---------------------------------------------------------------------------------------------- answer limits
+
+def test_an_endless_answer_stops_at_the_cap_keeping_the_part_received(fake, work, capsys):
+    # issue 16 item 7: an answer far over the cap fails its step in one line; what arrived is kept, not passed on
+    fake.then("kimi", lambda: answer("kimi", ["x" * 400] * 20))
+    assert simple_llm.main(chain_args("out", "--max-answer-chars", "1000")) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "passed the cap of 1,000 characters (--max-answer-chars)" in err
+    partial = (work / "out" / "step1_research_plan.partial.md").read_text()
+    assert partial == "x" * 800 and len(fake.calls) == 1
+    assert not (work / "out" / "step1_research_plan.md").exists()
+
+
+def test_a_drip_fed_answer_stops_at_the_deadline(fake, capsys):
+    # issue 16 item 7: one chunk every 0.15 s never trips a 2 s --timeout, but the step has a total deadline
+    fake.then("gemini", lambda: answer("gemini", ["drip "] * 40, gap=0.15))
+    assert simple_llm.main(["gemini", "hi", "--timeout", "2", "--deadline", "0.8"]) == 1
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err)
+    assert "no complete answer within the --deadline of 0.8 s" in captured.err
+    assert captured.out.startswith("drip drip") and len(fake.calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------- text safety
+
+ESCAPES = ("\x1b[2J\x1b[1;1H\x1b[3;20r", "\x1b]52;c;ZWNobyBwd25lZA==\x07", "\x9b2J", "\r", "\u202e", "\u200b",
+           "\u2028", "\ufeff", "\U000e0041", "\x00", "\x1bP1$r\x1b\\")
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_terminal_control_never_reaches_the_terminal_a_file_or_the_next_prompt(fake, work, capsys, provider):
+    # issue 16 items 3 and 10: a screen clear + scroll region, OSC 52 (clipboard), C1 CSI, bidi, zero-width...
+    text = "safe " + "".join(f"{e}part{i} " for i, e in enumerate(ESCAPES)) + "end\twith tab\n"
+    fake.then(provider, lambda: answer(provider, [text[:9], text[9:30], text[30:]]))
+    other = "gemini" if provider == "kimi" else "kimi"
+    steps = [{"title": "A", "model": provider, "prompt": "{user_input}"},
+             {"title": "B", "model": other, "prompt": "{step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 0
+    out = capsys.readouterr().out
+    saved = (work / "out" / "step1_a.md").read_text()
+    for seen in (out, saved, fake.calls[1].prompt):
+        assert simple_llm.clean(seen) == seen and "\x1b" not in seen and "\r" not in seen
+        assert "part0" in seen and "part10" in seen and "end\twith tab\n" in seen
+    # cut inside sequences, a chunk may leave a harmless remainder ("2J"); whole, each goes entirely
+    assert simple_llm.clean(text) == "safe " + "".join(f"part{i} " for i in range(len(ESCAPES))) + "end\twith tab\n"
+
+
+def test_provider_error_text_is_cleaned(fake, capsys):
+    fake.then("kimi", lambda: error("kimi", 400, "bad \x1b]52;c;aGk=\x07request\x1b[2J \u202e"))
+    assert simple_llm.main(["kimi", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "\x1b" not in err and "\u202e" not in err and "bad request" in err
+
+
+def test_redaction_covers_split_base64_and_url_encoded_keys(monkeypatch):
+    # issue 16 item 12
+    import base64
+    import urllib.parse
+    monkeypatch.setattr(simple_llm, "_SECRETS", {})
+    simple_llm.add_secret(KIMI_KEY)
+    forms = [KIMI_KEY[:8] + " " + KIMI_KEY[8:], KIMI_KEY[:5] + "\n  " + KIMI_KEY[5:],
+             urllib.parse.quote(KIMI_KEY + "/+", safe=""), urllib.parse.quote_plus(KIMI_KEY)]
+    for prefix in ("", "u", "us", "use"):  # base64 of a longer text: the key at each alignment
+        forms.append(base64.b64encode(f"{prefix}:{KIMI_KEY}:tail".encode()).decode())
+        forms.append(base64.urlsafe_b64encode(f"{prefix}{KIMI_KEY}".encode()).decode())
+    for form in forms:
+        out = simple_llm.redact(f"Authorization: Basic {form} end")
+        assert "***" in out, form
+        core = base64.b64encode(KIMI_KEY.encode()).decode()[2:-2]
+        assert KIMI_KEY not in out and core not in out and KIMI_KEY[6:14] not in out
+    assert simple_llm.redact("nothing secret here") == "nothing secret here"
+
+
+def test_a_planted_temp_file_symlink_is_never_followed(fake, work, tmp_path):
+    # issue 16 item 9: step1_*.md.tmp -> a file of the user's; and the step file itself a symlink
+    victim = tmp_path / "bashrc"
+    victim.write_text("mine\n")
+    out = work / "out"
+    out.mkdir()
+    (out / "step1_research_plan.md.tmp").symlink_to(victim)
+    (out / "step2_critical_review.md").symlink_to(victim)
+    for n in range(4):
+        (out / f".step1_research_plan.md.{n}.tmp").symlink_to(victim)
+    assert simple_llm.main(chain_args()) == 0
+    assert victim.read_text() == "mine\n"
+    assert not (out / "step2_critical_review.md").is_symlink()
+    assert (out / "step2_critical_review.md").read_text().startswith("gemini answer 1")
