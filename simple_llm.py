@@ -136,7 +136,7 @@ def redact(text: str) -> str:
 # only so that their harmless remainders do not litter the text.
 _ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
-                     "\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
+                     "\ud800-\udfff\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 
 
 def clean(text: str) -> str:
@@ -1023,7 +1023,7 @@ LEDGER = "ledger.md"
 _FENCE = re.compile(r"(?m)^[ \t]*(`{3,}|~{3,})([^\n`]*)$\n?")
 _NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)  # argparse reads these as values
 SHAPE = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size", "max_seq_len",
-         "tokenizer", "vocab_size", "use_amp")
+         "use_amp")
 
 
 def _project_module(name: str):
@@ -1293,16 +1293,31 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
             raise PlanError(f"{label} brings the plan to {total} runs, more than --max-runs {limits.max_runs}; "
                             "shrink the plan or raise --max-runs")
         e.runs = []
-        for cfg in sweep.configs():
+        for n, cfg in enumerate(sweep.configs(), 1):
             _check_config(label, cfg, allowed)
             est = llm.estimate(cfg)
+            memory = est.memory_gb + cfg.max_tokens * 8 / 1e9  # + the token array (int64 at most)
+            if memory > _ram_gb():
+                raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more than this "
+                                f"machine's {_ram_gb():.1f} GB; use a smaller model, batch or --max-tokens")
             e.runs.append({"config": dataclasses.asdict(cfg), "flops_per_token": est.flops_per_token,
-                           "train_tokens": est.train_tokens, "memory_gb": est.memory_gb})
+                           "train_tokens": est.train_tokens, "memory_gb": memory})
     return budget(plan, limits, out_dir, csvs)
 
 
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
 def _shape(c: dict) -> tuple:
-    return tuple(c.get(k) for k in SHAPE)
+    """What throughput depends on; the vocabulary as llm.py will resolve it (a CSV records it resolved)."""
+    llm = _project_module("llm")
+    cfg = llm.MoEModelConfig(**{f.name: c[f.name] for f in dataclasses.fields(llm.MoEModelConfig)
+                                if f.init and f.name in c})
+    return tuple(getattr(cfg, k) for k in SHAPE) + (llm.vocab_guess(cfg),)
 
 
 def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
@@ -1321,7 +1336,7 @@ def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
             with contextlib.suppress(TypeError, ValueError, llm.UserError):
                 cfg = llm.MoEModelConfig(**{k: v for k, v in json.loads(cfg_json).items() if k in names})
                 if float(tps) > 0:
-                    seen[_shape(dataclasses.asdict(cfg))].append(
+                    seen[_shape(json.loads(cfg_json))].append(
                         (float(tps) * llm.estimate(cfg).flops_per_token, str(device)))
     return {k: (statistics.median(v[0] for v in vs), vs[-1][1]) for k, vs in seen.items()}
 
