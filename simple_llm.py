@@ -1,16 +1,17 @@
-"""Ask Gemini or Kimi from the command line, and turn a research idea into checked, budgeted llm.py runs.
+"""Ask Gemini or Kimi from the command line; turn a research idea into checked, budgeted runs.
 
     python simple_llm.py kimi "Summarise mixture-of-experts routing in five bullets"
     python simple_llm.py models                                  # the model ids your keys can call
-    python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: shows every prompt
-    python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU (smoke preset)
-    python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/   # chain -> runs -> verdicts
+    python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: every prompt
+    python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU
+    python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/  # chain, runs, verdicts
 
-Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in a .env file (see .env.example).
-The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) -> Final_Plan
-(gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them. The final plan ends
-in a block of llm.py runs, which `runs` checks with llm.py's own sweep planner, budgets and runs, and `loop`
-repeats chain -> runs -> verdicts for --rounds rounds, keeping a ledger that every round's prompts carry.
+Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in .env (see .env.example).
+The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) ->
+Final_Plan (gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them.
+The final plan ends in a block of llm.py runs, which `runs` checks with llm.py's own sweep planner,
+budgets and runs; `loop` repeats chain -> runs -> verdicts, keeping a ledger every round's prompts
+carry.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Constants, errors, text safety, environment and files
 
 HERE = Path(__file__).resolve().parent
@@ -47,16 +48,18 @@ DEFAULT_CODE = HERE / "llm.py"
 DEFAULT_SYSTEM = HERE / "research_system_prompt.md"
 MANIFEST = "chain_run.json"
 
-# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit too.
+# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit
+# too.
 DEFAULT_MAX_TOKENS = 16384
-DEFAULT_TIMEOUT = 300.0  # seconds to connect and between streamed chunks: a thinking model is silent a while
+DEFAULT_TIMEOUT = 300.0  # seconds to connect and between chunks: a thinking model is silent a while
 DEFAULT_RETRIES = 4
 DEFAULT_DEADLINE = 1800.0  # seconds for one answer, retries included: a drip-fed stream ends here
 DEFAULT_MAX_ANSWER = 200_000  # characters: 16384 tokens of English are about 65,000
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is treated as a hard failure
-# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is over 1M
-# tokens, the largest context of either model (Gemini's): it is refused here instead of uploaded and rejected.
+# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is
+# over 1M tokens, the largest context of either model (Gemini's): it is refused here instead of
+# uploaded and rejected.
 MAX_PROMPT_CHARS = 8_000_000
 MAX_CODE_CHARS = 400_000  # llm.py goes to the planner whole up to this size (about 100k tokens)
 
@@ -71,7 +74,9 @@ class Provider:
 
 
 PROVIDERS = {
-    "gemini": Provider("GEMINI_API_KEY", "gemini-3.1-pro-preview", "GEMINI_MODEL", "GEMINI_BASE_URL", None),
+    "gemini": Provider("GEMINI_API_KEY", "gemini-3.1-pro-preview", "GEMINI_MODEL",
+                       "GEMINI_BASE_URL",
+                       None),
     "kimi": Provider("NOVITA_API_KEY", "moonshotai/kimi-k2.5", "KIMI_MODEL", "NOVITA_BASE_URL",
                      "https://api.novita.ai/openai"),
 }
@@ -87,7 +92,8 @@ class UserError(Exception):
 
 
 class PlanError(UserError):
-    """A plan is refused (format, flags, budget, safety, a failed run): the loop sends it back for repair."""
+    """A plan is refused (format, flags, budget, safety, a failed run): the loop sends it back for
+    repair."""
 
 
 class ProviderError(UserError):
@@ -110,7 +116,8 @@ _SECRETS: dict[str, re.Pattern] = {}  # key -> one pattern for the key and its o
 
 
 def add_secret(key: str) -> None:
-    """Redact `key` from now on: as is, split by whitespace, base64 (any alignment) and URL-encoded."""
+    """Redact `key` from now on: as is, split by whitespace, base64 (any alignment) and URL-encoded.
+    """
     if len(key) < 4 or key in _SECRETS:
         return
     raw = key.encode()
@@ -120,7 +127,8 @@ def add_secret(key: str) -> None:
         core = enc[-(-4 * shift // 3):(shift + len(raw)) * 8 // 6]
         forms |= {core, core.replace("+", "-").replace("/", "_")} if len(core) >= 6 else set()
     spaced = r"\s*".join(map(re.escape, key))  # a key cut by a line break or spaces still matches
-    _SECRETS[key] = re.compile("|".join([spaced] + [re.escape(f) for f in sorted(forms, key=len, reverse=True)]))
+    forms = sorted(forms, key=len, reverse=True)
+    _SECRETS[key] = re.compile("|".join([spaced] + [re.escape(f) for f in forms]))
 
 
 def redact(text: str) -> str:
@@ -130,23 +138,27 @@ def redact(text: str) -> str:
     return text
 
 
-# Terminal control: escape sequences (CSI, OSC such as OSC 52's clipboard, others), C0 and C1 controls but
-# newline and tab, bidirectional controls, zero-width and other format characters, line/paragraph separators,
-# the BOM and tag characters. Removing every ESC and C1 byte is what makes it safe; the sequences go first
-# only so that their harmless remainders do not litter the text.
-_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+# Terminal control: escape sequences (CSI, OSC such as OSC 52's clipboard, others), C0 and C1
+# controls but newline and tab, bidirectional controls, zero-width and other format characters,
+# line/paragraph separators, the BOM and tag characters. Removing every ESC and C1 byte is what
+# makes it safe; the sequences go first only so that their harmless remainders do not litter the
+# text.
+_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ "
+                      r"-/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                     "\u2060-\u206f"
                      "\ud800-\udfff\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 
 
 def clean(text: str) -> str:
-    """Text from a provider made safe for a terminal, a file that will be shown, or the next prompt."""
+    """Text from a provider made safe for a terminal, a file that will be shown, or the next prompt.
+    """
     return _UNSAFE.sub("", _ESCAPES.sub("", text.replace("\r\n", "\n")))
 
 
 class Redactor:
-    """Cleans and redacts text that arrives in pieces: a key split across two chunks is caught because the
-    tail of each piece waits for the next one (or for flush() at the end)."""
+    """Cleans and redacts text that arrives in pieces: a key split across two chunks is caught
+    because the tail of each piece waits for the next one (or for flush() at the end)."""
 
     HOLD = 256  # characters held back: more than any key in any of its encodings
 
@@ -165,7 +177,8 @@ class Redactor:
 
 
 def _note(text: str) -> None:
-    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not stop the work."""
+    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not
+    stop the work."""
     try:
         print(text, file=sys.stderr, flush=True)
     except BrokenPipeError:
@@ -173,7 +186,8 @@ def _note(text: str) -> None:
 
 
 def _silence(stream) -> None:
-    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail again."""
+    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail
+    again."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
     except (AttributeError, OSError, ValueError):
@@ -181,7 +195,7 @@ def _silence(stream) -> None:
 
 
 def _one_line(text: object, limit: int = 300) -> str:
-    text = " ".join(clean(redact(str(text))).split())  # redacted before the cut: a cut key would not match
+    text = " ".join(clean(redact(str(text))).split())  # redacted before the cut: a cut key escapes
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -189,9 +203,10 @@ _DOTENV_NAMES: set[str] = set()  # names a .env file held: never passed to a chi
 
 
 def load_env() -> None:
-    """Read the tool's own variables (keys, base URLs, model ids) from .env in the current directory, else beside
-    this script; variables already set win. Any other name in it is ignored, and named on stderr.
-    SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a real .env never leaks in)."""
+    """Read the tool's own variables (keys, base URLs, model ids) from .env in the current
+    directory, else beside this script; variables already set win. Any other name in it is ignored,
+    and named on stderr. SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a
+    real .env never leaks in)."""
     if not os.environ.get("SIMPLE_LLM_NO_DOTENV"):
         from dotenv import dotenv_values
         for candidate in (Path.cwd() / ".env", HERE / ".env"):
@@ -203,7 +218,8 @@ def load_env() -> None:
                         os.environ[name] = value
                 ignored = sorted(set(values) - set(TOOL_VARS))
                 if ignored:
-                    _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives this tool only "
+                    _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives "
+                          f"this tool only "
                           f"{', '.join(TOOL_VARS)})")
                 break
     for p in PROVIDERS.values():
@@ -214,14 +230,16 @@ def api_key(name: str) -> str:
     var = PROVIDERS[name].key_env
     key = os.environ.get(var, "").strip()
     if not key:
-        raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then rerun")
+        raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then "
+                        f"rerun")
     add_secret(key)
     return key
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """The environment of every llm.py this tool starts: this process's, without API keys or anything a .env
-    named, without any variable that looks like a secret or holds a key's value; `extra` on top."""
+    """The environment of every llm.py this tool starts: this process's, without API keys or
+    anything a .env named, without any variable that looks like a secret or holds a key's value;
+    `extra` on top."""
     keys = {os.environ.get(p.key_env, "").strip() for p in PROVIDERS.values()} | set(_SECRETS)
     env = {k: v for k, v in os.environ.items()
            if k not in TOOL_VARS and k not in _DOTENV_NAMES and not SECRET_NAME.search(k)
@@ -240,12 +258,13 @@ def _read_text(path, what: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: a planted file or symlink is never written through),
-    then rename it over `path` (which replaces a symlink there instead of following it)."""
+    """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: a planted file or symlink is never written
+    through), then rename it over `path` (which replaces a symlink there instead of following it).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -259,7 +278,8 @@ def make_dir(path: Path, flag: str = "--out-dir") -> None:
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        blocked = isinstance(e, (FileExistsError, NotADirectoryError))
+        why = "a file is in the way" if blocked else e.strerror
         raise UserError(f"cannot create {flag} {path} ({why}); choose another folder") from None
 
 
@@ -272,20 +292,23 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def out_dir_lock(out_dir: Path):
-    """An exclusive lock on out_dir, yielding its file descriptor (passed to each llm.py, so a killed tool's
-    llm.py still holds it). The lock file is opened without following a symlink and never truncated."""
+    """An exclusive lock on out_dir, yielding its file descriptor (passed to each llm.py, so a
+    killed tool's llm.py still holds it). The lock file is opened without following a symlink and
+    never truncated."""
     import fcntl
     path = Path(out_dir) / ".runs.lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise UserError(f"cannot open the lock {path} ({e.strerror}; a symlink there is never followed); "
+        raise UserError(f"cannot open the lock {path} ({e.strerror}; a symlink there is never "
+                        f"followed); "
                         "remove it and rerun") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise UserError(f"another runs/loop (or an llm.py it started) is still writing in {out_dir}; wait for it "
+        raise UserError(f"another runs/loop (or an llm.py it started) is still writing in "
+                        f"{out_dir}; wait for it "
                         "to finish, or use another --out-dir") from None
     try:
         yield fd
@@ -296,7 +319,7 @@ def out_dir_lock(out_dir: Path):
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Providers: one streaming function each, one retry helper, one list call each
 
 
@@ -316,7 +339,8 @@ class Reply:
     finish_reason: str | None
     usage: dict
     answered_by: str | None = None  # the model the provider says answered
-    reasoning_chars: int = 0  # reasoning streamed (never kept): Kimi's reasoning_content, Gemini's thoughts
+    # reasoning streamed, never kept (reasoning_content, Gemini's thoughts)
+    reasoning_chars: int = 0
     seconds: float = 0.0
 
     @property
@@ -330,8 +354,8 @@ class Reply:
 
 
 class Stream:
-    """One answer in progress: its text (cleaned, redacted, shown as it comes), the reasoning it skips, the
-    model that says it answers, the size cap and the deadline."""
+    """One answer in progress: its text (cleaned, redacted, shown as it comes), the reasoning it
+    skips, the model that says it answers, the size cap and the deadline."""
 
     def __init__(self, name: str, s: Settings, show):
         self.name, self.s, self.show = name, s, show
@@ -340,14 +364,15 @@ class Stream:
         self.size, self.ends = 0, time.monotonic() + s.deadline
 
     def start(self) -> None:
-        self.parts, self.size = [], 0  # a retried attempt starts again (only before any text: see _transient)
+        self.parts, self.size = [], 0  # a retry starts again (only before any text: see _transient)
 
     def text(self, piece: str) -> None:
         self.check()
         self.size += len(piece)
         if self.size > self.s.max_answer:
-            raise ProviderError(f"{self.name}: the answer passed the cap of {self.s.max_answer:,} characters "
-                                "(--max-answer-chars); stopped there, and the part received is kept")
+            raise ProviderError(f"{self.name}: the answer passed the cap of {self.s.max_answer:,} "
+                                "characters (--max-answer-chars); stopped there, and the part "
+                                "received is kept")
         piece = self.redactor.feed(piece)
         self.parts.append(piece)
         self.show(piece)
@@ -362,7 +387,8 @@ class Stream:
 
     def check(self) -> None:
         if time.monotonic() > self.ends:
-            raise ProviderError(f"{self.name}: no complete answer within the --deadline of {self.s.deadline:g} s; "
+            raise ProviderError(f"{self.name}: no complete answer within the --deadline of "
+                                f"{self.s.deadline:g} s; "
                                 "the part received is kept")
 
     def finish(self) -> str:
@@ -381,7 +407,8 @@ def _rejected(name: str, status: int, detail: str) -> ProviderError:
                          f"{_one_line(detail, 160)}); check the key in .env or the environment")
 
 
-_GONE = re.compile(r"model.{0,80}(not.found|does not exist|not exist|deprecat|retired|decommission|no longer|"
+_GONE = re.compile(r"model.{0,80}(not.found|does not exist|not "
+                   r"exist|deprecat|retired|decommission|no longer|"
                    r"not supported|unknown)|(deprecat|retired|decommission)", re.I | re.S)
 
 
@@ -390,58 +417,70 @@ def _model_gone(name: str, model_id: str, status: int, detail: str) -> ProviderE
     if status != 404 and not (status in (400, 410) and _GONE.search(detail)):
         return None
     p = PROVIDERS[name]
-    return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: {_one_line(detail, 160)});"
-                         f" it may be retired: list the ones your key can call with `python simple_llm.py models "
+    return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: "
+                         f"{_one_line(detail, 160)});"
+                         f" it may be retired: list the ones your key can call with `python "
+                         f"simple_llm.py models "
                          f"{name}`, then pick one with --model {name}=ID or {p.model_env}")
 
 
 class _Retry(Exception):
-    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any text)."""
+    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any
+    text)."""
 
     def __init__(self, problem: str, failure: str, tail: str, wait: float | None = None):
         self.problem = problem  # short, for the "retrying" line
-        self.failure, self.tail = failure, tail  # the error if no retry is left: "{failure} {attempts}{tail}"
+        self.failure, self.tail = failure, tail  # no retry left: "{failure} {attempts}{tail}"
         self.wait = wait  # seconds the server asked for, if it did
 
 
 def _transient(name: str, stream: Stream | None, problem: str, failure: str, fix: str) -> Exception:
     if stream is not None and stream.size:  # the answer had started: no retry can pick it up again
-        return ProviderError(f"{name}: the answer broke off after {stream.size:,} characters: {failure}; "
+        return ProviderError(f"{name}: the answer broke off after {stream.size:,} characters: "
+                             f"{failure}; "
                              "try again")
     return _Retry(problem, failure, f"; {fix}")
 
 
 def _malformed(name: str, e: Exception) -> ProviderError:
-    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try again, or rerun "
+    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try "
+                         f"again, or rerun "
                          "with --debug to see it")
 
 
 def _with_retries(name: str, s: Settings, attempt, stream: Stream | None = None):
-    """The one retry loop for both providers: the server's Retry-After is honoured up to MAX_SERVER_WAIT,
-    otherwise the waits double from 1 s (at most 30 s), each retry prints a line, and none passes --deadline."""
+    """The one retry loop for both providers: the server's Retry-After is honoured up to
+    MAX_SERVER_WAIT, otherwise the waits double from 1 s (at most 30 s), each retry prints a line,
+    and none passes --deadline."""
     for made in range(1, s.retries + 2):
         try:
             return attempt()
         except _Retry as r:
             failure = f"{name}: {r.failure} {_attempts(made, s.retries)}{r.tail}"
-            asked = r.wait if r.wait is not None and r.wait >= 0 else None  # NaN or negative: as if not asked
+            # NaN, negative: not asked
+            asked = r.wait if r.wait is not None and r.wait >= 0 else None
             if asked is not None and asked > MAX_SERVER_WAIT:
-                raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer than the "
-                                    f"{MAX_SERVER_WAIT:.0f} s this script waits, so try again later") from None
-            wait = asked if asked is not None else min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
+                raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer "
+                                    f"than the "
+                                    f"{MAX_SERVER_WAIT:.0f} s this script waits, so try again later"
+                                    ) from None
+            backoff = min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
+            wait = asked if asked is not None else backoff
             if made > s.retries or (stream and time.monotonic() + wait > stream.ends):
                 raise ProviderError(failure) from None
-            _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of {s.retries + 1})")
+            _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of "
+                  f"{s.retries + 1})")
             time.sleep(wait)
     raise AssertionError("unreachable")
 
 
 def _attempts(made: int, retries: int) -> str:
-    return "(retries are off)" if retries == 0 else f"after {made} attempt{'s' if made != 1 else ''}"
+    return "(retries are off)" if retries == 0 else f"after {_count(made, 'attempt')}"
 
 
 def _server_wait(headers, details) -> float | None:
-    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the error body."""
+    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the
+    error body."""
     for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
         try:
             return float(headers.get(header)) / scale
@@ -458,12 +497,13 @@ def _server_wait(headers, details) -> float | None:
 def _kimi_client(s: Settings):
     import openai
     base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
-    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the shared loop
-    # retries instead, as for Gemini.
-    return openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0), base
+    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the
+    # shared loop retries instead, as for Gemini.
+    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0)
+    return client, base
 
 
-def _kimi_errors(e: Exception, base: str, model_id: str, s: Settings, stream: Stream | None) -> Exception:
+def _kimi_errors(e: Exception, base: str, model_id: str, s: Settings, stream) -> Exception:
     """An openai SDK exception as this tool's error (or a _Retry)."""
     import openai
     if isinstance(e, openai.APIStatusError):  # always before the stream starts
@@ -474,7 +514,8 @@ def _kimi_errors(e: Exception, base: str, model_id: str, s: Settings, stream: St
         if e.status_code not in RETRY_STATUS:
             return _model_gone("kimi", model_id, e.status_code, detail) or \
                 ProviderError(f"kimi: {failure}: {detail}")
-        return _Retry(f"HTTP {e.status_code}", failure, f": {detail}", _server_wait(e.response.headers, e.body))
+        wait = _server_wait(e.response.headers, e.body)
+        return _Retry(f"HTTP {e.status_code}", failure, f": {detail}", wait)
     if isinstance(e, openai.APITimeoutError):
         return _transient("kimi", stream, "timed out", f"no data for {s.timeout:g} s from {base}",
                           "raise --timeout or try later")
@@ -505,8 +546,8 @@ def _stream_kimi(prompt: str, model_id: str, s: Settings, stream: Stream) -> Rep
         finish, usage = None, {}
         try:
             chunks = client.chat.completions.create(
-                model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=s.max_tokens,
-                stream=True, stream_options={"include_usage": True})
+                model=model_id, messages=[{"role": "user", "content": prompt}],
+                max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True})
             for chunk in chunks:
                 stream.model(chunk.model)
                 if chunk.usage:  # the last chunk: no choices, only the token counts
@@ -519,13 +560,15 @@ def _stream_kimi(prompt: str, model_id: str, s: Settings, stream: Stream) -> Rep
                     finish = choice.finish_reason or finish
             return _finished("kimi", stream, model_id, finish, usage)
         except (openai.APIError, json.JSONDecodeError) as e:
-            raise _kimi_errors(e, base, model_id, s, stream) from (e if isinstance(e, ValueError) else None)
+            cause = e if isinstance(e, ValueError) else None
+            raise _kimi_errors(e, base, model_id, s, stream) from cause
     return _with_retries("kimi", s, attempt, stream)
 
 
 def _finished(name: str, stream: Stream, model_id: str, finish, usage: dict) -> Reply:
-    if finish is None:  # every complete answer ends with a finish reason; a clean EOF without one was cut off
-        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish reason); "
+    if finish is None:  # every complete answer ends with a finish reason: a clean EOF was cut off
+        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish "
+                            f"reason); "
                             "try again")
     text = stream.finish()
     if not text.strip():
@@ -537,14 +580,16 @@ def _gemini_client(s: Settings):
     from google import genai
     from google.genai import types
     base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
-    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does it instead.
-    http = types.HttpOptions(timeout=int(s.timeout * 1000), retry_options=types.HttpRetryOptions(attempts=1))
+    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does
+    # it instead.
+    http = types.HttpOptions(timeout=int(s.timeout * 1000),
+                             retry_options=types.HttpRetryOptions(attempts=1))
     if base:
         http.base_url = base
     return genai.Client(api_key=api_key("gemini"), http_options=http), base or "the Gemini API"
 
 
-def _gemini_errors(e: Exception, where: str, model_id: str, s: Settings, stream: Stream | None) -> Exception:
+def _gemini_errors(e: Exception, where: str, model_id: str, s: Settings, stream) -> Exception:
     """A google-genai (or httpx2) exception as this tool's error (or a _Retry)."""
     import httpx2
     from google.genai import errors
@@ -559,14 +604,16 @@ def _gemini_errors(e: Exception, where: str, model_id: str, s: Settings, stream:
         return _Retry(problem, f"{problem} from {where}", f": {detail}",
                       _server_wait(getattr(e.response, "headers", None), e.details))
     if isinstance(e, httpx2.TimeoutException):
-        return _transient("gemini", stream, "timed out", f"no data for {s.timeout:g} s from {where}",
+        return _transient("gemini", stream, "timed out", f"no data for {s.timeout:g} s from "
+                          f"{where}",
                           "raise --timeout or try later")
     if isinstance(e, httpx2.TransportError):
         failure = _transient("gemini", stream, "connection failed",
                              f"connection to {where} failed ({_one_line(e, 120)})",
                              "check the network or GEMINI_BASE_URL")
-        if isinstance(failure, _Retry) and not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):
-            failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")  # e.g. a malformed URL
+        network = isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError))
+        if isinstance(failure, _Retry) and not network:  # e.g. a malformed URL
+            failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")
         return failure
     return _malformed("gemini", e)  # not JSON, or not a response
 
@@ -575,7 +622,8 @@ def _gemini_catch():
     import httpx2
     import pydantic
     from google.genai import errors
-    return errors.APIError, httpx2.TransportError, errors.UnknownApiResponseError, pydantic.ValidationError
+    return (errors.APIError, httpx2.TransportError, errors.UnknownApiResponseError,
+            pydantic.ValidationError)
 
 
 def _stream_gemini(prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
@@ -588,7 +636,9 @@ def _stream_gemini(prompt: str, model_id: str, s: Settings, stream: Stream) -> R
         stream.start()
         finish, usage = None, {}
         try:
-            for chunk in client.models.generate_content_stream(model=model_id, contents=prompt, config=config):
+            chunks = client.models.generate_content_stream(model=model_id, contents=prompt,
+                                                           config=config)
+            for chunk in chunks:
                 stream.model(chunk.model_version)
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
@@ -618,7 +668,8 @@ STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
 
 
 def list_models(name: str, s: Settings) -> list[str]:
-    """The model ids the key can call, through each SDK's own list call (Gemini: those that generate text)."""
+    """The model ids the key can call, through each SDK's own list call (Gemini: those that generate
+    text)."""
     if name == "kimi":
         client, base = _kimi_client(s)
         import openai
@@ -633,14 +684,14 @@ def list_models(name: str, s: Settings) -> list[str]:
 
         def attempt():
             try:
-                return [m.name.removeprefix("models/") for m in client.models.list()
-                        if m.name and (m.supported_actions is None or "generateContent" in m.supported_actions)]
+                return [m.name.removeprefix("models/") for m in client.models.list() if m.name and
+                        (m.supported_actions is None or "generateContent" in m.supported_actions)]
             except _gemini_catch() as e:
                 raise _gemini_errors(e, where, "(list)", s, None) from None
     return sorted({clean(str(m)) for m in _with_retries(name, s, attempt)})
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Chain: the steps, their variables, the calls, the saved files and chain_run.json
 
 # The built-in chain. --steps FILE.json replaces it with a list of the same shape.
@@ -659,9 +710,10 @@ The current code (llm.py):
 
 {code_content}
 
-Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to compare
-(name the llm.py settings or code changes for each), seeds, metrics, expected run time, and the total number
-of runs. Build on what the last experiment found. Keep to the constraints above."""},
+Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to
+compare (name the llm.py settings or code changes for each), seeds, metrics, expected run time, and
+the total number of runs. Build on what the last experiment found. Keep to the constraints above.
+"""},
     {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
 
 The researcher's idea:
@@ -680,9 +732,10 @@ A proposed research plan:
 
 {step1_result}
 
-Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few seeds to
-separate the effects, metrics that cannot show the claimed effect, steps the code does not support, results
-it ignores or misreads, and anything that breaks the constraints. For each problem, suggest a concrete fix."""},
+Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few
+seeds to separate the effects, metrics that cannot show the claimed effect, steps the code does not
+support, results it ignores or misreads, and anything that breaks the constraints. For each problem,
+suggest a concrete fix."""},
     {"title": "Critique_Analysis", "model": "kimi", "prompt": """{system_prompt}
 
 The original plan:
@@ -693,9 +746,9 @@ A critical review of it:
 
 {step2_result}
 
-Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would cost in
-runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping from the original
-plan and push back on criticism that does not hold."""},
+Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would
+cost in runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping
+from the original plan and push back on criticism that does not hold."""},
     {"title": "Final_Plan", "model": "gemini", "prompt": """{system_prompt}
 
 The researcher's idea:
@@ -722,9 +775,9 @@ The analysis of that review:
 
 {step3_result}
 
-Write the final research plan in at most 1000 words: goals and questions, the exact conditions and the
-llm.py settings or code changes for each, seeds, metrics and how results will be compared fairly, the time per
-run and in total, and the total number of experiments, stated at the start.
+Write the final research plan in at most 1000 words: goals and questions, the exact conditions and
+the llm.py settings or code changes for each, seeds, metrics and how results will be compared
+fairly, the time per run and in total, and the total number of experiments, stated at the start.
 
 {code_edit_rules}{plan_format}"""},
 ]
@@ -733,7 +786,8 @@ _PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def safe_name(title: str) -> str:
-    """Plan or step text as a file-name part: letters, digits, - and _ only, so no path separators and no '..'."""
+    """Plan or step text as a file-name part: letters, digits, - and _ only, so no path separators
+    and no '..'."""
     return re.sub(r"[^a-z0-9_-]+", "_", title.lower()).strip("_-")[:60] or "step"
 
 
@@ -746,15 +800,17 @@ def placeholders(text: str) -> list[str]:
 
 
 def substitute(text: str, variables: dict, strict: bool = True) -> str:
-    """Replace each {name} by its variable in one pass: braces inside the values are left as they are.
-    {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with strict=False)."""
+    """Replace each {name} by its variable in one pass: braces inside the values are left as they
+    are. {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with
+    strict=False)."""
     def fill(m: re.Match) -> str:
         if m.group(1):
             return "{" + m.group(1) + "}"
         if m.group(2) in variables:
             return variables[m.group(2)]
         if strict:
-            raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or fix the prompt "
+            raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or "
+                            f"fix the prompt "
                             "(write {{name}} for literal braces)")
         return m.group(0)
     return _PLACEHOLDER.sub(fill, text)
@@ -765,7 +821,8 @@ def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
     path = Path(path)
     code = _read_text(path, "code")
     if len(code) > limit:
-        raise UserError(f"code file {path} is {len(code):,} characters, more than the {limit:,} sent whole to "
+        raise UserError(f"code file {path} is {len(code):,} characters, more than the {limit:,} "
+                        f"sent whole to "
                         "the planner; pass a shorter one with --code")
     fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
     return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
@@ -773,34 +830,41 @@ def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
 
 def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} tokens), far more than "
+        raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} "
+                        f"tokens), far more than "
                         f"any model's context (1M tokens at most); {fix}")
 
 
 def check_steps(steps) -> None:
     if not isinstance(steps, list) or not steps:
-        raise UserError("steps must be a non-empty list of {\"title\", \"model\", \"prompt\"} objects")
+        raise UserError("steps must be a non-empty list of {\"title\", \"model\", \"prompt\"} "
+                        "objects")
     for n, step in enumerate(steps, 1):
         if not isinstance(step, dict) or not all(isinstance(step.get(k), str) and step[k].strip()
                                                  for k in ("title", "model", "prompt")):
-            raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and \"prompt\"")
+            raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and "
+                            f"\"prompt\"")
         if step["model"] not in PROVIDERS:
-            raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose one of "
+            raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose "
+                            f"one of "
                             f"{', '.join(PROVIDERS)}")
 
 
 class SimpleLLM:
-    """Calls the models: the settings, the model id for each provider, and where answers are shown."""
+    """Calls the models: the settings, the model id for each provider, and where answers are shown.
+    """
 
     def __init__(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, deadline: float = DEFAULT_DEADLINE,
-                 max_answer: int = DEFAULT_MAX_ANSWER, models: dict[str, str] | None = None, out=None):
+                 max_answer: int = DEFAULT_MAX_ANSWER, models: dict[str, str] | None = None,
+                 out=None):
         load_env()
         self.settings = Settings(max_tokens, timeout, retries, deadline, max_answer)
         self.models = {n: os.environ.get(p.model_env) or p.model for n, p in PROVIDERS.items()}
         self.models.update(models or {})
         self.out = out or sys.stdout
-        self.out_closed = False  # the reader of `out` went away (`| head`): answers are still returned and saved
+        # the reader of `out` went away (`| head`): answers are still returned and saved
+        self.out_closed = False
         self.stream: Stream | None = None  # the answer in progress, kept when a call fails
 
     def _show(self, text: str) -> None:
@@ -814,7 +878,8 @@ class SimpleLLM:
             _silence(self.out)
 
     def reply(self, name: str, prompt: str) -> Reply:
-        """Stream one answer to `out` and return it with its finish reason, token usage and answering model."""
+        """Stream one answer to `out` and return it with its finish reason, token usage and
+        answering model."""
         if name not in PROVIDERS:
             raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
         check_prompt_size(prompt)
@@ -825,14 +890,17 @@ class SimpleLLM:
         finally:
             if r is None:
                 self.stream.finish()
-            if r is not None or self.stream.received:  # an error message then starts on a line of its own
+            # an error message then starts on a line of its own
+            if r is not None or self.stream.received:
                 self._show("\n")
         r.seconds = round(time.perf_counter() - start, 2)
         if r.cut:
-            _note(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens}); the answer "
+            _note(f"warning: {name} stopped at the --max-tokens limit "
+                  f"({self.settings.max_tokens}); the answer "
                   "is cut short. Raise --max-tokens to get all of it")
         if r.answered_by and r.answered_by != r.model_id:
-            _note(f"warning: {name} answered with model {r.answered_by}, not {r.model_id} as asked (the provider "
+            _note(f"warning: {name} answered with model {r.answered_by}, not {r.model_id} as asked "
+                  f"(the provider "
                   "rerouted the request; --model or the env variable picks another)")
         return r
 
@@ -842,7 +910,8 @@ class SimpleLLM:
 
 def _step_entry(n: int, step: dict, prompt: str, model_id: str) -> dict:
     return {"step": n, "title": step["title"], "model": step["model"], "model_id": model_id,
-            "prompt_chars": len(prompt), "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+            "prompt_chars": len(prompt),
+            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
             "output": step_file(n, step["title"])}
 
 
@@ -853,11 +922,12 @@ def _reply_record(r: Reply) -> dict:
 
 
 class Chain:
-    """The steps of one chain in one folder: fills the prompts, asks, saves step{N}_{title}.md and chain_run.json.
+    """The steps of one chain in one folder: fills the prompts, asks, saves step{N}_{title}.md and
+    chain_run.json.
 
-    Everything that can be checked is checked before the first request: step shapes, every {name}, the keys,
-    the prompt sizes, and that the folder can be written. With resume, saved answers for a leading run of
-    steps are reused instead of asked again."""
+    Everything that can be checked is checked before the first request: step shapes, every {name},
+    the keys, the prompt sizes, and that the folder can be written. With resume, saved answers for a
+    leading run of steps are reused instead of asked again."""
 
     def __init__(self, llm: SimpleLLM, steps: list[dict], variables: dict, out_dir, results=None):
         check_steps(steps)
@@ -874,12 +944,14 @@ class Chain:
         for name in {step["model"] for step in self.steps[len(saved):]}:
             api_key(name)  # a missing key stops the chain before it spends anything
         for n, (step, prompt) in enumerate(zip(self.steps, self.render(saved, lambda n, s: "")), 1):
-            if n > len(saved):  # answers still to come count as empty here; reply() checks the real prompt
+            # answers still to come count as empty here; reply() checks the real prompt
+            if n > len(saved):
                 check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
                                   "shorten the input, code or --var values it is made from")
         old = self._old_manifest() if resume else {}
         self.manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         "status": "running", "settings": dataclasses.asdict(self.llm.settings), "steps": []}
+                         "status": "running", "settings": dataclasses.asdict(self.llm.settings),
+                         "steps": []}
         make_dir(self.out)  # found now, not when the first paid answer cannot be saved
         self.save()  # and that the folder can be written
         results = []
@@ -904,7 +976,8 @@ class Chain:
         used = {name for step in self.steps for name in placeholders(step["prompt"])}
         for name, load in (("code_content", lambda: fenced_code(DEFAULT_CODE)),
                            ("system_prompt", lambda: _read_text(DEFAULT_SYSTEM, "prompt")),
-                           ("results", lambda: self.results(not dry_run) if self.results else NO_RESULTS),
+                           ("results", lambda: self.results(not dry_run) if self.results
+                            else NO_RESULTS),
                            ("plan_format", plan_format), ("code_edit_rules", lambda: "")):
             if name in used and name not in self.variables:
                 self.variables[name] = load()
@@ -913,12 +986,14 @@ class Chain:
             unknown = sorted(set(placeholders(step["prompt"])) - set(self.variables) - earlier)
             if unknown:
                 names = ", ".join("{" + v + "}" for v in unknown)
-                raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or earlier step "
+                raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or "
+                                f"earlier step "
                                 "defines: pass --var NAME=VALUE or fix the prompt")
         if "user_input" in self.variables and "user_input" not in used:
             _note("warning: no step uses {user_input}, so the input file is not sent")
         elif "user_input" in used and not self.variables["user_input"].strip():
-            _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea to work on")
+            _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea "
+                  "to work on")
 
     def _old_manifest(self) -> dict:
         try:
@@ -928,33 +1003,41 @@ class Chain:
 
     def _saved(self, resume: bool) -> list[str]:
         saved = []
-        for n, step in enumerate(self.steps, 1):  # only a leading run: a redone step makes later ones stale
+        # only a leading run: a redone step makes later ones stale
+        for n, step in enumerate(self.steps, 1):
             path = self.out / step_file(n, step["title"])
             text = _read_text(path, "saved step") if resume and path.is_file() else ""
             if not text.strip():
                 break
-            saved.append(clean(redact(text)))  # a file from elsewhere may hold an echoed key or escapes
+            # a file from elsewhere may hold an echoed key or escapes
+            saved.append(clean(redact(text)))
         return saved
 
     def _reuse(self, n: int, entry: dict, old: dict) -> None:
         before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
         if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
-            _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing it anyway "
+            _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing "
+                  f"it anyway "
                   "(delete the file to ask again)")
-        # The saved answer's own prompt, model and usage stay on record, so the next --resume warns too.
+        # The saved answer's own prompt, model and usage stay on record, so the next --resume warns
+        # too.
         self.manifest["steps"].append({**entry, **before, "reused": True})
         self.save()
-        _note(f"== step {n}/{len(self.steps)}: {entry['title']} reused from {entry['output']} (--resume)")
+        _note(f"== step {n}/{len(self.steps)}: {entry['title']} reused from {entry['output']} "
+              f"(--resume)")
 
     def _ask(self, n: int, step: dict, prompt: str, entry: dict) -> str:
-        _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, {entry['model_id']}, "
+        _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, "
+              f"{entry['model_id']}, "
               f"{len(prompt):,} prompt characters)")
         self.manifest["steps"].append(entry)
-        r = self.ask_into(step["model"], prompt, entry, f"step {n} ({step['title']}, {step['model']})", n)
+        r = self.ask_into(step["model"], prompt, entry, f"step {n} ({step['title']}, "
+                                                        f"{step['model']})", n)
         return r.text
 
     def ask_into(self, model: str, prompt: str, entry: dict, label: str, n: int) -> Reply:
-        """Ask, save the answer as entry["output"] and record it; on failure keep what arrived as .partial.md."""
+        """Ask, save the answer as entry["output"] and record it; on failure keep what arrived as
+        .partial.md."""
         path = self.out / entry["output"]
         partial = path.with_name(path.name.replace(".md", ".partial.md"))
         self.llm.stream = None
@@ -966,7 +1049,8 @@ class Chain:
             interrupted = isinstance(e, KeyboardInterrupt)
             entry.update(output=None, error="interrupted" if interrupted else _one_line(e))
             self.manifest["status"] = "interrupted" if interrupted else "failed"
-            with contextlib.suppress(UserError):  # best effort: the folder itself may be what failed
+            # best effort: the folder itself may be what failed
+            with contextlib.suppress(UserError):
                 got = self.llm.stream.received if self.llm.stream else ""
                 if got.strip():  # paid for: keep it, but never as a finished step
                     _write(partial, got)
@@ -975,7 +1059,8 @@ class Chain:
             if interrupted:
                 self.interrupted_step = n
                 raise
-            why = e if isinstance(e, UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
+            why = e if isinstance(e,
+                                  UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
             raise ChainError(f"{label} failed: {why}", n, self.out) from e
         partial.unlink(missing_ok=True)
         entry.update(_reply_record(r))
@@ -983,7 +1068,8 @@ class Chain:
         return r
 
     def render(self, saved: list[str], unknown) -> list[str]:
-        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to come."""
+        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to
+        come."""
         values = dict(self.variables)
         for n, step in enumerate(self.steps, 1):
             values[f"step{n}_result"] = saved[n - 1] if n <= len(saved) else unknown(n, step)
@@ -993,16 +1079,19 @@ class Chain:
         rendered = self.render(saved, lambda n, step: f"<output of step {n} ({step['title']})>")
         for n, (step, prompt) in enumerate(zip(self.steps, rendered), 1):
             note = "reused from disk (--resume)" if n <= len(saved) else "would be sent"
-            self.llm._show(redact(f"==== step {n}/{len(self.steps)}: {step['title']} -> {step['model']} "
+            self.llm._show(redact(f"==== step {n}/{len(self.steps)}: {step['title']} -> "
+                                  f"{step['model']} "
                                   f"({self.llm.models[step['model']]}), {len(prompt):,} characters "
                                   f"(~{len(prompt) // 4:,} tokens), {note}, saved as "
                                   f"{self.out / step_file(n, step['title'])}\n{prompt}\n\n"))
-        _note(f"dry run: {_count(len(self.steps), 'step')}, {sum(map(len, rendered)):,} prompt characters; "
+        _note(f"dry run: {_count(len(self.steps), 'step')}, {sum(map(len, rendered)):,} prompt "
+              f"characters; "
               "nothing was sent")
         return rendered
 
-# ------------------------------------------------------------------------------------------------------------
-# Plans: read the way models write them, checked against what llm.py will do, budgeted, confirmed, run
+# --------------------------------------------------------------------------------------------------
+# Plans: read the way models write them, checked against what llm.py will do, budgeted, confirmed,
+# run
 
 DEFAULT_MAX_RUNS = 36  # runs per round (the research constraints)
 DEFAULT_MAX_RUN_MINUTES = 10.0  # training minutes per run (the research constraints: 2-10)
@@ -1010,10 +1099,12 @@ DEFAULT_MAX_TOTAL_MINUTES = 180.0  # training minutes per plan
 DEFAULT_REPAIRS = 2
 DRY_RUN_TIMEOUT = 300.0  # seconds for llm.py's --dry-run --json (with a few timed steps)
 TIME_STEPS = 3  # training steps timed per new model shape when no earlier run measured it
-DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"  # report.DEFAULT_CSV, named without importing it
+# report.DEFAULT_CSV, named without importing it
+DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"
 DEFAULT_LOOP_DIR = "research_loop"
 # llm.py flags the tool sets itself (where output goes) or that make llm.py another kind of command.
-TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device", "dry_run",
+TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device",
+              "dry_run",
               "json", "time_steps", "help")
 ENTRY_KEYS = ("name", "question", "args")
 MAX_ENTRIES, MAX_ARGS, MAX_ARG_CHARS, MAX_NAME, MAX_QUESTION = 12, 120, 200, 60, 300
@@ -1021,8 +1112,10 @@ NO_RESULTS = "No results exist yet: this is the first experiment on this questio
 LOOP_STATE = "loop_state.json"
 LEDGER = "ledger.md"
 _FENCE = re.compile(r"(?m)^[ \t]*(`{3,}|~{3,})([^\n`]*)$\n?")
-_NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)  # argparse reads these as values
-SHAPE = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size", "max_seq_len",
+# argparse reads these as values
+_NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)
+SHAPE = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
+         "max_seq_len",
          "use_amp")
 
 
@@ -1040,7 +1133,8 @@ class PlanEntry:
     question: str
     args: list[str]
     n_runs: int = 0
-    runs: list[dict] = dataclasses.field(default_factory=list)  # per run: config, flops_per_token, ...
+    # per run: config, flops_per_token, ...
+    runs: list[dict] = dataclasses.field(default_factory=list)
     minutes: list = dataclasses.field(default_factory=list)  # per run: estimated training minutes
 
     def csv(self, out_dir) -> Path:
@@ -1069,7 +1163,8 @@ class Limits:
     max_runs: int = DEFAULT_MAX_RUNS
     max_run_minutes: float = DEFAULT_MAX_RUN_MINUTES
     max_total_minutes: float = DEFAULT_MAX_TOTAL_MINUTES
-    allow_data: tuple = ()  # tokenizers / datasets the user allows beyond the defaults, bytes and random
+    # tokenizers / datasets the user allows beyond the defaults, bytes and random
+    allow_data: tuple = ()
     allow_code_edits: bool = False
 
 
@@ -1078,7 +1173,8 @@ def _blocks(text: str):
     pos = 0
     while m := _FENCE.search(text, pos):
         fence = m.group(1)
-        close = re.compile(rf"(?m)^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$").search(text, m.end())
+        closing = re.compile(rf"(?m)^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        close = closing.search(text, m.end())
         line = text.count("\n", 0, m.start()) + 1
         if not close:
             yield line, text[m.end():], False
@@ -1093,14 +1189,16 @@ def _is_runs(data) -> bool:
 
 
 def find_runs(text: str, where: str, example=None):
-    """The one block of runs in an answer, parsed with json5 (comments, trailing commas, single quotes)."""
+    """The one block of runs in an answer, parsed with json5 (comments, trailing commas, single
+    quotes)."""
     import json5
     found, bad = [], []
     for line, body, closed in _blocks(text):
         if not body.strip().startswith(("{", "[")):
             continue
         if not closed:
-            raise PlanError(f"{where}: the answer was cut inside the block that starts on line {line}; ask again "
+            raise PlanError(f"{where}: the answer was cut inside the block that starts on line "
+                            f"{line}; ask again "
                             "(a higher --max-tokens) or finish the block by hand")
         try:
             data = json5.loads(body)
@@ -1110,26 +1208,30 @@ def find_runs(text: str, where: str, example=None):
         if _is_runs(data):
             found.append((line, data))
     if len(found) > 1:
-        found = [f for f in found if f[1] != example] or found[:1]  # a copy of the prompt's example is no plan
+        # a copy of the prompt's example is no plan
+        found = [f for f in found if f[1] != example] or found[:1]
     if len(found) > 1:
         raise PlanError(f"{where}: the answer has {len(found)} blocks of runs (lines "
-                        f"{', '.join(str(f[0]) for f in found)}); keep exactly one, the runs to do now")
+                        f"{', '.join(str(f[0]) for f in found)}); keep exactly one, the runs to do "
+                        f"now")
     if found:
         return found[0][1]
     if bad:
-        raise PlanError(f"{where}: the block on line {bad[0][0]} is not valid JSON ({bad[0][1]}); fix it")
+        raise PlanError(f"{where}: the block on line {bad[0][0]} is not valid JSON ({bad[0][1]}); "
+                        f"fix it")
     raise PlanError(f"{where} has no block of runs: end the answer with one fenced block "
                     '{"runs": [{"name": ..., "question": ..., "args": [...]}]}')
 
 
 def _args(value, label: str) -> list[str]:
-    """args as models write them: a list (numbers, nested lists, "--flag value" items) or one shell-like string
-    (split with shlex, never run by a shell)."""
+    """args as models write them: a list (numbers, nested lists, "--flag value" items) or one
+    shell-like string (split with shlex, never run by a shell)."""
     if isinstance(value, str):
         try:
             return shlex.split(value)
         except ValueError as e:
-            raise PlanError(f"{label}: its args string cannot be split ({e}); write args as a list") from None
+            raise PlanError(f"{label}: its args string cannot be split ({e}); write args as a list"
+                            ) from None
     if not isinstance(value, list):
         raise PlanError(f'{label}: "args" must be a list of llm.py arguments (or one string)')
     out = []
@@ -1143,16 +1245,19 @@ def _args(value, label: str) -> list[str]:
         elif isinstance(item, str):
             out.append(item)
         else:
-            raise PlanError(f'{label}: "args" holds {json.dumps(item)[:40]}, which is no llm.py argument')
+            raise PlanError(f'{label}: "args" holds {json.dumps(item)[:40]}, which is no llm.py '
+                            f'argument')
     return out
 
 
 def read_plan(path, example=None, limits: Limits = Limits()) -> Plan:
-    """A plan's entries from a markdown file (a chain's final step); PlanError for anything it does not mean."""
+    """A plan's entries from a markdown file (a chain's final step); PlanError for anything it does
+    not mean."""
     text = _read_text(path, "plan")
     data = find_runs(text, str(path), example if example is not None else plan_example())
     if isinstance(data, dict) and set(data) - {"runs"}:
-        raise PlanError(f"{path}: unknown key {sorted(set(data) - {'runs'})[0]!r} beside \"runs\"; put "
+        raise PlanError(f"{path}: unknown key {sorted(set(data) - {'runs'})[0]!r} beside \"runs\"; "
+                        f"put "
                         "everything llm.py should do in an entry's args and remove it")
     runs = data["runs"] if isinstance(data, dict) else data
     if not isinstance(runs, list) or not runs or len(runs) > MAX_ENTRIES:
@@ -1169,71 +1274,90 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
     label += f" ({e['name'][:MAX_NAME]})"
     unknown = sorted(set(e) - set(ENTRY_KEYS))
     if unknown:
-        raise PlanError(f"{label}: unknown key {unknown[0]!r} (an entry has only name, question and args); put "
+        raise PlanError(f"{label}: unknown key {unknown[0]!r} (an entry has only name, question "
+                        f"and args); put "
                         f"what it says into args, e.g. \"--seeds 42 43\", and remove it")
     question, args = e.get("question") or "", _args(e.get("args", []), label)
     if not isinstance(question, str):
         raise PlanError(f'{label}: "question" must be text')
-    for what, text, limit in [("name", e["name"], MAX_NAME), ("question", question, MAX_QUESTION)] + \
+    for what, text, limit in [("name", e["name"], MAX_NAME), ("question", question,
+                                                              MAX_QUESTION)] + \
             [("args", a, MAX_ARG_CHARS) for a in args]:
         if clean(text) != text:
-            raise PlanError(f"{label}: its {what} contains control characters ({text[:60]!r}), which could "
+            raise PlanError(f"{label}: its {what} contains control characters ({text[:60]!r}), "
+                            f"which could "
                             "disguise the command shown before you confirm; remove them")
         if len(text) > limit:
-            raise PlanError(f"{label}: its {what} is {len(text)} characters, more than {limit}; shorten it")
+            raise PlanError(f"{label}: its {what} is {len(text)} characters, more than {limit}; "
+                            f"shorten it")
     if len(args) > MAX_ARGS:
         raise PlanError(f"{label}: {len(args)} args, more than {MAX_ARGS}; split the entry")
     name = safe_name(e["name"])
-    # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key for both
+    # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key
+    # for both
     files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
     if files in seen:
-        raise PlanError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; rename one")
+        raise PlanError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; "
+                        f"rename one")
     seen[files] = i
     return PlanEntry(name, question.strip(), args)
 
 
 def code_edits(answer: str, limits: Limits) -> list:
-    """Plug point for code edits (issue 19's section): none unless the answer has SEARCH/REPLACE blocks."""
+    """Plug point for code edits (issue 19's section): none unless the answer has SEARCH/REPLACE
+    blocks."""
     if "<<<<<<< SEARCH" not in answer:
         return []
     if not limits.allow_code_edits:
-        raise PlanError("this run does not allow code edits; express the idea with flags or rerun with "
+        raise PlanError("this run does not allow code edits; express the idea with flags or rerun "
+                        "with "
                         "--allow-code-edits")
-    raise PlanError("code edits are not supported by this version of the tool; express the idea with flags")
+    raise PlanError("code edits are not supported by this version of the tool; express the idea "
+                    "with flags")
 
 
 def llm_flags() -> dict[str, tuple[str, object]]:
-    """llm.py's options: flag -> (config field or dest, nargs). argparse has no public list of a parser's actions,
-    so this reads `_actions`; it only words messages and the prompt: plan_sweep decides what is valid."""
-    return {s: (a.dest, a.nargs) for a in _project_module("llm").build_parser()._actions for s in a.option_strings}
+    """llm.py's options: flag -> (config field or dest, nargs). argparse has no public list of a
+    parser's actions, so this reads `_actions`; it only words messages and the prompt: plan_sweep
+    decides what is valid."""
+    return {s: (a.dest, a.nargs) for a in _project_module("llm").build_parser()._actions
+            for s in a.option_strings}
 
 
 def _flag_hint(key: str, flags: dict) -> str:
-    """The nearest real flag: a config field's name (--load-balancing-weight) maps to its flag (--lb-weight)."""
+    """The nearest real flag: a config field's name (--load-balancing-weight) maps to its flag
+    (--lb-weight)."""
     by_dest = {dest: f for f, (dest, _) in flags.items() if f.startswith("--")}
     name = key.lstrip("-").replace("-", "_")
-    near = [by_dest[name]] if name in by_dest else difflib.get_close_matches(key, list(by_dest.values()), 1, 0.6)
+    near = [by_dest[name]] if name in by_dest else difflib.get_close_matches(key,
+                                                                             list(by_dest.values()),
+                                                                             1, 0.6)
     return f"; did you mean {near[0]}?" if near else "; see `python llm.py --help`"
 
 
 def check_flags(label: str, args: list[str], flags: dict) -> None:
-    """Refuse what llm.py would misread or what the tool owns: unknown or ambiguous flags (with the nearest real
-    one), tool-owned flags however spelled (exact, an abbreviation, --flag=value), '--', bare extra values."""
+    """Refuse what llm.py would misread or what the tool owns: unknown or ambiguous flags (with the
+    nearest real one), tool-owned flags however spelled (exact, an abbreviation, --flag=value),
+    '--', bare extra values."""
     current = None
     for tok in args:
         if tok == "--":
-            raise PlanError(f"{label}: '--' is not allowed in args (it would hide the tool's own flags)")
+            raise PlanError(f"{label}: '--' is not allowed in args (it would hide the tool's own "
+                            f"flags)")
         if tok.startswith("-") and not _NEGATIVE_NUMBER.match(tok):
             key, eq, _ = tok.partition("=")
             key = key if key.startswith("--") else key[:2]  # short options bundle: -hh is -h -h
-            hits = [key] if key in flags else [f for f in flags if f.startswith(key) and key.startswith("--")]
+            hits = [key] if key in flags else [f for f in flags if f.startswith(key)
+                                               and key.startswith("--")]
             if len(hits) > 1:
-                raise PlanError(f"{label}: {key} could be {' or '.join(sorted(hits)[:3])}; write the whole flag")
+                raise PlanError(f"{label}: {key} could be {' or '.join(sorted(hits)[:3])}; write "
+                                f"the whole flag")
             if not hits:
                 raise PlanError(f"{label}: llm.py has no flag {key}{_flag_hint(key, flags)}")
             dest, nargs = flags[hits[0]]
             if dest in TOOL_OWNED:
-                raise PlanError(f"{label}: {tok} (--{dest.replace('_', '-')}) is chosen by the tool, not the plan; "
+                raise PlanError(f"{label}: {tok} (--{dest.replace('_', '-')}) is chosen by the "
+                                f"tool, not the plan; "
                                 "remove it")
             current = [hits[0], nargs, 1 if eq else 0]
         elif current is None:
@@ -1242,43 +1366,51 @@ def check_flags(label: str, args: list[str], flags: dict) -> None:
             flag, nargs, n = current
             if nargs == 0 or (nargs in (None, "?") and n >= 1):
                 takes = "no value" if nargs == 0 else "one value"
-                raise PlanError(f"{label}: the value {tok!r} after {flag} belongs to no flag ({flag} takes "
+                raise PlanError(f"{label}: the value {tok!r} after {flag} belongs to no flag "
+                                f"({flag} takes "
                                 f"{takes}); remove it or name its flag")
             current[2] += 1
 
 def _allowed(llm, limits: Limits) -> tuple[set, set, set]:
-    """Tokenizers, datasets and data files a plan may use: the defaults, bytes, random, the presets' corpus and
-    what the user allows with --allow-data; never what the plan says."""
+    """Tokenizers, datasets and data files a plan may use: the defaults, bytes, random, the presets'
+    corpus and what the user allows with --allow-data; never what the plan says."""
     defaults = {f.name: f.default for f in dataclasses.fields(llm.MoEModelConfig)}
     presets = list(llm.PRESETS.values())
-    tokenizers = {defaults["tokenizer"], "bytes", *(p["tokenizer"] for p in presets if "tokenizer" in p)}
+    tokenizers = {defaults["tokenizer"], "bytes", *(p["tokenizer"] for p in presets
+                                                    if "tokenizer" in p)}
     datasets = {defaults["dataset"], "random", *(p["dataset"] for p in presets if "dataset" in p)}
     files = {os.path.realpath(f) for p in presets for f in p.get("data_files", ())}
     return tokenizers | set(limits.allow_data), datasets | set(limits.allow_data), files
 
 
 def _check_config(label: str, cfg, allowed) -> None:
-    """What llm.py will load for one resolved config: files inside the folder the tool runs in (symlinks
-    followed), tokenizer and dataset from the allowlist (a hub id or a folder could carry code)."""
+    """What llm.py will load for one resolved config: files inside the folder the tool runs in
+    (symlinks followed), tokenizer and dataset from the allowlist (a hub id or a folder could carry
+    code)."""
     tokenizers, datasets, files = allowed
     root = os.path.realpath(Path.cwd())
     for f in cfg.data_files:
         real = os.path.realpath(f)
         if real not in files and os.path.commonpath([root, real]) != root:
-            raise PlanError(f"{label}: data file {f} is {real}, outside the folder the tool runs in ({root}); a "
+            raise PlanError(f"{label}: data file {f} is {real}, outside the folder the tool runs "
+                            f"in ({root}); a "
                             "plan may only name files under it (copy the file here)")
     if cfg.tokenizer not in tokenizers:
         raise PlanError(f"{label}: tokenizer {cfg.tokenizer!r} is not allowed (allowed: "
-                        f"{', '.join(sorted(tokenizers))}); a plan cannot choose what gets loaded: the user adds "
+                        f"{', '.join(sorted(tokenizers))}); a plan cannot choose what gets loaded: "
+                        f"the user adds "
                         "one with --allow-data NAME")
     if not cfg.data_files and cfg.dataset not in datasets:
-        raise PlanError(f"{label}: dataset {cfg.dataset!r} is not allowed (allowed: {', '.join(sorted(datasets))}); "
-                        "a plan cannot choose what gets loaded: the user adds one with --allow-data NAME")
+        raise PlanError(f"{label}: dataset {cfg.dataset!r} is not allowed (allowed: "
+                        f"{', '.join(sorted(datasets))}); "
+                        "a plan cannot choose what gets loaded: the user adds one with "
+                        "--allow-data NAME")
 
 
 def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
-    """Validate every entry with llm.py's own sweep planner and its resolved configs, count the runs before any
-    is expanded, estimate time and memory, refuse what is over a limit; return the budget lines."""
+    """Validate every entry with llm.py's own sweep planner and its resolved configs, count the runs
+    before any is expanded, estimate time and memory, refuse what is over a limit; return the budget
+    lines."""
     llm = _project_module("llm")
     flags, allowed, total = llm_flags(), _allowed(llm, limits), 0
     for i, e in enumerate(plan.entries, 1):
@@ -1290,7 +1422,8 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
             raise PlanError(f"{label}: llm.py refuses its args: {_one_line(err)}") from None
         e.n_runs, total = sweep.n_runs, total + sweep.n_runs
         if total > limits.max_runs:
-            raise PlanError(f"{label} brings the plan to {total} runs, more than --max-runs {limits.max_runs}; "
+            raise PlanError(f"{label} brings the plan to {total} runs, more than --max-runs "
+                            f"{limits.max_runs}; "
                             "shrink the plan or raise --max-runs")
         e.runs = []
         for n, cfg in enumerate(sweep.configs(), 1):
@@ -1298,9 +1431,12 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
             est = llm.estimate(cfg)
             memory = est.memory_gb + cfg.max_tokens * 8 / 1e9  # + the token array (int64 at most)
             if memory > _ram_gb():
-                raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more than this "
-                                f"machine's {_ram_gb():.1f} GB; use a smaller model, batch or --max-tokens")
-            e.runs.append({"config": dataclasses.asdict(cfg), "flops_per_token": est.flops_per_token,
+                raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more "
+                                f"than this "
+                                f"machine's {_ram_gb():.1f} GB; use a smaller model, batch or "
+                                f"--max-tokens")
+            e.runs.append({"config": dataclasses.asdict(cfg),
+                           "flops_per_token": est.flops_per_token,
                            "train_tokens": est.train_tokens, "memory_gb": memory})
     return budget(plan, limits, out_dir, csvs)
 
@@ -1313,7 +1449,8 @@ def _ram_gb() -> float:
 
 
 def _shape(c: dict) -> tuple:
-    """What throughput depends on; the vocabulary as llm.py will resolve it (a CSV records it resolved)."""
+    """What throughput depends on; the vocabulary as llm.py will resolve it (a CSV records it
+    resolved)."""
     llm = _project_module("llm")
     cfg = llm.MoEModelConfig(**{f.name: c[f.name] for f in dataclasses.fields(llm.MoEModelConfig)
                                 if f.init and f.name in c})
@@ -1321,7 +1458,8 @@ def _shape(c: dict) -> tuple:
 
 
 def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
-    """Model shape -> (median training FLOP/s of earlier ok runs, their device), from results CSVs."""
+    """Model shape -> (median training FLOP/s of earlier ok runs, their device), from results CSVs.
+    """
     import pandas as pd
     llm, seen = _project_module("llm"), collections.defaultdict(list)
     names = {f.name for f in dataclasses.fields(llm.MoEModelConfig) if f.init}
@@ -1334,7 +1472,8 @@ def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
             continue
         for tps, cfg_json, device in triples:
             with contextlib.suppress(TypeError, ValueError, llm.UserError):
-                cfg = llm.MoEModelConfig(**{k: v for k, v in json.loads(cfg_json).items() if k in names})
+                cfg = llm.MoEModelConfig(**{k: v for k, v in json.loads(cfg_json).items()
+                                            if k in names})
                 if float(tps) > 0:
                     seen[_shape(json.loads(cfg_json))].append(
                         (float(tps) * llm.estimate(cfg).flops_per_token, str(device)))
@@ -1342,36 +1481,44 @@ def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
 
 
 def llm_dry_run(code: Path, args: list[str], label: str, time_steps: int = 0) -> dict:
-    """`llm.py ARGS --dry-run --json [--time-steps K]` in a child: no shell, no stdin, no keys, offline, a timeout."""
+    """`llm.py ARGS --dry-run --json [--time-steps K]` in a child: no shell, no stdin, no keys,
+    offline, a timeout."""
     cmd = [sys.executable, str(code), *args, "--dry-run", "--json"] + \
         (["--time-steps", str(time_steps)] if time_steps else [])
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=DRY_RUN_TIMEOUT,
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           timeout=DRY_RUN_TIMEOUT,
                            env=child_env({"HF_HUB_OFFLINE": "1"}))
     except subprocess.TimeoutExpired:
-        raise PlanError(f"{label}: llm.py's dry run took more than {DRY_RUN_TIMEOUT:g} s and was stopped; make "
+        raise PlanError(f"{label}: llm.py's dry run took more than {DRY_RUN_TIMEOUT:g} s and was "
+                        f"stopped; make "
                         "the model smaller") from None
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or ["no message"]
     if r.returncode:
-        raise PlanError(f"{label}: llm.py refuses its args: {_one_line(lines[-1].split('error:', 1)[-1])}")
+        raise PlanError(f"{label}: llm.py refuses its args: "
+                        f"{_one_line(lines[-1].split('error:', 1)[-1])}")
     try:
         return json.loads(r.stdout)
     except ValueError:
-        raise PlanError(f"{label}: llm.py's dry run printed no JSON ({_one_line(r.stdout, 120)})") from None
+        raise PlanError(f"{label}: llm.py's dry run printed no JSON ({_one_line(r.stdout, 120)})"
+                        ) from None
 
 
 def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
-    """Minutes per run, per entry and in total: FLOPs per token x tokens / the FLOP/s measured on this device
-    (earlier runs of the same model shape, else a few timed steps of it); peak memory from llm.estimate."""
+    """Minutes per run, per entry and in total: FLOPs per token x tokens / the FLOP/s measured on
+    this device (earlier runs of the same model shape, else a few timed steps of it); peak memory
+    from llm.estimate."""
     speed, timed = measured_speed(csvs), False
     for i, e in enumerate(plan.entries, 1):
         if any(_shape(r["config"]) not in speed for r in e.runs):
-            out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], f"entry {i} ({e.name})",
+            out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], f"entry {i} "
+                                                                                  f"({e.name})",
                               TIME_STEPS)
             for r in out.get("runs", []):
                 _check_run_id(f"entry {i} ({e.name})", r.get("run_id", ""))
                 if r.get("tokens_per_s"):
-                    speed[_shape(r["config"])] = (r["tokens_per_s"] * r["flops_per_token"], "this device, timed")
+                    flops = r["tokens_per_s"] * r["flops_per_token"]
+                    speed[_shape(r["config"])] = (flops, "this device, timed")
             timed = True
     lines, total, devices = [], 0.0, set()
     for i, e in enumerate(plan.entries, 1):
@@ -1379,57 +1526,73 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
         for n, r in enumerate(e.runs, 1):
             flops, device = speed.get(_shape(r["config"]), (0.0, ""))
             if flops <= 0:
-                raise PlanError(f"entry {i} ({e.name}): no throughput could be measured for run {n}'s model shape")
+                raise PlanError(f"entry {i} ({e.name}): no throughput could be measured for run "
+                                f"{n}'s model shape")
             devices.add(device)
             e.minutes.append(r["flops_per_token"] * r["train_tokens"] / flops / 60)
             if e.minutes[-1] > limits.max_run_minutes:
-                raise PlanError(f"entry {i} ({e.name}): run {n} needs about {e.minutes[-1]:.1f} min of training, "
-                                f"more than --max-run-minutes {limits.max_run_minutes:g}; use fewer --max-steps or "
+                raise PlanError(f"entry {i} ({e.name}): run {n} needs about {e.minutes[-1]:.1f} "
+                                f"min of training, "
+                                f"more than --max-run-minutes {limits.max_run_minutes:g}; use "
+                                f"fewer --max-steps or "
                                 "a smaller model (or raise the limit)")
         total += sum(e.minutes)
         memory = max((r["memory_gb"] for r in e.runs), default=0.0)
-        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x ~{max(e.minutes, default=0):.1f} min at "
+        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x "
+                     f"~{max(e.minutes, default=0):.1f} min at "
                      f"most = {sum(e.minutes):.1f} min, peak memory ~{memory:.2f} GB")
     if total > limits.max_total_minutes:
         worst = max(plan.entries, key=lambda e: sum(e.minutes))
-        raise PlanError(f"the plan needs about {total:.0f} min of training, more than --max-total-minutes "
-                        f"{limits.max_total_minutes:g} (the largest: {worst.name}, {sum(worst.minutes):.0f} min); "
+        raise PlanError(f"the plan needs about {total:.0f} min of training, more than "
+                        f"--max-total-minutes "
+                        f"{limits.max_total_minutes:g} (the largest: {worst.name}, "
+                        f"{sum(worst.minutes):.0f} min); "
                         "shrink it or raise the limit")
-    lines.append(f"budget: total ~{total:.1f} min of training for {_count(plan.total, 'run')} (limits: "
+    lines.append(f"budget: total ~{total:.1f} min of training for {_count(plan.total, 'run')} "
+                 f"(limits: "
                  f"{limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min in all, "
                  f"{limits.max_runs} runs), from the speed measured on {', '.join(sorted(devices))}"
-                 + (f" ({TIME_STEPS} steps timed just now)" if timed else "") + "; evaluation and start-up come on top")
+                 + (f" ({TIME_STEPS} steps timed just now)" if timed else "") + "; evaluation and "
+                                                                                "start-up come on "
+                                                                                "top")
     return "\n".join(lines)
 
 
 def _check_run_id(label: str, run_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", str(run_id)):
-        raise PlanError(f"{label}: llm.py would name a run {str(run_id)[:40]!r}, which is no safe file name")
+        raise PlanError(f"{label}: llm.py would name a run {str(run_id)[:40]!r}, which is no safe "
+                        f"file name")
 
 
 def shown(cmd: list[str]) -> str:
-    """A command as the user would type it: `python` when that is this interpreter, llm.py relative if near."""
+    """A command as the user would type it: `python` when that is this interpreter, llm.py relative
+    if near."""
     exe = "python" if shutil.which("python") == sys.executable else cmd[0]
     script = os.path.relpath(cmd[1])
     return shlex.join([exe, cmd[1] if script.startswith("..") else script, *cmd[2:]])
 
 
 def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
-    """What the user confirms: every entry, every command, the diff of any code edit, and the budget."""
-    lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, {_count(plan.total, 'run')}, results "
+    """What the user confirms: every entry, every command, the diff of any code edit, and the
+    budget."""
+    lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, "
+             f"{_count(plan.total, 'run')}, results "
              f"in {out_dir}"]
     for i, e in enumerate(plan.entries, 1):
-        lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')})" + (f": {e.question}" if e.question else ""),
+        lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')})" + (f": {e.question}" if e.question
+                                                                    else ""),
                   f"     {shown(plan.command(e, out_dir))}"]
     return "\n".join(lines + ([plan.diff] if plan.diff else []) + [budget_lines])
 
 
 def confirm(text: str, question: str, yes: bool) -> bool:
-    """A typed yes. The commands are shown where the question is asked even when stdout goes elsewhere."""
+    """A typed yes. The commands are shown where the question is asked even when stdout goes
+    elsewhere."""
     if yes:
         return True
     if not sys.stdin.isatty():  # checked up front by the commands too; this is the last guard
-        raise UserError("nothing was run: there is no terminal to ask; add --yes to run without asking")
+        raise UserError("nothing was run: there is no terminal to ask; add --yes to run without "
+                        "asking")
     if not sys.stdout.isatty():
         print(text, file=sys.stderr)
     print(f"{question} Type yes to start: ", end="", file=sys.stderr, flush=True)
@@ -1438,17 +1601,20 @@ def confirm(text: str, question: str, yes: bool) -> bool:
 
 def _need_consent(args, what: str) -> None:
     if not args.yes and not sys.stdin.isatty():
-        raise UserError(f"{what} trains without asking only with --yes, and there is no terminal to ask: add --yes "
+        raise UserError(f"{what} trains without asking only with --yes, and there is no terminal "
+                        f"to ask: add --yes "
                         "(nothing was sent or run)")
 
 
 class RunOutcome(collections.namedtuple("RunOutcome", "rc entry tail")):
-    """llm.py's exit code (0: every entry done), the entry that stopped, and its last 40 lines of output."""
+    """llm.py's exit code (0: every entry done), the entry that stopped, and its last 40 lines of
+    output."""
 
 
 def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
-    """Run the entries one after another with llm.py's own progress and resume; stop at the first failure.
-    Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit from its budget."""
+    """Run the entries one after another with llm.py's own progress and resume; stop at the first
+    failure. Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit from its budget.
+    """
     make_dir(out_dir)
     for i, e in enumerate(plan.entries, 1):
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
@@ -1457,7 +1623,8 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
         rc, tail = _run_child(plan.command(e, out_dir), lock_fd, limit)
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
-            _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
+            _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are "
+                  f"saved in "
                   f"{e.csv(out_dir)}; rerun the same command to resume")
             return RunOutcome(rc, e, tail)
     rp = _project_module("report")
@@ -1468,9 +1635,11 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
 
 
 def _run_child(cmd: list[str], lock_fd: int, limit: float) -> tuple[int, str]:
-    """One llm.py, its output passed through as it comes and its last 40 lines kept; killed after `limit` s."""
+    """One llm.py, its output passed through as it comes and its last 40 lines kept; killed after
+    `limit` s."""
     import threading
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
                             env=child_env(), pass_fds=(lock_fd,))
     timer, seen = threading.Timer(limit, proc.kill), ""
     timer.start()
@@ -1497,33 +1666,45 @@ def _run_child(cmd: list[str], lock_fd: int, limit: float) -> tuple[int, str]:
 
 
 def plan_example() -> dict:
-    return {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the balancing loss is "
+    return {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the "
+                                                              "balancing loss is "
                       "off?", "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1",
                                        "--seeds", "42", "43", "44"]}]}
 
 
 def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> str:
-    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own parser."""
+    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own
+    parser."""
     parser = _project_module("llm").build_parser()
     flags = []
     for a in parser._actions:  # see llm_flags: argparse has no public list of actions
         if a.option_strings and a.dest not in TOOL_OWNED and a.help != argparse.SUPPRESS:
             meta = a.metavar or a.dest.upper()
-            use = " / ".join(a.option_strings) + ("" if a.nargs == 0 else f" {meta} [{meta} ...]" if a.nargs == "+"
+            use = " / ".join(a.option_strings) + ("" if a.nargs == 0 else f" {meta} [{meta} ...]"
+                                                  if a.nargs == "+"
                                                    else f" {meta}")
             flags.append(f"{use}: {a.help}")
     owned = ", ".join(s for a in parser._actions if a.dest in TOOL_OWNED for s in a.option_strings)
     return "\n".join([
-        "After the plan, end your answer with exactly one fenced ```json block that turns it into runs:", "",
+        "After the plan, end your answer with exactly one fenced ```json block that turns it into "
+        "runs:", "",
         "```json", json.dumps(plan_example()), "```", "",
-        "Each entry is one call of llm.py with `args` as its arguments (a list of strings) and gets its own CSV and "
-        "report; an entry has only name, question and args. Its runs are every combination of the values given "
-        "(a flag with several values, or --grid), and the report compares each condition with the baseline "
-        "(noise 0 / lb weight 0.01, else the entry's first condition) paired by seed, so put the conditions to "
-        "compare in one entry. `name` (letters, digits, _ and -) names the entry's files; `question` says what it "
-        f"answers. At most {max_runs} runs over all entries, at most {limits.max_run_minutes:g} minutes of "
-        f"training per run and {limits.max_total_minutes:g} in all (the tool measures and refuses more). Data, "
-        "tokenizer and dataset stay the defaults unless the user allowed others. The tool chooses output and "
+        "Each entry is one call of llm.py with `args` as its arguments (a list of strings) and "
+        "gets its own CSV and "
+        "report; an entry has only name, question and args. Its runs are every combination of the "
+        "values given "
+        "(a flag with several values, or --grid), and the report compares each condition with the "
+        "baseline "
+        "(noise 0 / lb weight 0.01, else the entry's first condition) paired by seed, so put the "
+        "conditions to "
+        "compare in one entry. `name` (letters, digits, _ and -) names the entry's files; "
+        "`question` says what it "
+        f"answers. At most {max_runs} runs over all entries, at most {limits.max_run_minutes:g} "
+        f"minutes of "
+        f"training per run and {limits.max_total_minutes:g} in all (the tool measures and refuses "
+        f"more). Data, "
+        "tokenizer and dataset stay the defaults unless the user allowed others. The tool chooses "
+        "output and "
         f"device: never use {owned}. llm.py's flags (a flag left out keeps its default):", *flags])
 
 
@@ -1538,13 +1719,15 @@ def _csv_of(md: Path) -> Path:
     return md.with_name(DEFAULT_CSV_NAME if stem == "experiment" else stem + ".csv")
 
 
-def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path], Path | None]:
-    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and the report.
+def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path],
+                                                                               Path | None]:
+    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and
+    the report.
 
-    path: a report, or a results CSV whose report is built first. None: the report of the default CSV in the
-    current folder, rebuilt if the CSV is newer. Nothing found, or enabled=False: a sentence saying that no
-    results exist yet. write=False (a dry run): a report that needs building is built in a temporary folder.
-    """
+    path: a report, or a results CSV whose report is built first. None: the report of the default
+    CSV in the current folder, rebuilt if the CSV is newer. Nothing found, or enabled=False: a
+    sentence saying that no results exist yet. write=False (a dry run): a report that needs building
+    is built in a temporary folder."""
     if not enabled:
         _note("results: left out (--no-results)")
         return NO_RESULTS, [], None
@@ -1557,22 +1740,26 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
         rp = _project_module("report")
         csv = given or Path(DEFAULT_CSV_NAME)
         md = rp.report_paths(csv)[0]
-        if csv.is_file() and (given or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime):
+        if csv.is_file() and (given or not md.is_file()
+                              or md.stat().st_mtime < csv.stat().st_mtime):
             try:
                 if not write:
                     with tempfile.TemporaryDirectory() as tmp:
                         shutil.copy(csv, Path(tmp) / csv.name)
                         text = _report_text(rp.write_report(Path(tmp) / csv.name))
-                    _note(f"results: the report of {csv}, built for this dry run only (nothing written)")
+                    _note(f"results: the report of {csv}, built for this dry run only (nothing "
+                          f"written)")
                     return f"From {md.name}:\n\n{text}", [csv], md
                 md = rp.write_report(csv)
                 _note(f"results: wrote the report {md} from {csv}")
             except (OSError, ValueError) as e:
                 if given:
-                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
+                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}"
+                                    ) from None
                 _note(f"warning: no report built from {csv}: {_one_line(e)}")
     if not md.is_file():
-        _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results exist "
+        _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no "
+              f"results exist "
               "yet (--results FILE gives some)")
         return NO_RESULTS, [], None
     _note(f"results: {md} (--results FILE for another, --no-results for none)")
@@ -1580,7 +1767,8 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
 
 
 def limits_of(args) -> Limits:
-    return Limits(args.max_runs, args.max_run_minutes, args.max_total_minutes, tuple(args.allow_data),
+    return Limits(args.max_runs, args.max_run_minutes, args.max_total_minutes,
+                  tuple(args.allow_data),
                   args.allow_code_edits)
 
 
@@ -1592,8 +1780,10 @@ def _runs_command(args) -> int:
     earlier = Path(args.results or DEFAULT_CSV_NAME)
     if args.results and not earlier.is_file():
         raise UserError(f"--results {earlier}: file not found")
-    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside it
-    csvs = sorted(Path(args.out_dir).glob("*.csv")) + [earlier if earlier.suffix == ".csv" else _csv_of(earlier)]
+    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside
+    # it
+    csvs = sorted(Path(args.out_dir).glob("*.csv")) + [earlier if earlier.suffix == ".csv"
+                                                       else _csv_of(earlier)]
     text = plan_text(plan, args.out_dir, check_plan(plan, limits, args.out_dir, csvs))
     print(text)
     if not args.run:
@@ -1611,8 +1801,9 @@ def _runs_command(args) -> int:
     return 1
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Loop: rounds of chain -> plan (repaired by the model when refused) -> runs -> verdicts, with a ledger
+# --------------------------------------------------------------------------------------------------
+# Loop: rounds of chain -> plan (repaired by the model when refused) -> runs -> verdicts, with a
+# ledger
 
 REPAIR_PROMPT = """
 
@@ -1624,8 +1815,10 @@ Your answer to the request above was:
 
 The tool could not use it: {refusal}
 
-Write the corrected answer in full: the plan, and its one block of runs, fixed as the message says."""
-LEDGER_COLUMNS = ("round", "question", "change", "runs", "verdict", "effect [95% CI]", "minutes", "tokens")
+Write the corrected answer in full: the plan, and its one block of runs, fixed as the message
+says."""
+LEDGER_COLUMNS = ("round", "question", "change", "runs", "verdict", "effect [95% CI]", "minutes",
+                  "tokens")
 
 
 def _cell(text: object, limit: int = 120) -> str:
@@ -1634,25 +1827,29 @@ def _cell(text: object, limit: int = 120) -> str:
 
 
 def ledger_table(state: dict, upto: int | None = None) -> str:
-    """The ledger: one row per verdict of every finished entry (and per refused plan or failed run), so a
-    person, and the planner, reads what each round asked, changed, ran and found."""
+    """The ledger: one row per verdict of every finished entry (and per refused plan or failed run),
+    so a person, and the planner, reads what each round asked, changed, ran and found."""
     rows = []
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
         if upto is not None and int(k) > upto:
             continue
-        rows += [[k, "", "(plan refused)", "0", f"refused: {r}", "", "", ""] for r in rnd.get("refusals", [])]
+        rows += [[k, "", "(plan refused)", "0", f"refused: {r}", "", "", ""]
+                 for r in rnd.get("refusals", [])]
         for e in rnd.get("entries", []):
             res = rnd.get("verdicts", {}).get(e["name"])
             if res is None:
                 continue
-            base = [k, e.get("question") or e["name"], " ".join(e["args"]), f"{res.get('n_ok', 0)}/{e['runs']} ok"]
+            base = [k, e.get("question") or e["name"], " ".join(e["args"]),
+                    f"{res.get('n_ok', 0)}/{e['runs']} ok"]
             cost = [f"{res.get('minutes', 0):.1f}", f"{res.get('tokens', 0):,}"]
             if "error" in res or not res.get("verdicts"):
                 rows.append(base + [res.get("error") or "no contrast (one condition)", ""] + cost)
             for v in res.get("verdicts", []):
-                rows.append(base + [f"{v['contrast']}: {v['word']} (n={v['n']}, p_adj={v['p_adjusted']:.2g}, "
+                rows.append(base + [f"{v['contrast']}: {v['word']} (n={v['n']}, "
+                                    f"p_adj={v['p_adjusted']:.2g}, "
                                     f"detectable {v['detectable']:.3g})",
-                                    f"{v['effect']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"] + cost)
+                                    f"{v['effect']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"]
+                        + cost)
     if not rows:
         return ""
     head = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
@@ -1663,7 +1860,8 @@ def _entry_cost(csv: Path) -> dict:
     import pandas as pd
     try:
         df = pd.read_csv(csv)
-        return {"minutes": float(df["training_time_minutes"].sum()), "tokens": int(df["train_tokens"].sum())}
+        return {"minutes": float(df["training_time_minutes"].sum()),
+                "tokens": int(df["train_tokens"].sum())}
     except (OSError, ValueError, KeyError):
         return {"minutes": 0.0, "tokens": 0}
 
@@ -1673,7 +1871,8 @@ def verdicts(csv: Path) -> dict:
     rp = _project_module("report")
     try:
         s = rp.summary(csv)
-        out = {"n_ok": s.n_ok, "verdicts": [v._asdict() for v in s.verdicts], "text": rp.summary_text(s)}
+        out = {"n_ok": s.n_ok, "verdicts": [v._asdict() for v in s.verdicts],
+               "text": rp.summary_text(s)}
     except (OSError, ValueError) as e:  # report.ReportError is a ValueError
         out = {"error": f"no verdict: {_one_line(e, 160)}"}
     return {**out, **_entry_cost(csv)}
@@ -1682,15 +1881,19 @@ def verdicts(csv: Path) -> dict:
 def _save_loop(out: Path, state: dict) -> None:
     _write(out / LOOP_STATE, json.dumps(state, indent=2) + "\n")
     md = [f"# Research loop: {state['idea']}", "",
-          f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the last reports, "
-          "the plan's runs train, report.py gives the verdicts. Rerun the same command to continue.", "",
+          f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the "
+          "last reports, the plan's runs train, report.py gives the verdicts. Rerun the same "
+          "command to continue.", "",
           "## Ledger", "", ledger_table(state) or "(no finished entry yet)", ""]
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
-        md += [f"## Round {k}: {rnd['status']}", "", f"- Results read: {rnd.get('results_from') or 'none'}"]
+        md += [f"## Round {k}: {rnd['status']}", "", f"- Results read: "
+                                                     f"{rnd.get('results_from') or 'none'}"]
         if rnd.get("plan"):
-            md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) ({_count(rnd.get('repairs', 0), 'repair')})")
+            md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) "
+                      f"({_count(rnd.get('repairs', 0), 'repair')})")
         if rnd.get("entries"):
-            md += ["- Commands:", "", "  ```"] + [f"  {e['command']}" for e in rnd["entries"]] + ["  ```"]
+            md += ["- Commands:", "", "  ```"] + [f"  {e['command']}"
+                                                  for e in rnd["entries"]] + ["  ```"]
         for name, res in rnd.get("verdicts", {}).items():
             md += [f"- **{name}** ([report](round{k}/{name}_analysis.md)):"]
             md += [f"  {line}" for line in (res.get("text") or res.get("error", "")).splitlines()]
@@ -1699,12 +1902,14 @@ def _save_loop(out: Path, state: dict) -> None:
 
 
 def _round_results(out: Path, k: int, rnd: dict) -> str:
-    """Round k's reports as the next round's {results}: one section per entry, headed by its question."""
+    """Round k's reports as the next round's {results}: one section per entry, headed by its
+    question."""
     parts = []
     for e in rnd.get("entries", []):
         md = _project_module("report").report_paths(out / f"round{k}" / f"{e['name']}.csv")[0]
         body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
-        parts.append(f"## Round {k}, entry {e['name']}: {e.get('question') or 'no question given'}\n\n{body}")
+        parts.append(f"## Round {k}, entry {e['name']}: "
+                     f"{e.get('question') or 'no question given'}\n\n{body}")
     return "\n\n".join(parts)
 
 
@@ -1714,19 +1919,23 @@ def _load_state(out: Path, idea: str) -> dict:
     except FileNotFoundError:
         state = {"round": {}}
     except (OSError, ValueError) as e:
-        raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it") from None
+        raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it"
+                        ) from None
     rounds = state.get("round") if isinstance(state, dict) else None
-    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"), str)
+    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"),
+                                                                                  str)
                                                for r in rounds.values()):
         raise UserError(f"{out / LOOP_STATE} is not a loop state of this tool; fix or delete it")
     if state.get("idea") not in (None, idea):
-        raise UserError(f"{out} holds a loop over {state['idea']}, not {idea}; use another --out-dir (or the "
+        raise UserError(f"{out} holds a loop over {state['idea']}, not {idea}; use another "
+                        f"--out-dir (or the "
                         "same idea file)")
     return state
 
 
 class Loop:
-    """The rounds of one loop folder, under its lock: state and ledger rewritten after every stage."""
+    """The rounds of one loop folder, under its lock: state and ledger rewritten after every stage.
+    """
 
     def __init__(self, llm: SimpleLLM, args, steps: list[dict], given: dict, lock_fd: int | None):
         self.llm, self.args, self.steps, self.given, self.fd = llm, args, steps, given, lock_fd
@@ -1751,7 +1960,8 @@ class Loop:
             rnd["results_from"] = "--var results"
             return values
         if k > 1:
-            text, rnd["results_from"] = _round_results(self.out, k - 1, self.state["round"][str(k - 1)]), \
+            text, rnd["results_from"] = _round_results(self.out, k - 1,
+                                                       self.state["round"][str(k - 1)]), \
                 f"the ledger and round {k - 1}'s reports"
         else:
             text, self.earlier, source = load_results(self.args.results, not self.args.no_results,
@@ -1759,7 +1969,8 @@ class Loop:
             rnd["results_from"] = str(source) if source else None
         table = ledger_table(self.state, upto=k - 1)
         if table:
-            text = ("The ledger of this loop, every round so far (do not ask again what it answers):\n\n"
+            text = ("The ledger of this loop, every round so far (do not ask again what it "
+                    "answers):\n\n"
                     f"{table}\n\n{text}")
         values["results"] = text
         return values
@@ -1829,21 +2040,24 @@ class Loop:
             return 130
         if outcome.rc:
             i = plan.entries.index(outcome.entry) + 1
-            e = PlanError(f"entry {i} ({outcome.entry.name}): a run failed (llm.py exit code {outcome.rc}); the "
+            e = PlanError(f"entry {i} ({outcome.entry.name}): a run failed (llm.py exit code "
+                          f"{outcome.rc}); the "
                           f"last lines of its output:\n{outcome.tail}")
             e.status = f"a run failed (llm.py exit code {outcome.rc})"
             raise e
         return None
 
     def repair_or_stop(self, chain: Chain, k: int, rnd: dict, e: PlanError) -> None:
-        """Send the final step its answer and the refusal, at most --repairs times a round; then stop."""
+        """Send the final step its answer and the refusal, at most --repairs times a round; then
+        stop."""
         first = str(e).splitlines()[0]
         rnd.setdefault("refusals", []).append(first)
         rnd["status"] = getattr(e, "status", None) or f"plan refused: {first}"
         self.save()
         done = rnd.get("repairs", 0)
         if done >= self.args.repairs:
-            raise UserError(f"round {k}: {first}; edit {self.out / rnd['plan']} and rerun the same command"
+            raise UserError(f"round {k}: {first}; edit {self.out / rnd['plan']} and rerun the same "
+                            f"command"
                             + (f" ({_count(done, 'repair')} tried)" if done else "")) from None
         n, step = len(self.steps), self.steps[-1]
         _note(f"round {k}: refused ({first}); asking {step['model']} for a corrected plan "
@@ -1854,7 +2068,8 @@ class Loop:
         entry = {**_step_entry(n, step, prompt, self.llm.models[step["model"]]), "repair": done + 1,
                  "refusal": first, "output": name}
         chain.manifest.setdefault("repairs", []).append(entry)
-        chain.ask_into(step["model"], prompt, entry, f"round {k}'s repair {done + 1} ({step['model']})", n)
+        chain.ask_into(step["model"], prompt, entry, f"round {k}'s repair {done + 1} "
+                                                     f"({step['model']})", n)
         rnd.update(repairs=done + 1, plan=f"round{k}/{name}")
         self.save()
 
@@ -1867,11 +2082,16 @@ class Loop:
             plan = read_plan(plan_file, limits=self.limits)
             print(plan_text(plan, rdir, check_plan(plan, self.limits, rdir, self.earlier)))
         else:
-            print(f"then: the block of runs in {plan_file} (written by the last step), checked with llm.py's sweep "
-                  f"planner and budgeted ({self.limits.max_runs} runs, {self.limits.max_run_minutes:g} min a run, "
-                  f"{self.limits.max_total_minutes:g} min in all), repaired by the model up to {self.args.repairs} "
-                  f"times if refused, confirmed (typed yes or --yes), run into {rdir}/NAME.csv; the verdicts go to "
-                  f"{self.out / LEDGER}" + (f", and round {k + 1} reads them" if k < self.args.rounds else ""))
+            print(f"then: the block of runs in {plan_file} (written by the last step), checked "
+                  f"with llm.py's sweep "
+                  f"planner and budgeted ({self.limits.max_runs} runs, "
+                  f"{self.limits.max_run_minutes:g} min a run, "
+                  f"{self.limits.max_total_minutes:g} min in all), repaired by the model up to "
+                  f"{self.args.repairs} "
+                  f"times if refused, confirmed (typed yes or --yes), run into {rdir}/NAME.csv; "
+                  f"the verdicts go to "
+                  f"{self.out / LEDGER}" + (f", and round {k + 1} reads them"
+                                            if k < self.args.rounds else ""))
         _note("dry run: nothing was sent or run")
         return 0
 
@@ -1886,7 +2106,7 @@ def _loop_command(llm: SimpleLLM, args) -> int:
     with out_dir_lock(args.out_dir) as fd:  # before the chain: a second loop here sends nothing
         return Loop(llm, args, steps, given, fd).run()
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1895,17 +2115,20 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
-            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, digits and _")
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, "
+                            f"digits and _")
         out[key.strip()] = value
     return out
 
 
 def _bounded(convert, low: float, above: bool = False):
-    """An argparse type with a lower bound: a bad value gets the subcommand's usage line and exit 2."""
+    """An argparse type with a lower bound: a bad value gets the subcommand's usage line and exit 2.
+    """
     def check(text: str):
         value = convert(text)
         if not math.isfinite(value) or value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} "
+                                             f"{low:g}, not {text}")
         return value
     check.__name__ = convert.__name__  # argparse names the type in "invalid int value"
     return check
@@ -1914,31 +2137,40 @@ def _bounded(convert, low: float, above: bool = False):
 def _model_id(text: str) -> tuple[str, str]:
     name, sep, model_id = (part.strip() for part in text.partition("="))
     if not sep or name not in PROVIDERS:
-        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_ID with NAME one of {', '.join(PROVIDERS)}, "
+        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_ID with NAME one of "
+                                         f"{', '.join(PROVIDERS)}, "
                                          f"not {text!r}")
     if not model_id:  # an empty id would be sent as is, or crash the SDK
-        raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. {name}={PROVIDERS[name].model}")
+        raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. "
+                                         f"{name}={PROVIDERS[name].model}")
     return name, model_id
 
 
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--max-tokens", type=_bounded(int, 1), default=DEFAULT_MAX_TOKENS,
-                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; gemini counts "
+                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; "
+                             f"gemini counts "
                              "its thinking too)")
     common.add_argument("--timeout", type=_bounded(float, 0, above=True), default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait to connect and between streamed chunks, reasoning chunks "
+                        help=f"seconds to wait to connect and between streamed chunks, reasoning "
+                             f"chunks "
                              f"included (default {DEFAULT_TIMEOUT:g})")
     common.add_argument("--deadline", type=_bounded(float, 0, above=True), default=DEFAULT_DEADLINE,
-                        help=f"seconds for one whole answer, retries included (default {DEFAULT_DEADLINE:g})")
+                        help=f"seconds for one whole answer, retries included (default "
+                             f"{DEFAULT_DEADLINE:g})")
     common.add_argument("--max-answer-chars", type=_bounded(int, 1), default=DEFAULT_MAX_ANSWER,
-                        help=f"an answer longer than this fails its step, keeping the part received (default "
+                        help=f"an answer longer than this fails its step, keeping the part "
+                             f"received (default "
                              f"{DEFAULT_MAX_ANSWER:,})")
     common.add_argument("--retries", type=_bounded(int, 0), default=DEFAULT_RETRIES,
-                        help=f"retries for 429, 5xx, timeouts and refused connections, with exponential backoff "
+                        help=f"retries for 429, 5xx, timeouts and refused connections, with "
+                             f"exponential backoff "
                              f"that honours Retry-After (default {DEFAULT_RETRIES}; 0 = off)")
-    common.add_argument("--model", action="append", default=[], type=_model_id, metavar="NAME=MODEL_ID",
-                        help="use another model id, e.g. gemini=gemini-pro-latest (repeatable; `models` lists "
+    common.add_argument("--model", action="append", default=[], type=_model_id,
+                        metavar="NAME=MODEL_ID",
+                        help="use another model id, e.g. gemini=gemini-pro-latest (repeatable; "
+                             "`models` lists "
                              "them)")
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return common
@@ -1948,16 +2180,22 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     """The limits a plan must keep and what it may load: `runs` and `loop`."""
     p.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
                    help=f"refuse a plan with more runs than this (default {DEFAULT_MAX_RUNS})")
-    p.add_argument("--max-run-minutes", type=_bounded(float, 0, above=True), default=DEFAULT_MAX_RUN_MINUTES,
+    p.add_argument("--max-run-minutes", type=_bounded(float, 0, above=True),
+                   default=DEFAULT_MAX_RUN_MINUTES,
                    help=f"refuse a run estimated longer than this, in training minutes (default "
                         f"{DEFAULT_MAX_RUN_MINUTES:g})")
-    p.add_argument("--max-total-minutes", type=_bounded(float, 0, above=True), default=DEFAULT_MAX_TOTAL_MINUTES,
-                   help=f"refuse a plan estimated longer than this in all (default {DEFAULT_MAX_TOTAL_MINUTES:g})")
+    p.add_argument("--max-total-minutes", type=_bounded(float, 0, above=True),
+                   default=DEFAULT_MAX_TOTAL_MINUTES,
+                   help=f"refuse a plan estimated longer than this in all (default "
+                        f"{DEFAULT_MAX_TOTAL_MINUTES:g})")
     p.add_argument("--allow-data", action="append", default=[], metavar="NAME",
-                   help="also allow this tokenizer or dataset (hub id or folder) in plans (repeatable); allowed "
+                   help="also allow this tokenizer or dataset (hub id or folder) in plans "
+                        "(repeatable); allowed "
                         "always: the defaults, bytes, random")
-    p.add_argument("--allow-code-edits", action="store_true", help="let a plan edit a copy of llm.py (off)")
-    p.add_argument("--no-sandbox", action="store_true", help="run code-edited copies without a sandbox (off)")
+    p.add_argument("--allow-code-edits", action="store_true", help="let a plan edit a copy of "
+                                                                   "llm.py (off)")
+    p.add_argument("--no-sandbox", action="store_true", help="run code-edited copies without a "
+                                                             "sandbox (off)")
     p.add_argument("--yes", action="store_true", help="run without asking")
 
 
@@ -1966,55 +2204,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="simple_llm.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gemini,kimi,models,chain,runs,loop}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{gemini,kimi,models,chain,runs,loop}")
     for name, p in PROVIDERS.items():
-        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} ({p.model})")
-        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing reads stdin")
-    models = sub.add_parser("models", parents=[common], help="list the model ids your keys can call")
-    models.add_argument("provider", nargs="?", choices=list(PROVIDERS), help="one provider (default: both)")
-    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown file")
+        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} "
+                                                          f"({p.model})")
+        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing "
+                                                   "reads stdin")
+    models = sub.add_parser("models", parents=[common],
+                            help="list the model ids your keys can call")
+    models.add_argument("provider", nargs="?", choices=list(PROVIDERS), help="one provider "
+                                                                             "(default: both)")
+    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown "
+                                                           "file")
     chain.add_argument("input", help="markdown file with the research idea: {user_input}")
-    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} (default llm.py)")
+    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} "
+                                                                 "(default llm.py)")
     chain.add_argument("--system", default=str(DEFAULT_SYSTEM),
-                       help="constraints file for {system_prompt} (default research_system_prompt.md)")
+                       help="constraints file for {system_prompt} (default "
+                            "research_system_prompt.md)")
     chain.add_argument("--steps", metavar="FILE.json",
                        help="JSON list of {title, model, prompt} replacing the built-in four steps")
     chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
                        help="variable for {KEY} in prompts (repeatable; wins over all others)")
-    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json (default .)")
+    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json "
+                                                      "(default .)")
     chain.add_argument("--resume", action="store_true",
-                       help="reuse saved step files from --out-dir and call only for the missing steps")
+                       help="reuse saved step files from --out-dir and call only for the missing "
+                            "steps")
     chain.add_argument("--dry-run", action="store_true",
-                       help="print each rendered prompt and its size; needs no key and sends nothing")
+                       help="print each rendered prompt and its size; needs no key and sends "
+                            "nothing")
     results = chain.add_mutually_exclusive_group()
     results.add_argument("--results", metavar="FILE",
-                         help="{results}: a report or a results CSV (its report is built); default: the report of "
+                         help="{results}: a report or a results CSV (its report is built); "
+                              "default: the report of "
                               f"{DEFAULT_CSV_NAME} in the current folder, if any")
-    results.add_argument("--no-results", action="store_true", help="{results} says no results exist yet")
+    results.add_argument("--no-results", action="store_true", help="{results} says no results "
+                                                                   "exist yet")
     _add_plan_commands(sub, chain)
     return parser.parse_args(argv)
 
 
 def _add_plan_commands(sub, chain) -> None:
-    runs = sub.add_parser("runs", help="check, budget, show and (with --run) run the runs of a plan")
+    runs = sub.add_parser("runs",
+                          help="check, budget, show and (with --run) run the runs of a plan")
     runs.add_argument("plan", help="markdown file ending in a block of runs (a chain's final step)")
-    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and report (default runs)")
+    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and "
+                                                        "report (default runs)")
     runs.add_argument("--run", action="store_true", help="run them, after a typed yes (or --yes)")
-    runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate (default: "
+    runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate "
+                                                       "(default: "
                       f"{DEFAULT_CSV_NAME} here, if any)")
     runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
     _plan_options(runs)
     loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
-                          help="rounds of chain -> runs -> verdicts, each round planned from the ledger")
-    loop.add_argument("--rounds", type=_bounded(int, 1), default=1, help="rounds to run (default 1)")
+                          help="rounds of chain -> runs -> verdicts, each round planned from the "
+                               "ledger")
+    loop.add_argument("--rounds", type=_bounded(int, 1), default=1,
+                      help="rounds to run (default 1)")
     loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR,
-                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default {DEFAULT_LOOP_DIR})")
+                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default "
+                           f"{DEFAULT_LOOP_DIR})")
     loop.add_argument("--repairs", type=_bounded(int, 0), default=DEFAULT_REPAIRS,
-                      help=f"times a round's refused plan (or failed run) goes back to the final step with the "
+                      help=f"times a round's refused plan (or failed run) goes back to the final "
+                           f"step with the "
                            f"message (default {DEFAULT_REPAIRS})")
     loop.add_argument("--dry-run", action="store_true",
-                      help="print the first unfinished round's prompts and what follows; no key, nothing sent")
-    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the loop always resumes
+                      help="print the first unfinished round's prompts and what follows; no key, "
+                           "nothing sent")
+    # the loop always resumes
+    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     _plan_options(loop)
 
 
@@ -2028,7 +2288,8 @@ def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]
             raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
     check_steps(steps)
     values = {"user_input": _read_text(args.input, "prompt")}
-    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (Chain does that)
+    # the defaults load only if a step uses them (Chain does that)
+    if args.code != str(DEFAULT_CODE):
         values["code_content"] = fenced_code(args.code)  # "code file X not found" if missing
     if args.system != str(DEFAULT_SYSTEM):
         values["system_prompt"] = _read_text(args.system, "--system")
@@ -2044,11 +2305,13 @@ def _models_command(args) -> int:
     for name in names:
         api_key(name)  # every missing key before any request
     s = Settings(args.max_tokens, args.timeout, args.retries, args.deadline, args.max_answer_chars)
-    chosen = {n: dict(args.model).get(n) or os.environ.get(PROVIDERS[n].model_env) or PROVIDERS[n].model
+    chosen = {n: dict(args.model).get(n) or os.environ.get(PROVIDERS[n].model_env)
+              or PROVIDERS[n].model
               for n in names}
     for name in names:
         for model_id in list_models(name, s):
-            print(f"{name}\t{model_id}" + ("\tdefault" if model_id == chosen[name] else ""), flush=True)
+            print(f"{name}\t{model_id}" + ("\tdefault" if model_id == chosen[name] else ""),
+                  flush=True)
     return 0
 
 
@@ -2057,7 +2320,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         return _runs_command(args)
     if args.command == "models":
         return _models_command(args)
-    llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, deadline=args.deadline,
+    llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries,
+                    deadline=args.deadline,
                     max_answer=args.max_answer_chars, models=dict(args.model))
     if args.command == "loop":
         return _loop_command(llm, args)
@@ -2077,7 +2341,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         results = chain.run(resume=args.resume, dry_run=args.dry_run)
     except ChainError as e:
-        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else "no step had finished"
+        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else \
+            "no step had finished"
         e.hint = f"{kept}; continue with: {_resume_command(argv)}"
         raise
     except KeyboardInterrupt:
@@ -2087,7 +2352,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             _note(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}")
         return 130
     if not args.dry_run:
-        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see {MANIFEST})")
+        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see "
+              f"{MANIFEST})")
     return 0
 
 
@@ -2097,12 +2363,13 @@ def _first_steps(n: int) -> str:
 
 def _resume_command(argv: list[str]) -> str:
     script = sys.argv[0] if sys.argv[0].endswith("simple_llm.py") else "simple_llm.py"
-    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv if a != "--resume"), "--resume"])
+    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv
+                                                                 if a != "--resume"), "--resume"])
 
 
 def main(argv=None) -> int:
-    """The one error boundary: a UserError is one line (exit 2, or 1 for a provider), anything else one line
-    naming its type; --debug adds the (redacted) traceback."""
+    """The one error boundary: a UserError is one line (exit 2, or 1 for a provider), anything else
+    one line naming its type; --debug adds the (redacted) traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
@@ -2111,8 +2378,10 @@ def main(argv=None) -> int:
         _note("interrupted")
         return 130
     except Exception as e:
-        if args.debug:  # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
-            _note(clean(redact("".join(traceback.format_exception(type(e), e, e.__traceback__)))).rstrip())
+        # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
+        if args.debug:
+            _note(clean(redact("".join(traceback.format_exception(type(e), e,
+                                                                  e.__traceback__)))).rstrip())
         if isinstance(e, UserError):
             _note(clean(redact(f"error: {e}" + (f"\n  {e.hint}" if e.hint else ""))))
             return e.exit_code
