@@ -219,8 +219,7 @@ def load_env() -> None:
                 ignored = sorted(set(values) - set(TOOL_VARS))
                 if ignored:
                     _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives "
-                          f"this tool only "
-                          f"{', '.join(TOOL_VARS)})")
+                          f"this tool only {', '.join(TOOL_VARS)})")
                 break
     for p in PROVIDERS.values():
         add_secret(os.environ.get(p.key_env, "").strip())
@@ -231,7 +230,7 @@ def api_key(name: str) -> str:
     key = os.environ.get(var, "").strip()
     if not key:
         raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then "
-                        f"rerun")
+                        "rerun")
     add_secret(key)
     return key
 
@@ -301,8 +300,7 @@ def out_dir_lock(out_dir: Path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise UserError(f"cannot open the lock {path} ({e.strerror}; a symlink there is never "
-                        f"followed); "
-                        "remove it and rerun") from None
+                        "followed); remove it and rerun") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -388,8 +386,7 @@ class Stream:
     def check(self) -> None:
         if time.monotonic() > self.ends:
             raise ProviderError(f"{self.name}: no complete answer within the --deadline of "
-                                f"{self.s.deadline:g} s; "
-                                "the part received is kept")
+                                f"{self.s.deadline:g} s; the part received is kept")
 
     def finish(self) -> str:
         tail = self.redactor.flush()
@@ -418,10 +415,9 @@ def _model_gone(name: str, model_id: str, status: int, detail: str) -> ProviderE
         return None
     p = PROVIDERS[name]
     return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: "
-                         f"{_one_line(detail, 160)});"
-                         f" it may be retired: list the ones your key can call with `python "
-                         f"simple_llm.py models "
-                         f"{name}`, then pick one with --model {name}=ID or {p.model_env}")
+                         f"{_one_line(detail, 160)}); it may be retired: list the ones your key "
+                         f"can call with `python simple_llm.py models {name}`, then pick one with "
+                         f"--model {name}=ID or {p.model_env}")
 
 
 class _Retry(Exception):
@@ -437,15 +433,13 @@ class _Retry(Exception):
 def _transient(name: str, stream: Stream | None, problem: str, failure: str, fix: str) -> Exception:
     if stream is not None and stream.size:  # the answer had started: no retry can pick it up again
         return ProviderError(f"{name}: the answer broke off after {stream.size:,} characters: "
-                             f"{failure}; "
-                             "try again")
+                             f"{failure}; try again")
     return _Retry(problem, failure, f"; {fix}")
 
 
 def _malformed(name: str, e: Exception) -> ProviderError:
     return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try "
-                         f"again, or rerun "
-                         "with --debug to see it")
+                         "again, or rerun with --debug to see it")
 
 
 def _with_retries(name: str, s: Settings, attempt, stream: Stream | None = None):
@@ -461,8 +455,8 @@ def _with_retries(name: str, s: Settings, attempt, stream: Stream | None = None)
             asked = r.wait if r.wait is not None and r.wait >= 0 else None
             if asked is not None and asked > MAX_SERVER_WAIT:
                 raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer "
-                                    f"than the "
-                                    f"{MAX_SERVER_WAIT:.0f} s this script waits, so try again later"
+                                    f"than the {MAX_SERVER_WAIT:.0f} s this script waits, so try "
+                                    "again later"
                                     ) from None
             backoff = min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
             wait = asked if asked is not None else backoff
@@ -568,8 +562,7 @@ def _stream_kimi(prompt: str, model_id: str, s: Settings, stream: Stream) -> Rep
 def _finished(name: str, stream: Stream, model_id: str, finish, usage: dict) -> Reply:
     if finish is None:  # every complete answer ends with a finish reason: a clean EOF was cut off
         raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish "
-                            f"reason); "
-                            "try again")
+                            "reason); try again")
     text = stream.finish()
     if not text.strip():
         raise ProviderError(f"{name}: the answer was empty (finish reason {finish})")
@@ -810,8 +803,7 @@ def substitute(text: str, variables: dict, strict: bool = True) -> str:
             return variables[m.group(2)]
         if strict:
             raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or "
-                            f"fix the prompt "
-                            "(write {{name}} for literal braces)")
+                            "fix the prompt (write {{name}} for literal braces)")
         return m.group(0)
     return _PLACEHOLDER.sub(fill, text)
 
@@ -822,8 +814,7 @@ def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
     code = _read_text(path, "code")
     if len(code) > limit:
         raise UserError(f"code file {path} is {len(code):,} characters, more than the {limit:,} "
-                        f"sent whole to "
-                        "the planner; pass a shorter one with --code")
+                        "sent whole to the planner; pass a shorter one with --code")
     fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
     return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
 
@@ -831,8 +822,7 @@ def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
 def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
     if len(prompt) > MAX_PROMPT_CHARS:
         raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} "
-                        f"tokens), far more than "
-                        f"any model's context (1M tokens at most); {fix}")
+                        f"tokens), far more than any model's context (1M tokens at most); {fix}")
 
 
 def check_steps(steps) -> None:
@@ -843,11 +833,10 @@ def check_steps(steps) -> None:
         if not isinstance(step, dict) or not all(isinstance(step.get(k), str) and step[k].strip()
                                                  for k in ("title", "model", "prompt")):
             raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and "
-                            f"\"prompt\"")
+                            "\"prompt\"")
         if step["model"] not in PROVIDERS:
             raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose "
-                            f"one of "
-                            f"{', '.join(PROVIDERS)}")
+                            f"one of {', '.join(PROVIDERS)}")
 
 
 class SimpleLLM:
@@ -900,8 +889,7 @@ class SimpleLLM:
                   "is cut short. Raise --max-tokens to get all of it")
         if r.answered_by and r.answered_by != r.model_id:
             _note(f"warning: {name} answered with model {r.answered_by}, not {r.model_id} as asked "
-                  f"(the provider "
-                  "rerouted the request; --model or the env variable picks another)")
+                  "(the provider rerouted the request; --model or the env variable picks another)")
         return r
 
     def call_model(self, name: str, prompt: str) -> str:
@@ -987,8 +975,7 @@ class Chain:
             if unknown:
                 names = ", ".join("{" + v + "}" for v in unknown)
                 raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or "
-                                f"earlier step "
-                                "defines: pass --var NAME=VALUE or fix the prompt")
+                                "earlier step defines: pass --var NAME=VALUE or fix the prompt")
         if "user_input" in self.variables and "user_input" not in used:
             _note("warning: no step uses {user_input}, so the input file is not sent")
         elif "user_input" in used and not self.variables["user_input"].strip():
@@ -1017,19 +1004,17 @@ class Chain:
         before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
         if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
             _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing "
-                  f"it anyway "
-                  "(delete the file to ask again)")
+                  "it anyway (delete the file to ask again)")
         # The saved answer's own prompt, model and usage stay on record, so the next --resume warns
         # too.
         self.manifest["steps"].append({**entry, **before, "reused": True})
         self.save()
         _note(f"== step {n}/{len(self.steps)}: {entry['title']} reused from {entry['output']} "
-              f"(--resume)")
+              "(--resume)")
 
     def _ask(self, n: int, step: dict, prompt: str, entry: dict) -> str:
         _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, "
-              f"{entry['model_id']}, "
-              f"{len(prompt):,} prompt characters)")
+              f"{entry['model_id']}, {len(prompt):,} prompt characters)")
         self.manifest["steps"].append(entry)
         r = self.ask_into(step["model"], prompt, entry, f"step {n} ({step['title']}, "
                                                         f"{step['model']})", n)
@@ -1085,8 +1070,7 @@ class Chain:
                                   f"(~{len(prompt) // 4:,} tokens), {note}, saved as "
                                   f"{self.out / step_file(n, step['title'])}\n{prompt}\n\n"))
         _note(f"dry run: {_count(len(self.steps), 'step')}, {sum(map(len, rendered)):,} prompt "
-              f"characters; "
-              "nothing was sent")
+              "characters; nothing was sent")
         return rendered
 
 # --------------------------------------------------------------------------------------------------
@@ -1213,12 +1197,12 @@ def find_runs(text: str, where: str, example=None):
     if len(found) > 1:
         raise PlanError(f"{where}: the answer has {len(found)} blocks of runs (lines "
                         f"{', '.join(str(f[0]) for f in found)}); keep exactly one, the runs to do "
-                        f"now")
+                        "now")
     if found:
         return found[0][1]
     if bad:
         raise PlanError(f"{where}: the block on line {bad[0][0]} is not valid JSON ({bad[0][1]}); "
-                        f"fix it")
+                        "fix it")
     raise PlanError(f"{where} has no block of runs: end the answer with one fenced block "
                     '{"runs": [{"name": ..., "question": ..., "args": [...]}]}')
 
@@ -1257,8 +1241,7 @@ def read_plan(path, example=None, limits: Limits = Limits()) -> Plan:
     data = find_runs(text, str(path), example if example is not None else plan_example())
     if isinstance(data, dict) and set(data) - {"runs"}:
         raise PlanError(f"{path}: unknown key {sorted(set(data) - {'runs'})[0]!r} beside \"runs\"; "
-                        f"put "
-                        "everything llm.py should do in an entry's args and remove it")
+                        "put everything llm.py should do in an entry's args and remove it")
     runs = data["runs"] if isinstance(data, dict) else data
     if not isinstance(runs, list) or not runs or len(runs) > MAX_ENTRIES:
         raise PlanError(f'{path}: "runs" must be a list of 1 to {MAX_ENTRIES} entries')
@@ -1275,8 +1258,8 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
     unknown = sorted(set(e) - set(ENTRY_KEYS))
     if unknown:
         raise PlanError(f"{label}: unknown key {unknown[0]!r} (an entry has only name, question "
-                        f"and args); put "
-                        f"what it says into args, e.g. \"--seeds 42 43\", and remove it")
+                        "and args); put what it says into args, e.g. \"--seeds 42 43\", and remove "
+                        "it")
     question, args = e.get("question") or "", _args(e.get("args", []), label)
     if not isinstance(question, str):
         raise PlanError(f'{label}: "question" must be text')
@@ -1289,7 +1272,7 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
                             "disguise the command shown before you confirm; remove them")
         if len(text) > limit:
             raise PlanError(f"{label}: its {what} is {len(text)} characters, more than {limit}; "
-                            f"shorten it")
+                            "shorten it")
     if len(args) > MAX_ARGS:
         raise PlanError(f"{label}: {len(args)} args, more than {MAX_ARGS}; split the entry")
     name = safe_name(e["name"])
@@ -1298,7 +1281,7 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
     files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
     if files in seen:
         raise PlanError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; "
-                        f"rename one")
+                        "rename one")
     seen[files] = i
     return PlanEntry(name, question.strip(), args)
 
@@ -1310,8 +1293,7 @@ def code_edits(answer: str, limits: Limits) -> list:
         return []
     if not limits.allow_code_edits:
         raise PlanError("this run does not allow code edits; express the idea with flags or rerun "
-                        "with "
-                        "--allow-code-edits")
+                        "with --allow-code-edits")
     raise PlanError("code edits are not supported by this version of the tool; express the idea "
                     "with flags")
 
@@ -1343,7 +1325,7 @@ def check_flags(label: str, args: list[str], flags: dict) -> None:
     for tok in args:
         if tok == "--":
             raise PlanError(f"{label}: '--' is not allowed in args (it would hide the tool's own "
-                            f"flags)")
+                            "flags)")
         if tok.startswith("-") and not _NEGATIVE_NUMBER.match(tok):
             key, eq, _ = tok.partition("=")
             key = key if key.startswith("--") else key[:2]  # short options bundle: -hh is -h -h
@@ -1351,14 +1333,13 @@ def check_flags(label: str, args: list[str], flags: dict) -> None:
                                                and key.startswith("--")]
             if len(hits) > 1:
                 raise PlanError(f"{label}: {key} could be {' or '.join(sorted(hits)[:3])}; write "
-                                f"the whole flag")
+                                "the whole flag")
             if not hits:
                 raise PlanError(f"{label}: llm.py has no flag {key}{_flag_hint(key, flags)}")
             dest, nargs = flags[hits[0]]
             if dest in TOOL_OWNED:
                 raise PlanError(f"{label}: {tok} (--{dest.replace('_', '-')}) is chosen by the "
-                                f"tool, not the plan; "
-                                "remove it")
+                                "tool, not the plan; remove it")
             current = [hits[0], nargs, 1 if eq else 0]
         elif current is None:
             raise PlanError(f"{label}: the value {tok!r} comes before any flag; name its flag")
@@ -1398,13 +1379,11 @@ def _check_config(label: str, cfg, allowed) -> None:
     if cfg.tokenizer not in tokenizers:
         raise PlanError(f"{label}: tokenizer {cfg.tokenizer!r} is not allowed (allowed: "
                         f"{', '.join(sorted(tokenizers))}); a plan cannot choose what gets loaded: "
-                        f"the user adds "
-                        "one with --allow-data NAME")
+                        "the user adds one with --allow-data NAME")
     if not cfg.data_files and cfg.dataset not in datasets:
         raise PlanError(f"{label}: dataset {cfg.dataset!r} is not allowed (allowed: "
-                        f"{', '.join(sorted(datasets))}); "
-                        "a plan cannot choose what gets loaded: the user adds one with "
-                        "--allow-data NAME")
+                        f"{', '.join(sorted(datasets))}); a plan cannot choose what gets loaded: "
+                        "the user adds one with --allow-data NAME")
 
 
 def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
@@ -1423,8 +1402,7 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
         e.n_runs, total = sweep.n_runs, total + sweep.n_runs
         if total > limits.max_runs:
             raise PlanError(f"{label} brings the plan to {total} runs, more than --max-runs "
-                            f"{limits.max_runs}; "
-                            "shrink the plan or raise --max-runs")
+                            f"{limits.max_runs}; shrink the plan or raise --max-runs")
         e.runs = []
         for n, cfg in enumerate(sweep.configs(), 1):
             _check_config(label, cfg, allowed)
@@ -1432,9 +1410,8 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
             memory = est.memory_gb + cfg.max_tokens * 8 / 1e9  # + the token array (int64 at most)
             if memory > _ram_gb():
                 raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more "
-                                f"than this "
-                                f"machine's {_ram_gb():.1f} GB; use a smaller model, batch or "
-                                f"--max-tokens")
+                                f"than this machine's {_ram_gb():.1f} GB; use a smaller model, "
+                                "batch or --max-tokens")
             e.runs.append({"config": dataclasses.asdict(cfg),
                            "flops_per_token": est.flops_per_token,
                            "train_tokens": est.train_tokens, "memory_gb": memory})
@@ -1491,8 +1468,7 @@ def llm_dry_run(code: Path, args: list[str], label: str, time_steps: int = 0) ->
                            env=child_env({"HF_HUB_OFFLINE": "1"}))
     except subprocess.TimeoutExpired:
         raise PlanError(f"{label}: llm.py's dry run took more than {DRY_RUN_TIMEOUT:g} s and was "
-                        f"stopped; make "
-                        "the model smaller") from None
+                        "stopped; make the model smaller") from None
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or ["no message"]
     if r.returncode:
         raise PlanError(f"{label}: llm.py refuses its args: "
@@ -1532,10 +1508,9 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
             e.minutes.append(r["flops_per_token"] * r["train_tokens"] / flops / 60)
             if e.minutes[-1] > limits.max_run_minutes:
                 raise PlanError(f"entry {i} ({e.name}): run {n} needs about {e.minutes[-1]:.1f} "
-                                f"min of training, "
-                                f"more than --max-run-minutes {limits.max_run_minutes:g}; use "
-                                f"fewer --max-steps or "
-                                "a smaller model (or raise the limit)")
+                                "min of training, more than --max-run-minutes "
+                                f"{limits.max_run_minutes:g}; use fewer --max-steps or a smaller "
+                                "model (or raise the limit)")
         total += sum(e.minutes)
         memory = max((r["memory_gb"] for r in e.runs), default=0.0)
         lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x "
@@ -1549,9 +1524,9 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
                         f"{sum(worst.minutes):.0f} min); "
                         "shrink it or raise the limit")
     lines.append(f"budget: total ~{total:.1f} min of training for {_count(plan.total, 'run')} "
-                 f"(limits: "
-                 f"{limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min in all, "
-                 f"{limits.max_runs} runs), from the speed measured on {', '.join(sorted(devices))}"
+                 f"(limits: {limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min "
+                 f"in all, {limits.max_runs} runs), from the speed measured on "
+                 f"{', '.join(sorted(devices))}"
                  + (f" ({TIME_STEPS} steps timed just now)" if timed else "") + "; evaluation and "
                                                                                 "start-up come on "
                                                                                 "top")
@@ -1561,7 +1536,7 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
 def _check_run_id(label: str, run_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", str(run_id)):
         raise PlanError(f"{label}: llm.py would name a run {str(run_id)[:40]!r}, which is no safe "
-                        f"file name")
+                        "file name")
 
 
 def shown(cmd: list[str]) -> str:
@@ -1576,8 +1551,7 @@ def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
     """What the user confirms: every entry, every command, the diff of any code edit, and the
     budget."""
     lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, "
-             f"{_count(plan.total, 'run')}, results "
-             f"in {out_dir}"]
+             f"{_count(plan.total, 'run')}, results in {out_dir}"]
     for i, e in enumerate(plan.entries, 1):
         lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')})" + (f": {e.question}" if e.question
                                                                     else ""),
@@ -1602,8 +1576,7 @@ def confirm(text: str, question: str, yes: bool) -> bool:
 def _need_consent(args, what: str) -> None:
     if not args.yes and not sys.stdin.isatty():
         raise UserError(f"{what} trains without asking only with --yes, and there is no terminal "
-                        f"to ask: add --yes "
-                        "(nothing was sent or run)")
+                        "to ask: add --yes (nothing was sent or run)")
 
 
 class RunOutcome(collections.namedtuple("RunOutcome", "rc entry tail")):
@@ -1624,8 +1597,7 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
             _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are "
-                  f"saved in "
-                  f"{e.csv(out_dir)}; rerun the same command to resume")
+                  f"saved in {e.csv(out_dir)}; rerun the same command to resume")
             return RunOutcome(rc, e, tail)
     rp = _project_module("report")
     _note(f"\ndone: {_count(len(plan.entries), 'entry')}; reports:")
@@ -1690,22 +1662,16 @@ def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> 
         "runs:", "",
         "```json", json.dumps(plan_example()), "```", "",
         "Each entry is one call of llm.py with `args` as its arguments (a list of strings) and "
-        "gets its own CSV and "
-        "report; an entry has only name, question and args. Its runs are every combination of the "
-        "values given "
-        "(a flag with several values, or --grid), and the report compares each condition with the "
-        "baseline "
-        "(noise 0 / lb weight 0.01, else the entry's first condition) paired by seed, so put the "
-        "conditions to "
-        "compare in one entry. `name` (letters, digits, _ and -) names the entry's files; "
-        "`question` says what it "
+        "gets its own CSV and report; an entry has only name, question and args. Its runs are "
+        "every combination of the values given (a flag with several values, or --grid), and the "
+        "report compares each condition with the baseline (noise 0 / lb weight 0.01, else the "
+        "entry's first condition) paired by seed, so put the conditions to compare in one entry. "
+        "`name` (letters, digits, _ and -) names the entry's files; `question` says what it "
         f"answers. At most {max_runs} runs over all entries, at most {limits.max_run_minutes:g} "
-        f"minutes of "
-        f"training per run and {limits.max_total_minutes:g} in all (the tool measures and refuses "
-        f"more). Data, "
-        "tokenizer and dataset stay the defaults unless the user allowed others. The tool chooses "
-        "output and "
-        f"device: never use {owned}. llm.py's flags (a flag left out keeps its default):", *flags])
+        f"minutes of training per run and {limits.max_total_minutes:g} in all (the tool measures "
+        "and refuses more). Data, tokenizer and dataset stay the defaults unless the user allowed "
+        f"others. The tool chooses output and device: never use {owned}. llm.py's flags (a flag "
+        "left out keeps its default):", *flags])
 
 
 def _report_text(md: Path) -> str:
@@ -1748,7 +1714,7 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
                         shutil.copy(csv, Path(tmp) / csv.name)
                         text = _report_text(rp.write_report(Path(tmp) / csv.name))
                     _note(f"results: the report of {csv}, built for this dry run only (nothing "
-                          f"written)")
+                          "written)")
                     return f"From {md.name}:\n\n{text}", [csv], md
                 md = rp.write_report(csv)
                 _note(f"results: wrote the report {md} from {csv}")
@@ -1759,8 +1725,7 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
                 _note(f"warning: no report built from {csv}: {_one_line(e)}")
     if not md.is_file():
         _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no "
-              f"results exist "
-              "yet (--results FILE gives some)")
+              "results exist yet (--results FILE gives some)")
         return NO_RESULTS, [], None
     _note(f"results: {md} (--results FILE for another, --no-results for none)")
     return f"From {md.name}:\n\n{_report_text(md)}", [csv] if csv.is_file() else [], md
@@ -1886,7 +1851,7 @@ def _save_loop(out: Path, state: dict) -> None:
           "command to continue.", "",
           "## Ledger", "", ledger_table(state) or "(no finished entry yet)", ""]
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
-        md += [f"## Round {k}: {rnd['status']}", "", f"- Results read: "
+        md += [f"## Round {k}: {rnd['status']}", "", "- Results read: "
                                                      f"{rnd.get('results_from') or 'none'}"]
         if rnd.get("plan"):
             md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) "
@@ -1928,8 +1893,7 @@ def _load_state(out: Path, idea: str) -> dict:
         raise UserError(f"{out / LOOP_STATE} is not a loop state of this tool; fix or delete it")
     if state.get("idea") not in (None, idea):
         raise UserError(f"{out} holds a loop over {state['idea']}, not {idea}; use another "
-                        f"--out-dir (or the "
-                        "same idea file)")
+                        "--out-dir (or the same idea file)")
     return state
 
 
@@ -1970,8 +1934,7 @@ class Loop:
         table = ledger_table(self.state, upto=k - 1)
         if table:
             text = ("The ledger of this loop, every round so far (do not ask again what it "
-                    "answers):\n\n"
-                    f"{table}\n\n{text}")
+                    f"answers):\n\n{table}\n\n{text}")
         values["results"] = text
         return values
 
@@ -2041,8 +2004,7 @@ class Loop:
         if outcome.rc:
             i = plan.entries.index(outcome.entry) + 1
             e = PlanError(f"entry {i} ({outcome.entry.name}): a run failed (llm.py exit code "
-                          f"{outcome.rc}); the "
-                          f"last lines of its output:\n{outcome.tail}")
+                          f"{outcome.rc}); the last lines of its output:\n{outcome.tail}")
             e.status = f"a run failed (llm.py exit code {outcome.rc})"
             raise e
         return None
@@ -2057,7 +2019,7 @@ class Loop:
         done = rnd.get("repairs", 0)
         if done >= self.args.repairs:
             raise UserError(f"round {k}: {first}; edit {self.out / rnd['plan']} and rerun the same "
-                            f"command"
+                            "command"
                             + (f" ({_count(done, 'repair')} tried)" if done else "")) from None
         n, step = len(self.steps), self.steps[-1]
         _note(f"round {k}: refused ({first}); asking {step['model']} for a corrected plan "
@@ -2083,13 +2045,10 @@ class Loop:
             print(plan_text(plan, rdir, check_plan(plan, self.limits, rdir, self.earlier)))
         else:
             print(f"then: the block of runs in {plan_file} (written by the last step), checked "
-                  f"with llm.py's sweep "
-                  f"planner and budgeted ({self.limits.max_runs} runs, "
-                  f"{self.limits.max_run_minutes:g} min a run, "
-                  f"{self.limits.max_total_minutes:g} min in all), repaired by the model up to "
-                  f"{self.args.repairs} "
-                  f"times if refused, confirmed (typed yes or --yes), run into {rdir}/NAME.csv; "
-                  f"the verdicts go to "
+                  f"with llm.py's sweep planner and budgeted ({self.limits.max_runs} runs, "
+                  f"{self.limits.max_run_minutes:g} min a run, {self.limits.max_total_minutes:g} "
+                  f"min in all), repaired by the model up to {self.args.repairs} times if refused, "
+                  f"confirmed (typed yes or --yes), run into {rdir}/NAME.csv; the verdicts go to "
                   f"{self.out / LEDGER}" + (f", and round {k + 1} reads them"
                                             if k < self.args.rounds else ""))
         _note("dry run: nothing was sent or run")
@@ -2116,7 +2075,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
             raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, "
-                            f"digits and _")
+                            "digits and _")
         out[key.strip()] = value
     return out
 
@@ -2137,9 +2096,8 @@ def _bounded(convert, low: float, above: bool = False):
 def _model_id(text: str) -> tuple[str, str]:
     name, sep, model_id = (part.strip() for part in text.partition("="))
     if not sep or name not in PROVIDERS:
-        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_ID with NAME one of "
-                                         f"{', '.join(PROVIDERS)}, "
-                                         f"not {text!r}")
+        raise argparse.ArgumentTypeError("expected NAME=MODEL_ID with NAME one of "
+                                         f"{', '.join(PROVIDERS)}, not {text!r}")
     if not model_id:  # an empty id would be sent as is, or crash the SDK
         raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. "
                                          f"{name}={PROVIDERS[name].model}")
@@ -2150,28 +2108,24 @@ def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--max-tokens", type=_bounded(int, 1), default=DEFAULT_MAX_TOKENS,
                         help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; "
-                             f"gemini counts "
-                             "its thinking too)")
+                             "gemini counts its thinking too)")
     common.add_argument("--timeout", type=_bounded(float, 0, above=True), default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait to connect and between streamed chunks, reasoning "
-                             f"chunks "
-                             f"included (default {DEFAULT_TIMEOUT:g})")
+                        help="seconds to wait to connect and between streamed chunks, reasoning "
+                             f"chunks included (default {DEFAULT_TIMEOUT:g})")
     common.add_argument("--deadline", type=_bounded(float, 0, above=True), default=DEFAULT_DEADLINE,
-                        help=f"seconds for one whole answer, retries included (default "
+                        help="seconds for one whole answer, retries included (default "
                              f"{DEFAULT_DEADLINE:g})")
     common.add_argument("--max-answer-chars", type=_bounded(int, 1), default=DEFAULT_MAX_ANSWER,
-                        help=f"an answer longer than this fails its step, keeping the part "
-                             f"received (default "
-                             f"{DEFAULT_MAX_ANSWER:,})")
+                        help="an answer longer than this fails its step, keeping the part received "
+                             f"(default {DEFAULT_MAX_ANSWER:,})")
     common.add_argument("--retries", type=_bounded(int, 0), default=DEFAULT_RETRIES,
-                        help=f"retries for 429, 5xx, timeouts and refused connections, with "
-                             f"exponential backoff "
-                             f"that honours Retry-After (default {DEFAULT_RETRIES}; 0 = off)")
+                        help="retries for 429, 5xx, timeouts and refused connections, with "
+                             "exponential backoff that honours Retry-After (default "
+                             f"{DEFAULT_RETRIES}; 0 = off)")
     common.add_argument("--model", action="append", default=[], type=_model_id,
                         metavar="NAME=MODEL_ID",
                         help="use another model id, e.g. gemini=gemini-pro-latest (repeatable; "
-                             "`models` lists "
-                             "them)")
+                             "`models` lists them)")
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return common
 
@@ -2182,16 +2136,15 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
                    help=f"refuse a plan with more runs than this (default {DEFAULT_MAX_RUNS})")
     p.add_argument("--max-run-minutes", type=_bounded(float, 0, above=True),
                    default=DEFAULT_MAX_RUN_MINUTES,
-                   help=f"refuse a run estimated longer than this, in training minutes (default "
+                   help="refuse a run estimated longer than this, in training minutes (default "
                         f"{DEFAULT_MAX_RUN_MINUTES:g})")
     p.add_argument("--max-total-minutes", type=_bounded(float, 0, above=True),
                    default=DEFAULT_MAX_TOTAL_MINUTES,
-                   help=f"refuse a plan estimated longer than this in all (default "
+                   help="refuse a plan estimated longer than this in all (default "
                         f"{DEFAULT_MAX_TOTAL_MINUTES:g})")
     p.add_argument("--allow-data", action="append", default=[], metavar="NAME",
                    help="also allow this tokenizer or dataset (hub id or folder) in plans "
-                        "(repeatable); allowed "
-                        "always: the defaults, bytes, random")
+                        "(repeatable); allowed always: the defaults, bytes, random")
     p.add_argument("--allow-code-edits", action="store_true", help="let a plan edit a copy of "
                                                                    "llm.py (off)")
     p.add_argument("--no-sandbox", action="store_true", help="run code-edited copies without a "
@@ -2238,8 +2191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     results = chain.add_mutually_exclusive_group()
     results.add_argument("--results", metavar="FILE",
                          help="{results}: a report or a results CSV (its report is built); "
-                              "default: the report of "
-                              f"{DEFAULT_CSV_NAME} in the current folder, if any")
+                              f"default: the report of {DEFAULT_CSV_NAME} in the current folder, "
+                              "if any")
     results.add_argument("--no-results", action="store_true", help="{results} says no results "
                                                                    "exist yet")
     _add_plan_commands(sub, chain)
@@ -2267,9 +2220,8 @@ def _add_plan_commands(sub, chain) -> None:
                       help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default "
                            f"{DEFAULT_LOOP_DIR})")
     loop.add_argument("--repairs", type=_bounded(int, 0), default=DEFAULT_REPAIRS,
-                      help=f"times a round's refused plan (or failed run) goes back to the final "
-                           f"step with the "
-                           f"message (default {DEFAULT_REPAIRS})")
+                      help="times a round's refused plan (or failed run) goes back to the final "
+                           f"step with the message (default {DEFAULT_REPAIRS})")
     loop.add_argument("--dry-run", action="store_true",
                       help="print the first unfinished round's prompts and what follows; no key, "
                            "nothing sent")
