@@ -939,7 +939,7 @@ class Chain:
         old = self._old_manifest() if resume else {}
         self.manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "status": "running", "settings": dataclasses.asdict(self.llm.settings),
-                         "steps": []}
+                         "steps": [], **({"repairs": old["repairs"]} if old.get("repairs") else {})}
         make_dir(self.out)  # found now, not when the first paid answer cannot be saved
         self.save()  # and that the folder can be written
         results = []

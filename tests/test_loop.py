@@ -62,6 +62,12 @@ def smoke_csv(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smoke_report(smoke_csv) -> Path:
+    """Its report: as a loop's --results, it stands for the CSV beside it (built once, not per loop)."""
+    return report.write_report(smoke_csv)
+
+
 # ---------------------------------------------------------------------------------------------- {results}
 
 def test_results_from_an_explicit_report_and_from_a_csv(work, capsys):
@@ -504,13 +510,14 @@ def test_loop_dry_run_shows_round_one_with_the_last_results(work, monkeypatch, c
     assert not (work / simple_llm.DEFAULT_LOOP_DIR).exists()
 
 
-def test_loop_repairs_a_refused_plan_with_one_request(fake, work, capfd):
+def test_loop_repairs_a_refused_plan_with_one_request(fake, work, capfd, smoke_report):
     wrong = [{"name": "first_look", "question": "Does lb 0 train?",
               "args": SMOKE[:2] + ["--load-balancing-weight", "0"] + SMOKE[4:] + ["--seeds", "42"]}]
     right = [{**wrong[0], "args": SMOKE + ["--seeds", "42"]}]
     fake.then("gemini", lambda: answer("gemini", "review one"), lambda: answer("gemini", plan_md(wrong)),
               lambda: answer("gemini", plan_md(right, "Fixed: the flag is --lb-weight.")))
-    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L"]) == 0
+    # --results: an earlier smoke run gives the speed (and round 1's {results})
+    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L", "--results", str(smoke_report)]) == 0
     captured = capfd.readouterr()
     assert len(fake.calls) == 5  # the chain's four and exactly one repair
     repair = fake.calls[-1]
@@ -531,11 +538,12 @@ def test_loop_repairs_a_refused_plan_with_one_request(fake, work, capfd):
     assert_no_keys(captured.out, captured.err, folder=work / "L")
 
 
-def test_loop_reports_a_failed_run_to_the_model_then_stops(fake, work, capfd):
+def test_loop_reports_a_failed_run_to_the_model_then_stops(fake, work, capfd, smoke_report):
     failing = [{"name": "x", "args": SMOKE + ["--seeds", "1", "--data-files", "missing.txt"]}]
     fake.then("gemini", lambda: answer("gemini", "review"), lambda: answer("gemini", plan_md(failing)),
               lambda: answer("gemini", "I cannot fix it."))
-    assert simple_llm.main(["loop", "idea.md", "--yes", "--out-dir", "L", "--repairs", "1"]) == 2
+    loop = ["loop", "idea.md", "--yes", "--out-dir", "L", "--repairs", "1", "--results", str(smoke_report)]
+    assert simple_llm.main(loop) == 2
     err = capfd.readouterr().err
     assert "error: round 1: L/round1/step4_final_plan.repair1.md has no block of runs" in err
     assert "(1 repair tried)" in err and "Traceback" not in err
@@ -545,6 +553,11 @@ def test_loop_reports_a_failed_run_to_the_model_then_stops(fake, work, capfd):
     state = json.loads((work / "L" / "loop_state.json").read_text())["round"]["1"]
     assert state["refusals"][0] == "entry 1 (x): a run failed (llm.py exit code 2); the last lines of its output:"
     assert state["status"].startswith("plan refused") and len(fake.calls) == 5
+    # a rerun: the chain is reused, no repair is left, the record of the one made stays
+    assert simple_llm.main(loop) == 2
+    assert len(fake.calls) == 5
+    (entry,) = json.loads((work / "L" / "round1" / "chain_run.json").read_text())["repairs"]
+    assert entry["output"] == "step4_final_plan.repair1.md" and "a run failed" in entry["refusal"]
 
 
 @pytest.mark.slow
