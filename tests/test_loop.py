@@ -348,7 +348,8 @@ def test_a_model_too_big_for_memory_is_refused_before_timing(tmp_path, monkeypat
 def test_budget_refuses_runs_over_the_limits_naming_entry_and_numbers(tmp_path, monkeypatch, capsys, smoke_csv):
     # issue 16 item 6: the throughput measured on this machine (an earlier smoke run's tokens/s) prices the plan
     monkeypatch.chdir(tmp_path)
-    line = refused(tmp_path, capsys, [{"name": "long", "args": SMOKE[:6] + ["--seeds", "1", "--max-steps", "10000000"]}],
+    long = [{"name": "long", "args": SMOKE[:6] + ["--seeds", "1", "--max-steps", "10000000"]}]
+    line = refused(tmp_path, capsys, long,
                    "--results", str(smoke_csv))
     assert "entry 1 (long): run 1 needs about" in line and "more than --max-run-minutes 10" in line
     runs = [{"name": n, "args": SMOKE[:6] + ["--seeds", "1", "2", "--max-steps", "30"]} for n in ("a", "b")]
