@@ -11,7 +11,14 @@ mid-chain (error, broken stream, or an answer that cannot be saved) keeps earlie
 with only the missing requests, and keeps warning about a stale step; Ctrl-C exits 130 and keeps finished steps;
 a closed stdout stops the echo, not the chain; dry-run and unknown variables send nothing; step titles become
 safe file names; cut answers and Gemini's refusals are reported; the keys never appear in output, files,
-tracebacks or later prompts, even when a server echoes them in its answer split across chunks.
+tracebacks or later prompts, even when a server echoes them in its answer split across chunks, split by
+whitespace, base64- or URL-encoded. Issue 20: `models` prints each SDK's list (Gemini's pager followed) with
+the defaults marked; a retired model (404 / "deprecated") costs one request and names the fix; an answer from
+another model warns and is recorded; reasoning (Kimi's reasoning_content, Gemini's thought parts) never
+reaches the answer, the file or the next prompt, is counted, and a long reasoning phase does not trip
+--timeout. Issue 16: answers over --max-answer-chars or past --deadline fail in one line keeping the partial
+file; escape sequences and format characters never reach the terminal, a file or a prompt; .env sets only
+the tool's variables and child_env() drops keys; planted symlinks are never written through.
 """
 import json
 import os
