@@ -142,9 +142,6 @@ class MoEModelConfig:
                                 f"(got {getattr(self, f.name)!r})")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
-        if self.tokenizer == "bytes" and self.vocab_size is not None and self.vocab_size < 256:
-            raise UserError(f"--vocab-size {self.vocab_size} is smaller than the tokenizer's ids (--tokenizer "
-                            f"bytes needs 256); raise it or leave it unset")
 
 
 POSITIVE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
