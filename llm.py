@@ -1734,7 +1734,8 @@ class SweepPlan:
 def plan_sweep(argv: list[str]) -> SweepPlan:
     """Parse and resolve llm.py's own argument list; UserError for anything the CLI would refuse."""
     try:
-        args = build_parser().parse_args(list(argv))
+        with contextlib.redirect_stdout(io.StringIO()):  # --help prints nothing here
+            args = build_parser().parse_args(list(argv))
     except SystemExit:  # --help
         raise UserError("the arguments ask for help, not for a sweep") from None
     return resolve_plan(args)

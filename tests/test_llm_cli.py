@@ -614,3 +614,120 @@ def test_local_tokenizer_folder_works_offline(run_llm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = read_rows(tmp_path / "t.csv")[0]
     assert json.loads(row["config_json"])["vocab_size"] == 400 and row["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The sweep planner, dry runs as JSON, and what a plan cannot reach (issue 16)
+
+def test_plan_sweep_resolves_axes_in_order_with_seed_last_and_prints_nothing(capsys):
+    plan = llm.plan_sweep(["--preset", "smoke", "--expert-top-k", "1", "2", "--grid", "d-ff=64,128",
+                           "--seeds", "1", "2", "--lb-weight", "0"])
+    assert list(plan.axes) == ["expert_top_k", "d_ff", "noise_std", "load_balancing_weight", "seed"]
+    assert plan.axes["d_ff"] == (64, 128) and plan.axes["seed"] == (1, 2) and plan.n_runs == 2 * 2 * 3 * 1 * 2
+    configs = list(plan.configs())
+    assert len(configs) == plan.n_runs and configs[0].d_model == 64 and configs[1].seed == 2
+    assert plan.out == llm.Path(llm.DEFAULT_CSV)
+    for bad in (["--expert-top-k", "0"], ["--nope"], ["--seeds", "1", "--grid", "seed=2"], ["--help"]):
+        with pytest.raises(llm.UserError):
+            llm.plan_sweep(bad)
+    assert capsys.readouterr() == ("", "")  # errors are exceptions: nothing printed
+
+
+def test_ten_million_runs_are_refused_from_the_axes_without_expanding_them():
+    import tracemalloc
+    argv = []
+    for flag in ("--seeds", "--noise-std", "--lb-weight", "--max-steps", "--n-layers", "--d-ff", "--eval-steps"):
+        argv += [flag, *[str(i + 1) for i in range(10)]]
+    tracemalloc.start()
+    with pytest.raises(llm.UserError, match="10,000,000 runs"):
+        llm.plan_sweep(argv)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000  # bytes: nothing was enumerated
+
+
+def test_dry_run_json_is_one_object_with_the_estimates_and_writes_nothing(llm_main, tmp_path):
+    proc = llm_main("--preset", "smoke", "--expert-top-k", "1", "2", "--seeds", "7", "--lb-weight", "0",
+                    "--dry-run", "--json", "--time-steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert out["n_runs"] == 6 == len(out["runs"]) and out["out"] == CSV_NAME
+    assert out["axes"] == {"expert_top_k": [1, 2], "noise_std": [0.0, 0.1, 0.5], "load_balancing_weight": [0.0],
+                           "seed": [7]}
+    for run in out["runs"]:
+        cfg = llm.MoEModelConfig(**run["config"])
+        est = llm.estimate(cfg)
+        assert (run["params"], run["flops_per_token"], run["train_tokens"], run["memory_gb"]) == (
+            est.params, est.flops_per_token, est.train_tokens, est.memory_gb)
+        assert run["tokens_per_s"] > 0 and RUN_ID.match(run["run_id"])
+    assert len({r["run_id"] for r in out["runs"]}) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, no CSV
+
+
+def test_a_tokenizer_folder_with_remote_code_never_runs_it(run_llm, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    marker = tmp_path / "marker"
+    (tok / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Evil: pass\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["evil.Evil", None]}, "tokenizer_class": "Evil"}))
+    (tok / "config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "evil.Evil"}}))
+    proc = run_llm("--preset", "smoke", "--tokenizer", "tok", "--seeds", "42", "--noise-std", "0",
+                   "--lb-weight", "0", "--max-steps", "1", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, "tokenizer", "tok")
+    assert not marker.exists()
+
+
+def test_string_values_in_a_sweep_never_become_paths(llm_main, tmp_path, smoke_fast):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = llm_main(*smoke_fast, "--max-steps", "2", "--eval-every", "2", "--seeds", "42", "--noise-std", "0",
+                    "--lb-weight", "0", "--grid", "dataset=../../escape,a/b", "--out", "out/r.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(out_dir / "r.csv")
+    assert len(rows) == 2 and all(RUN_ID.match(r["run_id"]) and len(r["run_id"]) <= 100 for r in rows)
+    made = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
+    assert made <= {"out", "data_cache", "hf_home"}, made
+    assert {p.name for p in (out_dir / "r_runs").iterdir()} == {r["run_id"] for r in rows}
+
+
+def test_planted_symlinks_are_not_written_through(llm_main, tmp_path, smoke_fast):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "r.csv").symlink_to(victim)
+    proc = llm_main(*smoke_fast, "--max-steps", "2", "--eval-every", "2", "--seeds", "42", "--noise-std", "0",
+                    "--lb-weight", "0", "--out", "r.csv")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert victim.read_text() == "keep me\n"
+    target = tmp_path / "cache_target"
+    target.write_text("keep me too\n")
+    link = tmp_path / "linked.npy"
+    link.symlink_to(target)
+    llm.write_file_safely(link, b"new")  # the link is replaced, its target untouched
+    assert target.read_text() == "keep me too\n" and link.read_bytes() == b"new" and not link.is_symlink()
+
+
+def test_the_sample_corpus_can_be_moved_by_environment(run_llm, tmp_path):
+    corpus = tmp_path / "elsewhere.txt"
+    corpus.write_text("text\n")
+    proc = run_llm("--preset", "smoke", "--seeds", "1", "--noise-std", "0", "--lb-weight", "0", "--dry-run",
+                   env={"LLM_SAMPLE_CORPUS": str(corpus)})
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1].split(": ", 1)[1])[
+        "data_files"] == [str(corpus)]
+
+
+def test_the_evaluation_section_is_protected_and_self_contained():
+    import ast
+    source = (llm.HERE / "llm.py").read_text()
+    lines = source.splitlines()
+    start = lines.index("# Evaluation (protected)")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ----"))
+    section = "\n".join(lines[start:end])
+    defined = {n.name for n in ast.parse(section).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in ast.parse(section).body if isinstance(n, ast.Assign) for t in n.targets}
+    assert {"TokenData", "evaluate", "routing_metrics", "expert_usage_cv", "DEAD_SHARE"} <= defined
+    rest = ast.parse("\n".join(lines[:start] + lines[end:]))
+    rebound = {t.id for n in ast.walk(rest) if isinstance(n, (ast.Assign, ast.AugAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    rebound |= {n.name for n in rest.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & rebound
