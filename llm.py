@@ -1,13 +1,13 @@
 """A small Mixture-of-Experts language model and the routing-noise experiment built on it.
 
-    python llm.py --preset smoke                  # the 18-run sweep, tiny, on the shipped corpus (CPU)
-    python llm.py --dry-run --json --expert-top-k 1 2   # the planned runs and their cost; trains nothing
-    python llm.py --bench                         # this step against the original's and a dense model's
+    python llm.py --preset smoke              # the 18-run sweep, tiny, on the shipped corpus (CPU)
+    python llm.py --dry-run --json --expert-top-k 1 2   # the planned runs and their cost
+    python llm.py --bench                     # this step vs the original's and a dense model's
 
-Without --preset the same 18 runs (noise_std {0, 0.1, 0.5} x load-balancing weight {0.01, 0} x seeds
-{42, 43, 44}) train the full-size model on the hub corpus. Each run appends one row to the CSV (--out) as it
-finishes; rerunning the same command skips finished runs; `torchrun --nproc-per-node=N llm.py ...` spreads the
-runs over N processes. After the sweep report.py's summary is printed and its report written beside the CSV.
+Without --preset the same 18 runs (noise_std {0, 0.1, 0.5} x load-balancing weight {0.01, 0} x
+seeds {42, 43, 44}) train the full-size model on the hub corpus. Each run appends a row to the CSV
+(--out); rerunning the command skips finished runs; `torchrun --nproc-per-node=N llm.py ...`
+spreads the runs over N processes. After the sweep report.py's summary is printed.
 """
 from __future__ import annotations
 
@@ -57,67 +57,48 @@ def sample_corpus() -> Path:
 # --------------------------------------------------------------------------------------------------
 # Config
 
-def _field(default, group: str, help: str, choices: tuple = ()):
+def param(default, group: str, help: str, choices: tuple = ()):
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
 
 @dataclass
 class MoEModelConfig:
     # model
-    d_model: int = _field(384, "model", "hidden size")
-    n_heads: int = _field(8, "model", "attention heads (d_model must divide evenly)")
-    n_layers: int = _field(6, "model", "transformer blocks")
-    d_ff: int = _field(1536, "model", "hidden size of each expert's feed-forward layer")
-    num_experts: int = _field(8, "model", "experts per MoE layer")
-    expert_top_k: int = _field(2, "model", "experts each token is routed to")
-    dropout: float = _field(0.1, "model", "dropout on embeddings, residuals, attention, expert "
-                                          "hidden")
-    vocab_size: typing.Optional[int] = _field(None, "model", "vocabulary size; default: the "
-                                                             "tokenizer's")
+    d_model: int = param(384, "model", "hidden size")
+    n_heads: int = param(8, "model", "attention heads (d_model must divide evenly)")
+    n_layers: int = param(6, "model", "transformer blocks")
+    d_ff: int = param(1536, "model", "hidden size of each expert's feed-forward layer")
+    num_experts: int = param(8, "model", "experts per MoE layer")
+    expert_top_k: int = param(2, "model", "experts each token is routed to")
+    dropout: float = param(0.1, "model", "dropout: embeddings, residuals, attention, experts")
+    vocab_size: typing.Optional[int] = param(None, "model", "vocabulary; default: the tokenizer's")
     # routing
-    noise_std: float = _field(0.1, "routing", "std of Gaussian noise on router logits in training")
-    load_balancing_weight: float = _field(0.01, "routing", "weight of the load-balancing loss (0 = "
-                                                           "off)")
-    router_z_loss_weight: float = _field(0.0, "routing", "weight of ST-MoE's router z-loss, summed "
-                                                         "over "
-                                                         "layers (1e-3 usual; 0 = off)")
-    balancing: str = _field("loss", "routing", "'loss': the balancing loss only; 'bias': also "
-                                               "DeepSeek-V3's "
-                                               "per-expert routing bias (--lb-weight 0: loss-free)",
-                            choices=("loss", "bias"))
-    bias_update_rate: float = _field(1e-3, "routing", "with --balancing bias: how far each update "
-                                                      "moves "
-                                                      "every expert's bias toward even load")
+    noise_std: float = param(0.1, "routing", "std of Gaussian noise on router logits in training")
+    load_balancing_weight: float = param(0.01, "routing", "load-balancing loss weight (0 = off)")
+    router_z_loss_weight: float = param(0.0, "routing", "ST-MoE router z-loss weight (1e-3 usual)")
+    balancing: str = param("loss", "routing", "'bias': add DeepSeek-V3's routing bias to the loss",
+                           choices=("loss", "bias"))
+    bias_update_rate: float = param(1e-3, "routing", "how far each update moves the routing bias")
     # training
-    batch_size: int = _field(24, "training", "sequences per micro-batch")
-    max_steps: int = _field(400, "training", "optimizer updates per run")
-    gradient_accumulation_steps: int = _field(1, "training", "micro-batches per update")
-    muon_lr: float = _field(0.01, "training", "Muon learning rate (AdamW uses a tenth of it)")
-    weight_decay: float = _field(0.1, "training", "AdamW weight decay (Muon uses none, as the "
-                                                  "original)")
-    grad_clip: float = _field(1.0, "training", "gradient-norm clip (0 = off)")
-    use_amp: bool = _field(True, "training", "mixed precision: bf16 where native, else fp16 + "
-                                             "GradScaler")
-    eval_every: int = _field(50, "training", "evaluate every N updates, and after the last")
-    eval_steps: int = _field(100, "training", "validation batches per evaluation (fewer if the "
-                                              "split is "
-                                              "smaller)")
-    log_every: int = _field(10, "training", "read training metrics back from the device every N "
-                                            "updates")
-    seed: int = _field(42, "training", "seed for weights, batches, dropout and noise")
+    batch_size: int = param(24, "training", "sequences per micro-batch")
+    max_steps: int = param(400, "training", "optimizer updates per run")
+    gradient_accumulation_steps: int = param(1, "training", "micro-batches per update")
+    muon_lr: float = param(0.01, "training", "Muon learning rate (AdamW uses a tenth of it)")
+    weight_decay: float = param(0.1, "training", "AdamW weight decay (Muon uses none)")
+    grad_clip: float = param(1.0, "training", "gradient-norm clip (0 = off)")
+    use_amp: bool = param(True, "training", "mixed precision: bf16 where native, else fp16")
+    eval_every: int = param(50, "training", "evaluate every N updates, and after the last")
+    eval_steps: int = param(100, "training", "validation batches per evaluation (at most)")
+    log_every: int = param(10, "training", "read training metrics back every N updates")
+    seed: int = param(42, "training", "seed for weights, batches, dropout and noise")
     # data
-    max_seq_len: int = _field(512, "data", "tokens per training window")
-    num_documents: int = _field(2000, "data", "documents read from the corpus")
-    max_tokens: int = _field(500_000, "data", "tokens kept from those documents")
-    dataset: str = _field("HuggingFaceTB/smollm-corpus", "data", "Hugging Face dataset id "
-                                                                 "('random': random "
-                                                                 "tokens, for timing only)")
-    dataset_config: str = _field("cosmopedia-v2", "data", "dataset configuration")
-    data_files: tuple = _field((), "data", "local .txt/.md/.jsonl/.json/.parquet files instead of "
-                                           "the hub "
-                                           "dataset")
-    tokenizer: str = _field("HuggingFaceTB/SmolLM-135M", "data", "hub id, local tokenizer folder, "
-                                                                 "or 'bytes'")
-    cache_dir: str = _field("data_cache", "data", "where tokenized corpora are cached")
+    max_seq_len: int = param(512, "data", "tokens per training window")
+    num_documents: int = param(2000, "data", "documents read from the corpus")
+    max_tokens: int = param(500_000, "data", "tokens kept from those documents")
+    dataset: str = param("HuggingFaceTB/smollm-corpus", "data", "hub dataset id, or 'random'")
+    dataset_config: str = param("cosmopedia-v2", "data", "dataset configuration")
+    data_files: tuple = param((), "data", "local .txt/.md/.jsonl/.json/.parquet files instead")
+    tokenizer: str = param("HuggingFaceTB/SmolLM-135M", "data", "hub id, folder, or 'bytes'")
+    cache_dir: str = param("data_cache", "data", "where tokenized corpora are cached")
 
     def __post_init__(self):
         self.data_files = tuple(str(p) for p in self.data_files)
@@ -134,9 +115,7 @@ class MoEModelConfig:
                 raise UserError(f"{flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.d_model % self.n_heads or self.d_k % 2:
             raise UserError(f"--d-model {self.d_model} must split into --n-heads {self.n_heads} "
-                            f"heads of even "
-                            f"size (rotary embeddings rotate pairs); try --d-model "
-                            f"{self.n_heads * 64}")
+                            f"heads of even size (rotary pairs); try --d-model {self.n_heads * 64}")
         if self.expert_top_k > self.num_experts:
             raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
                             f"{self.num_experts}; choose --expert-top-k <= --num-experts")
@@ -156,17 +135,13 @@ class MoEModelConfig:
             raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
 
 POSITIVE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k",
-                   "batch_size",
-                   "max_steps", "gradient_accumulation_steps", "eval_every", "eval_steps",
-                   "log_every",
-                   "max_seq_len", "num_documents", "max_tokens")
+                   "batch_size", "max_steps", "gradient_accumulation_steps", "eval_every",
+                   "eval_steps", "log_every", "max_seq_len", "num_documents", "max_tokens")
 NON_NEGATIVE_FIELDS = ("noise_std", "load_balancing_weight", "router_z_loss_weight",
-                       "bias_update_rate",
-                       "muon_lr", "weight_decay", "grad_clip")
+                       "bias_update_rate", "muon_lr", "weight_decay", "grad_clip")
 NOT_IDENTITY = ("cache_dir", "log_every", "data_files")  # not a run's identity (the data's hash is)
 NOT_SWEPT = NOT_IDENTITY + ("use_amp",)  # one value per sweep: per process, or not a run's identity
-# always swept, these last (seed last)
-ROUTING_AXES = ("noise_std", "load_balancing_weight", "seed")
+ROUTING_AXES = ("noise_std", "load_balancing_weight", "seed")  # always swept, last (seed last)
 DATA_FIELDS = ("dataset", "dataset_config", "data_files", "tokenizer", "num_documents",
                "max_tokens")
 FLAG_NAMES = {"load_balancing_weight": "lb-weight", "seed": "seeds"}
@@ -177,8 +152,7 @@ PRESETS = {
     "smoke": dict(tokenizer="bytes", data_files=(str(sample_corpus()),), d_model=64, n_heads=4,
                   n_layers=2,
                   d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=10, eval_steps=4,
-                  log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),
-}
+                  log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),}
 
 def flag(name: str) -> str:
     """The command-line spelling of a config field."""
@@ -482,7 +456,8 @@ class MoEMinimalLLM(nn.Module):
         h, y = h.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
         dt = compute_dtype(h)
         if dt != torch.float16:
-            need_grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+            need_grad = torch.is_grad_enabled() and (h.requires_grad or
+                                                     self.lm_head.weight.requires_grad)
             ce, correct = LinearCrossEntropy.apply(h, self.lm_head.weight, y, dt, need_grad)
         # fp16 would underflow the fused loss's per-token gradients before the GradScaler scales
         else:
@@ -578,8 +553,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return bool(answered)
 
 OFFLINE_HINT = ("to work offline use --data-files FILE [FILE ...] with --tokenizer bytes (or a "
-                "local "
-                "tokenizer folder), or --preset smoke")
+                "local tokenizer folder), or --preset smoke")
 
 def load_tokenizer(name: str):
     if name == "bytes":
@@ -590,16 +564,14 @@ def load_tokenizer(name: str):
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); "
-                        f"{OFFLINE_HINT}"
-                        ) from None
+                        f"{OFFLINE_HINT}") from None
 
 def data_file_stats(cfg: MoEModelConfig) -> list[dict]:
     out = []
     for p in cfg.data_files:
         path = Path(p).expanduser()
         if not path.is_file():
-            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.json/.parquet "
-                            f"files")
+            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.parquet files")
         st = path.stat()
         if st.st_size == 0:
             raise UserError(f"data file is empty: {p}; pass files that contain text")
@@ -629,21 +601,17 @@ def iter_documents(cfg: MoEModelConfig, files: list[dict]):
         kinds = {builder.get(s) for s in suffixes}
         if None in kinds or len(kinds) > 1:
             raise UserError(f"--data-files must all be one kind: .txt/.md, .jsonl/.json or "
-                            f".parquet (got "
-                            f"{', '.join(sorted(suffixes))})")
+                            f".parquet (got {', '.join(sorted(suffixes))})")
         kind = kinds.pop()
         extra = {"sample_by": "paragraph"} if kind == "text" else {}  # a document per paragraph
         ds = load_dataset(kind, data_files=[f["path"] for f in files], split="train",
-                          streaming=True,
-                          trust_remote_code=False, **extra)
+                          streaming=True, trust_remote_code=False, **extra)
     else:
         ds = load_dataset(cfg.dataset, cfg.dataset_config, split="train", streaming=True,
                           trust_remote_code=False)
     for row in ds:
         if "text" not in row:
-            raise UserError(f"the data has no 'text' column (columns: {', '.join(row)}); provide a "
-                            f"'text' "
-                            f"field")
+            raise UserError(f"the data has no 'text' column (columns: {', '.join(row)}); add one")
         if row["text"] and row["text"].strip():
             yield row["text"][:DOC_CHARS]
 
@@ -668,7 +636,8 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False, write_cache: b
     cached = read_token_cache(npy, key)
     if cached is not None:
         return cached
-    needs_hub = not key["files"] or cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).expanduser().exists()
+    local_tokenizer = cfg.tokenizer == "bytes" or Path(cfg.tokenizer).expanduser().exists()
+    needs_hub = not key["files"] or not local_tokenizer
     if needs_hub and not hub_reachable():
         # read once by the hub libraries: then they fail in a second
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -692,8 +661,7 @@ def read_token_cache(npy: Path, key: dict):
             raise ValueError("contents do not match the sidecar")
         return tokens, describe_tokens(tokens, meta, str(npy))
     except Exception as e:
-        warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding "
-             f"it")
+        warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding")
         return None
 
 def tokenize_corpus(cfg: MoEModelConfig, key: dict, quiet: bool) -> tuple[np.ndarray, dict]:
@@ -763,8 +731,8 @@ def describe_tokens(tokens: np.ndarray, meta: dict, where: str) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation (protected)
-# The train/validation split, the validation batches and every reported metric. Code edits may not touch
-# this section or rebind a name it defines: a changed model cannot change how it is measured.
+# The train/validation split, the validation batches and every reported metric. Code edits may not
+# touch this section or rebind a name it defines: a changed model cannot change how it is measured.
 
 VAL_FRACTION = 10  # the last 1/10 of the token stream is held out
 DEAD_SHARE = 0.1  # an expert given under a tenth of its fair share (1/E) of the assignments is dead
@@ -793,10 +761,9 @@ class TokenData:
         need = B * (T + 1)
         if n_val < need or n_train < need:
             raise UserError(f"the corpus has {len(tokens):,} tokens, too few for one training "
-                            f"batch and one "
-                            f"validation batch of {B} x {T + 1} (the last 10% is held out): need "
-                            f"at least "
-                            f"{VAL_FRACTION * need:,}; add data, or lower --batch-size / "
+                            f"and one validation batch of {B} x {T + 1} (the last 10% is held "
+                            f"out): "
+                            f"need {VAL_FRACTION * need:,}; add data or lower --batch-size or "
                             f"--max-seq-len")
         t = torch.from_numpy(tokens.astype(np.int64))
         n_batches = min(cfg.eval_steps, n_val // (T + 1) // B)
@@ -841,8 +808,7 @@ def routing_metrics(counts) -> dict:
             "routing_entropy": float(ent.mean()), "expert_usage_cv_per_layer": cv_layers,
             "dead_expert_fraction_per_layer": dead.tolist(),
             "expert_load_max_mean_per_layer": max_mean.tolist(),
-            "routing_entropy_per_layer": ent.tolist(),
-            "expert_load_per_layer": share.tolist()}
+            "routing_entropy_per_layer": ent.tolist(), "expert_load_per_layer": share.tolist()}
 
 class Evaluation(typing.NamedTuple):
     val_loss: float  # mean cross-entropy over every validation token (no balancing or z-loss)
@@ -975,13 +941,11 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             muon_update(params, [p.grad for p in params], self.buffers_for(params), group["lr"],
                         group["momentum"], group["nesterov"], group["ns_steps"],
-                        group["weight_decay"],
-                        group["ns_dtype"])
+                        group["weight_decay"], group["ns_dtype"])
 
 @torch.no_grad()
 def clip_muon_adamw(muon_p, muon_g, muon_bufs, adam_p, adam_g, exp_avgs, exp_avg_sqs, steps,
-                    lr_muon,
-                    lr_adam, grad_clip: float, muon_hp: dict, adam_hp: dict):
+                    lr_muon, lr_adam, grad_clip: float, muon_hp: dict, adam_hp: dict):
     """The whole optimizer step as one function of tensor lists, for torch.compile: clip (as
     clip_grad_norm_), Muon, torch's functional AdamW (capturable: steps and lr on the device),
     gradients zeroed in place. No host reads, so nothing in it waits for the GPU."""
@@ -1024,8 +988,7 @@ class Optimizers:
             n = len(s["muon_p"])
             self.fused(s["muon_p"], grads[:n], s["bufs"], s["adam_p"], grads[n:], s["exp_avgs"],
                        s["exp_avg_sqs"], s["steps"], s["lr"][0], s["lr"][1], grad_clip,
-                       s["muon_hp"],
-                       s["adam_hp"])
+                       s["muon_hp"], s["adam_hp"])
             return
         for opt in (self.muon, self.adamw):
             self.scaler.unscale_(opt)
@@ -1051,13 +1014,12 @@ def fused_state(muon: Muon, adamw: torch.optim.AdamW) -> dict:
     return dict(muon_p=muon_p, adam_p=adam_p, bufs=muon.buffers_for(muon_p),
                 exp_avgs=[st[p]["exp_avg"] for p in adam_p],
                 exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
-                steps=[st[p]["step"] for p in adam_p], lr=[torch.zeros((),
-                                                                       device=dev) for _ in range(2)],
+                steps=[st[p]["step"] for p in adam_p], lr=[torch.zeros((), device=dev),
+                                                           torch.zeros((), device=dev)],
                 muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay",
                                             "ns_dtype")},
                 adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1],
-                             weight_decay=ag["weight_decay"],
-                             eps=ag["eps"]))
+                             weight_decay=ag["weight_decay"], eps=ag["eps"]))
 
 def build_optimizers(model: nn.Module, cfg: MoEModelConfig, rt: "Runtime", fused=None,
                      keep_grads: bool = False) -> Optimizers:
@@ -1138,18 +1100,17 @@ def amp_policy(use_amp: bool, bf16_native: bool) -> tuple[typing.Optional[torch.
     return torch.float16, "fp16 autocast with a GradScaler (the GPU has no native bf16)"
 
 def resolve_runtime(device: str = "auto", use_amp: bool = True,
-                    compile: typing.Optional[bool] = None,
-                    local_rank: int = 0) -> Runtime:
+                    compile: typing.Optional[bool] = None, local_rank: int = 0) -> Runtime:
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        mps = torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: Apple MPS is not available; use --device cpu (or auto)")
     if device == "cuda" and local_rank >= torch.cuda.device_count():
         raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
-                        f"visible); start "
-                        f"at most that many processes per node (--nproc-per-node)")
+                        f"visible); start at most that many processes per node (--nproc-per-node)")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
         # TF32 stays off (torch's default): what runs in float32 (the router; --no-use-amp) really
@@ -1165,9 +1126,11 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True,
     elif not use_amp:
         amp, why = amp_policy(False, False)
     else:
-        amp, why = None, f"fp32 ({'this CPU has no bf16 matmul instructions' if dev.type == 'cpu' else 'MPS'})"
+        amp, why = None, "fp32 (" + ("this CPU has no bf16 matmul instructions" if dev.type == "cpu"
+                                     else "MPS") + ")"
     use_compile = dev.type == "cuda" if compile is None else compile
-    why += f"; torch.compile {'on' if use_compile else 'off'} ({'flag' if compile is not None else 'default'})"
+    why += (f"; torch.compile {'on' if use_compile else 'off'} "
+            f"({'flag' if compile is not None else 'default'})")
     # On a CPU compiling the optimizer step costs about a minute for a few ms per step.
     fuse = use_compile and dev.type == "cuda" and amp != torch.float16
     return Runtime(dev, amp, use_compile, why, fuse)
@@ -1261,8 +1224,7 @@ class ModelCache:
 
     def to_eager(self, why: str):
         """The fallback: one warning, then eager for the rest of the sweep."""
-        warn(f"{why}; running eagerly (slower) for the rest of the sweep; --no-compile skips the "
-             f"attempt")
+        warn(f"{why}; running eagerly (slower) for the rest of the sweep; --no-compile skips it")
         self.release()
         self.step_fn, self.cudagraphs = None, False
         self.rt = replace(self.rt, compile=False, compile_optimizer=False)
@@ -1401,7 +1363,8 @@ class LogWindow:
                    torch.zeros((), device=device))
 
     def add(self, out: ModelOut, step: int):
-        self.first_bad += (~torch.isfinite(out.loss.detach()) & (self.first_bad == 0)).float() * step
+        bad = ~torch.isfinite(out.loss.detach()) & (self.first_bad == 0)
+        self.first_bad += bad.float() * step
         self.sums += torch.stack([out.ce.detach().float(), out.aux.detach().float(),
                                   out.z.detach().float(), out.correct.float()])
         self.counts += out.counts
@@ -1451,13 +1414,13 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     opt = models.optimizers(model, cfg)
-    gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
+    gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu")
+    gen.manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and router noise
     run = RunState(LogWindow.zeros(cfg, rt.device))
     bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb "
                f"{cfg.load_balancing_weight}", unit="step", leave=False, disable=not progress,
-               position=1,
-               dynamic_ncols=True)
+               position=1, dynamic_ncols=True)
     run.t_log = t_loop = time.perf_counter()
     try:
         with open_log(metrics_path) as log:
@@ -1530,7 +1493,8 @@ def evaluate_and_log(cfg, fn, model, data: TokenData, rt: Runtime, run: RunState
     if log:
         routing = dict(ev.routing)
         if cfg.balancing == "bias":
-            routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist() for b in model.blocks]
+            routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist()
+                                      for b in model.blocks]
         log.write(json.dumps({"split": "val", "step": step, "loss": ev.val_loss,
                               "accuracy": ev.val_accuracy,
                               "perplexity": ev.val_perplexity, "routing": routing}) + "\n")
@@ -1539,7 +1503,8 @@ def evaluate_and_log(cfg, fn, model, data: TokenData, rt: Runtime, run: RunState
 def run_result(cfg, run: RunState, rt: Runtime, seconds: float, train_seconds: float) -> RunResult:
     nan = float("nan")
     ev = run.last_eval if run.status == "ok" else None
-    routing = ev.routing if ev else {k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS}
+    missing = {k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS}
+    routing = ev.routing if ev else missing
     tokens = run.steps * tokens_per_update(cfg)
     return RunResult(
         seed=cfg.seed, noise_std=cfg.noise_std, load_balancing_weight=cfg.load_balancing_weight,
@@ -1565,8 +1530,7 @@ def train_with_fallback(cfg: MoEModelConfig, data: TokenData, models: ModelCache
         raise
     except Exception as e:
         models.to_eager(f"a compiled step failed ({type(e).__name__}: {first_line(e)}); rerunning "
-                        f"this "
-                        f"run from its start")
+                        f"this run from its start")
         return train_moe_model(cfg, data, models, metrics_path, progress)
 
 def run_update(fn, opt: Optimizers, batches: list, grad_clip: float, autocast):
@@ -1652,8 +1616,7 @@ def load_reference():
     path = HERE / "tests" / "reference.py"
     if not path.is_file():
         raise UserError(f"--bench needs {path} (the original's implementation, kept with the "
-                        f"tests); "
-                        f"restore the project's tests/ folder")
+                        f"tests); restore the project's tests/ folder")
     sys.modules.setdefault("llm", sys.modules[__name__])  # run as a script: one llm module, not two
     spec = importlib.util.spec_from_file_location("llm_reference", path)
     module = importlib.util.module_from_spec(spec)
@@ -1737,16 +1700,15 @@ def print_benchmark(res: dict):
           f"micro-batches), {res['flops_per_token'] / 1e9:.3f} GFLOP/token, compile "
           f"{'on' if res['compile'] else 'off'}, torch {res['torch']}")
     print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} "
-          f"(MFU is "
-          f"against this)")
+          f"(MFU is against this)")
     print(f"{'impl':<14}{'precision':<20}{'update ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
           f"{'peak GB':>10}{'warmup s':>10}")
     for r in res["impls"]:
         print(f"{r['impl']:<14}{r['dtype']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-              f"{r['tflops']:>10.2f}{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}{r['warmup_s']:>10.1f}")
+              f"{r['tflops']:>10.2f}{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}"
+              f"{r['warmup_s']:>10.1f}")
     print(f"speed-up over the original: {res['speedup']:.2f}x; {res['dense_ratio']:.0%} of the "
-          f"dense "
-          f"model's tokens/s (same active FLOPs, no routing: the ceiling)")
+          f"dense model's tokens/s (same active FLOPs, no routing: the ceiling)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1825,9 +1787,8 @@ def resolve_plan(args) -> SweepPlan:
 
 def check_distinct(name: str, values: list):
     if len(set(values)) < len(values):
-        raise UserError(f"{name} lists a value twice ({' '.join(map(str, values))}); each run must "
-                        f"be "
-                        f"distinct")
+        listed = " ".join(map(str, values))
+        raise UserError(f"{name} lists a value twice ({listed}); list each value once")
 
 def field_type(name: str):
     hint = typing.get_type_hints(MoEModelConfig)[name]
@@ -1847,8 +1808,7 @@ def parse_grid_item(item: str) -> tuple[str, list]:
                         f"{', '.join(sorted(names))}")
     if name in NOT_SWEPT:
         raise UserError(f"--grid {name}: this field does not change a run's numbers or is "
-                        f"per-process; set "
-                        f"it once with {flag(name)}")
+                        f"per-process; set it once with {flag(name)}")
     typ = field_type(name)
     try:
         return name, [typ(v.strip()) for v in text.split(",")]
@@ -1888,9 +1848,9 @@ def read_done(path: Path) -> set[str]:
         rows = list(csv.reader(f))
     if rows[0] != list(CSV_COLUMNS):
         raise UserError(f"{path} has other columns than this llm.py writes; pass --fresh to start "
-                        f"a new file "
-                        f"(the old one is kept as a backup) or choose another --out")
-    done, hash_col, status_col = set(), CSV_COLUMNS.index("config_hash"), CSV_COLUMNS.index("status")
+                        f"a new file (the old one is kept as a backup) or choose another --out")
+    done = set()
+    hash_col, status_col = CSV_COLUMNS.index("config_hash"), CSV_COLUMNS.index("status")
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(CSV_COLUMNS):
             warn(f"{path}: line {i} is incomplete (a run killed while writing?); ignoring it")
@@ -1974,8 +1934,7 @@ def plan_runs(plan: SweepPlan, corpora: dict) -> list[PlannedRun]:
         cfg = replace(cfg, vocab_size=cfg.vocab_size or meta["vocab_size"])
         if meta["max_id"] >= cfg.vocab_size:
             raise UserError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's ids "
-                            f"(up to "
-                            f"{meta['max_id']}); raise it or leave it unset")
+                            f"(up to {meta['max_id']}); raise it or leave it unset")
         runs.append(PlannedRun(cfg, config_hash(cfg, meta["sha256"]), run_id_for(cfg, plan.axes),
                                key, meta))
     return runs
@@ -1990,8 +1949,7 @@ def split_for(run: PlannedRun, corpora: dict, splits: dict, device, say) -> Toke
         fewer = (f"; fewer than --eval-steps {cfg.eval_steps}, so every evaluation uses all of them"
                  if len(d.val) < cfg.eval_steps else "")
         say(f"split: train {len(d.train):,} tokens; validation {len(d.val)} batches of "
-            f"{cfg.batch_size} x "
-            f"{cfg.max_seq_len} (the last 10%, non-overlapping){fewer}")
+            f"{cfg.batch_size} x {cfg.max_seq_len} (the last 10%, non-overlapping){fewer}")
     return splits[key]
 
 def runs_to_do(out: Path, runs: list[PlannedRun], main_rank: bool, world: int, say) -> list[int]:
@@ -2003,16 +1961,15 @@ def runs_to_do(out: Path, runs: list[PlannedRun], main_rank: bool, world: int, s
         others = len(done - {r.config_hash for r in runs})
         if others:
             say(f"note: {out} also holds {others} run(s) of other setups; the report groups by "
-                f"every "
-                f"setting that differs")
+                f"every setting that differs")
     if world > 1:
         import torch.distributed as dist
         shared = [todo]
         dist.broadcast_object_list(shared, src=0)
         todo = shared[0]
     if len(todo) < len(runs):
-        say(f"resuming {out}: {len(runs) - len(todo)} of {len(runs)} runs already done, "
-            f"{len(todo)} to go")
+        done = len(runs) - len(todo)
+        say(f"resuming {out}: {done} of {len(runs)} runs already done, {len(todo)} to go")
     return todo
 
 def prepare_out(out: Path, fresh: bool, say):
@@ -2050,8 +2007,7 @@ def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bo
     both = sum(r.cfg.balancing == "bias" and r.cfg.load_balancing_weight > 0 for r in runs)
     if both:
         say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > "
-            f"0); "
-            f"--lb-weight 0 gives DeepSeek-V3's loss-free balancing")
+            f"0); --lb-weight 0 gives DeepSeek-V3's loss-free balancing")
     train_runs(plan, runs, todo[rank::world], models, data_of, rank, world)
     barrier(world)
     if main_rank:
@@ -2060,8 +2016,7 @@ def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bo
     return 0
 
 def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models: ModelCache,
-               data_of,
-               rank: int, world: int):
+               data_of, rank: int, world: int):
     from tqdm.auto import tqdm
     runs_dir = plan.out.with_name(plan.out.stem + "_runs")
     overall = tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0,
@@ -2088,8 +2043,7 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
                    f"{result.best_val_perplexity:.2f}, cv {result.expert_usage_cv:.3f} (worst "
                    f"layer "
                    f"{result.expert_usage_cv_worst_layer:.3f}), {result.training_time_minutes:.2f} "
-                   f"min, "
-                   f"{result.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
+                   f"min, {result.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
             tqdm.write(msg) if rank == 0 else print(f"[rank {rank}] {msg}", flush=True)
             overall.update(world)
     finally:
@@ -2108,8 +2062,7 @@ def print_report(out: Path):
         except Exception as e:  # the results are saved whatever the report makes of them
             print(f"summary not available: {first_line(e)}")
     else:
-        warn("this report.py has no summary()/summary_text(); run `python report.py CSV` for the "
-             "statistics")
+        warn("this report.py has no summary()/summary_text(); run `python report.py CSV` instead")
     try:
         print(f"report: {report.write_report(out)}")
     except Exception as e:
@@ -2139,58 +2092,44 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Train a small Mixture-of-Experts LM over a sweep of settings; "
-                                   "write a CSV.",
-                       epilog="Every MoEModelConfig field has a flag; a flag given explicitly "
-                              "overrides "
-                              "--preset. Several values sweep a field; the runs are every "
-                              "combination.")
+    p = ArgumentParser(description="Train a small MoE LM over a sweep of settings; write a CSV.",
+                       epilog="Every MoEModelConfig field has a flag, which overrides --preset; "
+                              "several values sweep it (the runs are every combination).")
     g = p.add_argument_group("sweep")
-    g.add_argument("--noise-std", dest="noise_std", type=float, nargs="+", action=Once,
-                   default=[0.0, 0.1, 0.5], metavar="F", help="router noise std values (default: 0 "
-                                                              "0.1 0.5)")
-    g.add_argument("--lb-weight", dest="load_balancing_weight", type=float, nargs="+", action=Once,
-                   default=[0.01, 0.0], metavar="F", help="load-balancing loss weights (default: "
-                                                          "0.01 0)")
-    g.add_argument("--seeds", dest="seed", type=int, nargs="+", action=Once, default=[42, 43, 44],
-                   metavar="N", help="seeds per condition (default: 42 43 44)")
+    for name, typ, default in (("noise_std", float, [0.0, 0.1, 0.5]), ("seed", int, [42, 43, 44]),
+                               ("load_balancing_weight", float, [0.01, 0.0])):
+        g.add_argument(flag(name), dest=name, type=typ, nargs="+", action=Once, default=default,
+                       metavar=typ.__name__[0].upper(), 
+                       help=f"values to sweep (default: {default})")
     g.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
-                   help="another spelling of a field's flag with several values, e.g. "
-                        "expert_top_k=1,2")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny model on the shipped "
-                                                             "sample "
-                   "corpus (CPU, offline, well under a minute)")
+                   help="a field's flag with several values, spelt another way: expert_top_k=1,2")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny, the sample corpus, CPU")
     g = p.add_argument_group("output and runtime")
-    g.add_argument("--out", default=DEFAULT_CSV, metavar="CSV", help=f"results CSV (default: "
-                                                                     f"{DEFAULT_CSV})")
-    g.add_argument("--fresh", action="store_true",
-                   help="start a new CSV (an existing one is renamed to a .bak file); default: "
-                        "resume it")
-    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-                   help="auto: cuda, else mps, else cpu")
+    g.add_argument("--out", default=DEFAULT_CSV, metavar="CSV", help=f"default: {DEFAULT_CSV}")
+    g.add_argument("--fresh", action="store_true", help="start a new CSV (keeps the old as .bak)")
+    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on for CUDA, off elsewhere)")
-    g.add_argument("--dry-run", action="store_true", help="print every run's resolved config; "
-                                                          "train nothing")
+                   help="torch.compile the training step (default: on for CUDA)")
+    g.add_argument("--dry-run", action="store_true", help="print every run's config; train nothing")
     g.add_argument("--json", action="store_true", help="with --dry-run: one JSON object with each "
-                                                       "run's "
-                   "config, FLOPs per token, tokens, parameters and memory estimate")
+                   "run's config, FLOPs per token, tokens, parameters and memory estimate")
     g.add_argument("--time-steps", type=int, metavar="K", help="with --dry-run --json: time K "
-                                                               "training "
-                   "steps of each model shape on random tokens and add tokens_per_s")
+                                                               "steps "
+                   "of each model shape on random tokens (adds tokens_per_s)")
     g.add_argument("--bench", action="store_true", help="time the training step against the "
-                                                        "original's "
-                   "and a dense model's of the same active FLOPs, on random tokens")
-    g.add_argument("--bench-steps", type=int, default=None, metavar="N",
-                   help="timed steps for --bench (default: 30 on GPU, 20 on CPU)")
+                   "original's and a dense model's (tests/reference.py), on random tokens")
+    g.add_argument("--bench-steps", type=int, metavar="N", help="timed steps (default: 30, CPU 20)")
     g.add_argument("--bench-out", metavar="JSON", help="also write the --bench figures as JSON")
+    add_config_flags(p)
+    return p
+
+def add_config_flags(p: argparse.ArgumentParser):
     groups = {}
     for f in fields(MoEModelConfig):
         if f.name in ROUTING_AXES:
             continue
-        group = f.metadata["group"]
-        if group not in groups:
-            groups[group] = p.add_argument_group(f"config: {group}")
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = p.add_argument_group(f"config: {f.metadata['group']}")
         typ, kw = field_type(f.name), dict(action=Once)
         if typ is bool:
             kw = dict(action=argparse.BooleanOptionalAction)
@@ -2201,9 +2140,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kw.update(type=typ, nargs="+", choices=f.metadata["choices"] or None,
                       metavar=None if f.metadata["choices"] else typ.__name__.upper())
-        groups[group].add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS,
-                                   help=f"{f.metadata['help']} (default: {f.default})", **kw)
-    return p
+        groups[f.metadata["group"]].add_argument(
+            flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})", **kw)
 
 def dry_run(plan: SweepPlan, args) -> int:
     """Print the runs (or one JSON object with their cost); nothing is trained or written."""
@@ -2224,8 +2163,7 @@ def dry_run(plan: SweepPlan, args) -> int:
         e = estimate(cfg)
         runs.append({"run_id": run_id_for(cfg, plan.axes), "config": asdict(cfg),
                      "flops_per_token": e.flops_per_token, "train_tokens": e.train_tokens,
-                     "params": e.params,
-                     "memory_gb": e.memory_gb,
+                     "params": e.params, "memory_gb": e.memory_gb,
                      **({"tokens_per_s": speeds[shape_key(cfg)]} if speeds else {})})
     print(json.dumps({"n_runs": plan.n_runs, "out": str(plan.out),
                       "axes": {k: list(v) for k, v in plan.axes.items()}, "runs": runs}))
