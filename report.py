@@ -21,6 +21,7 @@ Sections: reading, statistics, summary, plots, the markdown report, CLI."""
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import math
@@ -127,8 +128,12 @@ def _read_rows(csv_path) -> tuple[pd.DataFrame, list]:
     p = Path(csv_path)
     if not p.is_file():
         raise ReportError(f"results CSV not found: {p}")
+    parse = lambda src: pd.read_csv(src, dtype=str, keep_default_na=False)
     try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        try:
+            df = parse(p)
+        except pd.errors.ParserError:  # a torn last line from a killed writer: read without it
+            df = parse(io.StringIO("".join(p.read_text().splitlines(True)[:-1])))
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ReportError(f"cannot read {p} as a results CSV: {str(e).splitlines()[0]}") from None
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -161,8 +166,7 @@ def _read_rows(csv_path) -> tuple[pd.DataFrame, list]:
 
 def _diverged(df) -> list:
     """Why each run is diverged ("" if ok): its status, or its first non-finite loss/perplexity."""
-    step = df.get("diverged_step", pd.Series(np.nan, index=df.index))
-    why = []
+    step, why = df.get("diverged_step", pd.Series(np.nan, index=df.index)), []
     for status, k, *vals in zip(df["status"].str.strip(), step, *(df[c] for c in LOSS_COLUMNS)):
         bad = [f"{c} is not finite ({v})" for c, v in zip(LOSS_COLUMNS, vals) if not np.isfinite(v)]
         if status != "ok":
@@ -310,8 +314,7 @@ def contrast_table(design: Design, metric: Metric, alpha: float = 0.05) -> pd.Da
     cells = ok.pivot(index="seed", columns="cond", values=metric.column).reindex(
         columns=range(len(design.conditions)))
     for factor, label, w in ws:
-        v = cells[list(w)].dropna()  # the seeds ok in every cell of this contrast
-        d = v.to_numpy(float) @ np.array(list(w.values()))
+        d = cells[list(w)].dropna().to_numpy(float) @ np.array(list(w.values()))  # seeds ok in all
         rows.append({"factor": factor, "contrast": label, **_paired(d, alpha, max(1, len(ws)))})
     cols = ["factor", "contrast", "n", "effect", "ci_low", "ci_high", "p", "detectable", "constant"]
     t = pd.DataFrame(rows, columns=cols)
@@ -329,9 +332,9 @@ def _summary_of(design: Design, csv_path, alpha: float) -> Summary:
     verdicts = [Verdict(r.factor, r.contrast, PRIMARY.column, float(r.effect), float(r.ci_low),
                         float(r.ci_high), False, int(r.n), float(r.p_adjusted),
                         float(r.detectable), r.word) for r in t.itertuples()]
-    runs = design.runs
-    return Summary(Path(csv_path), len(runs), int(runs["ok"].sum()), int((~runs["ok"]).sum()),
-                   design.conditions, design.conditions[0], verdicts, alpha)
+    n, ok = len(design.runs), int(design.runs["ok"].sum())
+    return Summary(Path(csv_path), n, ok, n - ok, design.conditions, design.conditions[0], verdicts,
+                   alpha)
 
 
 def summary(csv_path, alpha: float = 0.05) -> Summary:
@@ -496,8 +499,9 @@ def _setup(design: Design) -> list:
         if col in runs.columns:
             values = [f"{v:,.0f}" if col in NUMERIC else v for v in runs[col].dropna().unique()]
             text.append(f"{what}: {', '.join(values)}.")
+    skip = ("dataset", "dataset_config") if "data" in runs.columns else ()  # `data` says it
     shared = ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v)}`"
-                       for k, v in design.config.items())
+                       for k, v in design.config.items() if k not in skip)
     return [" ".join(text), "", f"Configuration shared by every run: {shared or 'none'}."]
 
 
@@ -546,9 +550,9 @@ def _contrast_rows(t: pd.DataFrame, metric: Metric, alpha: float) -> list:
         else:
             stat = [f"{_g(r.ci_low)} to {_g(r.ci_high)}", _p(r.p), _p(r.p_adjusted),
                     "—" if r.p_adjusted < alpha else _g(r.detectable, sign=False)]
-        said = r.word if metric is PRIMARY else \
-            "significant" if r.p_adjusted < alpha else "not significant"
-        rows.append([r.contrast, r.n, _signed(r.effect, metric)] + stat + [said])
+        said = "significant" if r.p_adjusted < alpha else "not significant"
+        rows.append([r.contrast, r.n, _signed(r.effect, metric)] + stat
+                    + [r.word if metric is PRIMARY else said])
     return rows
 
 
@@ -576,10 +580,9 @@ def _analysis_md(design: Design, s: Summary, alpha: float) -> list:
 
 
 ROUTING = (("train_expert_usage_cv_worst_layer", "worst-layer CV, training"),
-           ("dead_expert_fraction", "dead fraction, evaluation"),
-           ("train_dead_expert_fraction", "dead fraction, training"),
-           ("expert_usage_cv", "layer-summed CV (original's)"), ("routing_entropy", "entropy"),
-           ("expert_load_max_mean", "max/mean load"))
+           ("dead_expert_fraction", "dead fraction, evaluation"), ("train_dead_expert_fraction",
+           "dead fraction, training"), ("expert_usage_cv", "layer-summed CV (original's)"),
+           ("routing_entropy", "entropy"), ("expert_load_max_mean", "max/mean load"))
 
 
 def _routing_md(design: Design) -> list:
@@ -605,7 +608,6 @@ def write_report(csv_path, alpha: float = 0.05) -> Path:
     """The markdown report and its PNGs beside the CSV; returns the report's path."""
     design = read_design(csv_path)
     s = _summary_of(design, csv_path, alpha)
-    report = report_paths(csv_path)[0]
     md = [f"# MoE routing sweep: analysis of `{Path(csv_path).name}`", ""] + _setup(design)
     md += _conditions_md(design) + _analysis_md(design, s, alpha) + _routing_md(design)
     bad = design.runs[~design.runs["ok"]]
@@ -616,7 +618,7 @@ def write_report(csv_path, alpha: float = 0.05) -> Path:
     md += ["", "## Plots", ""]
     for title, path in write_plots(csv_path, design):
         md += [f"![{title}]({path.name})", ""]
-    report.write_text("\n".join(md).rstrip() + "\n")
+    (report := report_paths(csv_path)[0]).write_text("\n".join(md).rstrip() + "\n")
     return report
 
 
