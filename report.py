@@ -198,7 +198,8 @@ def read_design(csv_path) -> Design:
     levels = {k: [level(c.get(k, NOT_RECORDED)) for c in cfgs] for k in fields}
     if "data_sha256" in df.columns:
         levels["data_sha256"] = df["data_sha256"].str.strip().replace("", NOT_RECORDED).tolist()
-    factors = [k for k, v in levels.items() if len(set(map(repr, v))) > 1]
+    factors = sorted([k for k, v in levels.items() if len(set(map(repr, v))) > 1],
+                     key=lambda k: k not in FIRST_COLUMNS)  # noise_std, load_balancing_weight first
     keys = list(zip(*(levels[k] for k in factors))) if factors else [()] * len(df)
     order = list(dict.fromkeys(keys))
     df["cond"] = [order.index(k) for k in keys]
@@ -400,8 +401,7 @@ def _strip(design: Design, columns: list, title: str, xlabel: str) -> Figure:
         ax.scatter(ok[col], ys[ok["cond"].to_numpy()] + off, s=14, color=f"C{k}", alpha=0.5)
         means = ok.groupby("cond")[col].mean().reindex(range(len(labels)))
         ax.plot(means, ys + off, "D", color=f"C{k}", label=f"{name} (mean)")
-    ax.set_yticks(ys, labels)
-    ax.set(title=title, xlabel=xlabel)
+    ax.set(title=title, xlabel=xlabel, yticks=ys, yticklabels=labels)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -421,14 +421,15 @@ def _load_figure(design: Design) -> Figure | None:
     if not loads:
         return None
     cols, rows = min(3, len(loads)), math.ceil(len(loads) / min(3, len(loads)))
-    size = (4 * cols + 1, (1.4 + 0.3 * len(loads[0][2])) * rows)
-    fig = Figure(figsize=size, layout="constrained")
+    fig = Figure(figsize=(4.5 * cols + 1, (1.8 + 0.3 * len(loads[0][2])) * rows))
+    fig.subplots_adjust(hspace=0.9, wspace=0.3)  # by hand: constrained layout triples the time
     axes = list(fig.subplots(rows, cols, squeeze=False).flat)
     norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(m.max() for *_, m in loads)))
     for ax, (k, seed, m) in zip(axes, loads):
         im = ax.imshow(m, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{cond_label(design.conditions[k])}, seed {seed}", fontsize=8)
-        ax.set(xlabel="expert", ylabel="layer")
+        ax.set_title(f"{cond_label(design.conditions[k])}\nseed {seed}", fontsize=7)
+        ax.set(xlabel="expert", ylabel="layer", xticks=range(0, m.shape[1], -(-m.shape[1] // 8)),
+               yticks=range(0, len(m), -(-len(m) // 8)))
     for ax in axes[len(loads):]:
         fig.delaxes(ax)
     fig.colorbar(im, ax=axes[:len(loads)], label="load / fair share (1 = balanced)")
@@ -445,7 +446,7 @@ def write_plots(csv_path, design: Design) -> list:
         train = "train_" + bal.column.replace("worst_layer_cv", "expert_usage_cv_worst_layer")
         cols += [(train, "training, router noise included")] if train in design.runs else []
         figs.append(("balance", "Expert balance per condition",
-                     _strip(design, cols, bal.name, f"{bal.short} (higher = less even)")))
+                     _strip(design, cols, f"{bal.short} per condition", "higher = less even")))
     figs.append(("expert_load", "Expert load per layer (smallest ok seed of each condition)",
                  _load_figure(design)))
     paths = []
@@ -630,8 +631,7 @@ def main(argv=None) -> int:
                                 "beside the CSV) for a results CSV of llm.py.")
     p.add_argument("csv", help=f"results CSV (llm.py's default: {DEFAULT_CSV})")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    p.add_argument("--summary", action="store_true",
-                   help="print the verdict lines instead of writing the report")
+    p.add_argument("--summary", action="store_true", help="print the verdicts, write no report")
     args = p.parse_args(argv)
     try:
         if not 0 < args.alpha < 1:

@@ -419,9 +419,17 @@ def test_single_condition_and_header_read_as_found(tmp_path, template):
 def test_a_torn_last_line_is_ignored_a_broken_one_refused(tmp_path, template):
     path = make_csv(tmp_path / "torn.csv", template, [run(s, 4.0 + s / 100) for s in SEEDS])
     lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines) + lines[-1][:len(lines[-1]) // 2])
-    assert R.summary(path).n_rows == 3
-    path.write_text("".join(lines[:2]) + lines[-1][:len(lines[-1]) // 2] + "\n" + lines[2])
+    inside = lines[-1][:lines[-1].index('"{') + 10]  # cut inside the quoted config_json
+    before = lines[-1][:lines[-1].index('"{')]  # cut before it
+    for torn in (inside, before):
+        path.write_text("".join(lines) + torn)
+        assert R.summary(path).n_rows == 3
+    path.write_text("".join(lines[:2]) + inside + "\n" + lines[2])
+    with pytest.raises(R.ReportError, match="cannot read .* as a results CSV") as e:
+        R.summary(path)  # a line torn inside the quoted config_json swallows the next ones
+    assert "\n" not in str(e.value)
+    make_csv(path, template, [run(s, 4.0, columns={"config_json": "{not json"} if s == 43 else {})
+                              for s in SEEDS])
     with pytest.raises(R.ReportError, match="line 3 has no readable config_json"):
         R.summary(path)
 
