@@ -1,7 +1,8 @@
-"""report.py: reading a results CSV (conditions from config_json and the data hash, duplicates refused,
-non-finite losses as divergences), the statistics (main effects and interactions paired by seed, one
-Holm family per metric, detectable differences) checked against scipy.stats computed directly, the
-verdict wording of summary()/summary_text() and the markdown report, and the command line.
+"""report.py: reading a results CSV (conditions from config_json and the data hash, duplicates
+refused, non-finite losses as divergences), the statistics (main effects and interactions paired by
+seed, one Holm family per metric, detectable differences) checked against scipy.stats computed
+directly, the verdict wording of summary()/summary_text() and the markdown report, and the command
+line.
 
 Every CSV is made from one real row of a smoke run of llm.py (run once per session), copied and
 edited: the config values and metrics of each copy are set by the test, so the expected statistics
@@ -26,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(150)  # the first test also runs the session's smoke run
 # CONTRACT.md's column order
 COLUMNS = list(R.FIRST_COLUMNS) + [
-    "status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_worst_layer",
-    "dead_expert_fraction", "expert_load_max_mean", "routing_entropy", "expert_usage_cv_per_layer",
+    "status", "diverged_step", "steps", "train_tokens", "tokens_per_s",
+    "expert_usage_cv_worst_layer", "dead_expert_fraction", "expert_load_max_mean",
+    "routing_entropy", "expert_usage_cv_per_layer",
     "dead_expert_fraction_per_layer", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
     "expert_load_per_layer", "train_expert_usage_cv_worst_layer", "train_dead_expert_fraction",
     "device", "dtype", "run_id", "config_hash", "data", "data_sha256", "config_json"]
@@ -37,9 +39,9 @@ NOISE, LB = (0.0, 0.1, 0.5), (0.01, 0.0)
 
 
 def to_contract(row: dict) -> dict:
-    """A row of llm.py in CONTRACT.md's layout: columns the llm.py of this checkout does not write yet
-    are added (the worst layer's CV from the per-layer list), others dropped, config_json without
-    cache_dir, log_every and data_files. A row already in that layout keeps its values."""
+    """A row of llm.py in CONTRACT.md's layout: columns the llm.py of this checkout does not write
+    yet are added (the worst layer's CV from the per-layer list), others dropped, config_json
+    without cache_dir, log_every and data_files. A row already in that layout keeps its values."""
     cfg = {k: v for k, v in json.loads(row["config_json"]).items()
            if k not in ("cache_dir", "log_every", "data_files")}
     worst = max(float(x) for x in row["expert_usage_cv_per_layer"].split(";"))
@@ -56,8 +58,8 @@ def template(tmp_path_factory):
     d = tmp_path_factory.mktemp("smoke")
     here = ROOT
     if "from report import" in (ROOT / "llm.py").read_text():
-        # the llm.py from before its rewrite imports the old report.py's constants: run it beside that
-        # report.py (delete this branch once the rewritten llm.py is merged)
+        # the llm.py from before its rewrite imports the old report.py's constants: run it beside
+        # that report.py (delete this branch once the rewritten llm.py is merged)
         here = d / "old"
         (here / "data_cache").mkdir(parents=True)
         shutil.copy(ROOT / "llm.py", here)
@@ -68,9 +70,9 @@ def template(tmp_path_factory):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(d / "hf"),
            "HOME": str(d), "PYTHONUNBUFFERED": "1"}
     out = d / "smoke.csv"
-    done = subprocess.run([sys.executable, str(here / "llm.py"), "--preset", "smoke", "--max-steps", "5",
-                           "--eval-every", "5", "--log-every", "5", "--noise-std", "0", "--lb-weight",
-                           "0.01", "--seeds", "42", "--out", str(out)],
+    args = ["--preset", "smoke", "--max-steps", "5", "--eval-every", "5", "--log-every", "5",
+            "--noise-std", "0", "--lb-weight", "0.01", "--seeds", "42", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(here / "llm.py"), *args],
                           cwd=d, env=env, capture_output=True, text=True, timeout=140)
     assert out.is_file(), done.stdout[-2000:] + done.stderr[-2000:]
     with open(out, newline="") as f:
@@ -78,7 +80,7 @@ def template(tmp_path_factory):
 
 
 def run(seed, val_loss, noise=0.0, lb=0.01, best=None, **extra):
-    """One run: its config values (noise, lb and `config`) and metrics; the rest from the template."""
+    """One run: its config values (noise, lb and `config`) and metrics; the rest from a template."""
     return {"seed": seed, "noise_std": noise, "load_balancing_weight": lb, "val_loss": val_loss,
             "best": val_loss - 0.01 if best is None else best, **extra}
 
@@ -172,7 +174,8 @@ def test_contrasts_match_ttest_rel_and_holm(tmp_path, template):
 
 def test_a_missing_or_diverged_seed_leaves_only_the_contrasts_that_need_it(tmp_path, template):
     rows = factorial(lambda n, lb: 0.0)
-    rows = [r for r in rows if (r["noise_std"], r["load_balancing_weight"], r["seed"]) != (0.1, 0.0, 43)]
+    rows = [r for r in rows
+            if (r["noise_std"], r["load_balancing_weight"], r["seed"]) != (0.1, 0.0, 43)]
     path = make_csv(tmp_path / "m.csv", template, rows)
     n = {v.contrast: v.n for v in R.summary(path).verdicts}
     assert n["noise_std 0.5 vs 0.0"] == 3 and n["noise_std 0.1 vs 0.0"] == 2
@@ -246,7 +249,8 @@ def test_two_corpora_are_two_conditions(tmp_path, template):
     assert len(data) == 1 and data[0].effect == pytest.approx(0.5) and data[0].n == 3
     assert all(v.n == 3 for v in s.verdicts)
     text = R.write_report(path).read_text()
-    assert "Data: files: sample_corpus.txt (sha256 " in text and "; files: other.txt (sha256 bbbb" in text
+    assert "Data: files: sample_corpus.txt (sha256 " in text
+    assert "; files: other.txt (sha256 bbbb" in text
 
 
 def test_a_non_finite_loss_is_a_diverged_run(tmp_path, template):
@@ -261,7 +265,8 @@ def test_a_non_finite_loss_is_a_diverged_run(tmp_path, template):
     assert "too few to test" in R.summary_text(s)
     text = R.write_report(path).read_text()
     div = text.split("## Diverged runs")[1]
-    assert "| run003 | noise_std=0.1, load_balancing_weight=0.01 | 42 | val_loss is not finite (inf) |" in div
+    assert ("| run003 | noise_std=0.1, load_balancing_weight=0.01 | 42 | val_loss is not finite "
+            "(inf) |") in div
     assert "val_perplexity is not finite (nan)" in div and "status diverged at step 3" in div
     assert "identical" not in text
 
@@ -307,7 +312,7 @@ def test_signed_wording_never_says_larger_or_smaller(tmp_path, template):
         assert word not in text
 
 
-def test_every_claim_carries_n_and_non_significant_ones_their_detectable_difference(tmp_path, template):
+def test_every_claim_has_n_and_non_significant_ones_a_detectable_difference(tmp_path, template):
     rows = factorial(lambda n, lb: 0.1 * (n == 0.5), jitter=0.01)
     path = make_csv(tmp_path / "n.csv", template, rows)
     s = R.summary(path)
@@ -326,11 +331,11 @@ def test_every_claim_carries_n_and_non_significant_ones_their_detectable_differe
 
 
 def test_a_constant_difference_is_not_reported_as_evidence(tmp_path, template):
-    # noise 0.5 adds exactly 0.25 on every seed (exact in binary): no spread to estimate from 3 seeds
+    # noise 0.5 adds exactly 0.25 on every seed (exact in binary): no spread to estimate
     rows = [run(s, 4.0 + 0.125 * i + 0.25 * (n == 0.5), n, lb)
             for lb in LB for n in NOISE for i, s in enumerate(SEEDS)]
-    rows = [{**r, "val_loss": r["val_loss"] + (0.001 * r["seed"] % 7 if r["noise_std"] == 0.1 else 0)}
-            for r in rows]
+    rows = [{**r, "val_loss": r["val_loss"] + 0.001 * (r["seed"] % 7) * (r["noise_std"] == 0.1)}
+            for r in rows]  # noise 0.1 varies by seed
     path = make_csv(tmp_path / "const.csv", template, rows)
     v = {v.contrast: v for v in R.summary(path).verdicts}["noise_std 0.5 vs 0.0"]
     assert v.effect == 0.25 and v.n == 3 and math.isnan(v.p_adjusted) and math.isnan(v.ci_low)
@@ -344,11 +349,12 @@ def test_a_constant_difference_is_not_reported_as_evidence(tmp_path, template):
 
 
 def test_balance_is_judged_per_layer_with_training_routing_beside(tmp_path, template):
-    # the layer-summed CV is the same everywhere; the worst layer collapses without the balancing loss
+    # the layer-summed CV is the same everywhere; the worst layer collapses without balancing loss
     rng = np.random.default_rng(3)
+    worst = lambda lb: 0.4 + 0.6 * (lb == 0) + rng.normal(0, 0.01)
     rows = [{**r, "columns": {
-        "expert_usage_cv": 0.3, "expert_usage_cv_worst_layer": 0.4 + 0.6 * (r["load_balancing_weight"] == 0)
-        + rng.normal(0, 0.01), "train_expert_usage_cv_worst_layer": 0.2, "dead_expert_fraction": 0.1}}
+        "expert_usage_cv": 0.3, "expert_usage_cv_worst_layer": worst(r["load_balancing_weight"]),
+        "train_expert_usage_cv_worst_layer": 0.2, "dead_expert_fraction": 0.1}}
         for r in factorial(lambda n, lb: 0.0)]
     path = make_csv(tmp_path / "bal.csv", template, rows)
     d = R.read_design(path)
@@ -369,7 +375,8 @@ def test_balance_is_judged_per_layer_with_training_routing_beside(tmp_path, temp
     d = R.read_design(tmp_path / "pl.csv")
     worst = max(float(x) for x in template["expert_usage_cv_per_layer"].split(";"))
     assert d.balance.column == "worst_layer_cv" and d.runs["worst_layer_cv"].eq(worst).all()
-    make_csv(tmp_path / "dead.csv", template, rows, [c for c in drop if c != "expert_usage_cv_per_layer"])
+    make_csv(tmp_path / "dead.csv", template, rows,
+             [c for c in drop if c != "expert_usage_cv_per_layer"])
     assert R.read_design(tmp_path / "dead.csv").balance.column == "dead_expert_fraction"
     bare = [c for c in drop if c not in ("expert_usage_cv_per_layer", "dead_expert_fraction")]
     make_csv(tmp_path / "bare.csv", template, rows, bare)
@@ -392,7 +399,8 @@ def test_report_setup_pngs_and_reference(tmp_path, template):
     assert report == tmp_path / "rep_analysis.md"
     text = report.read_text()
     assert "18 runs (18 ok, 0 diverged) in 6 condition(s)." in text
-    assert "`noise_std` ∈ {0.1, 0.5, 0.0}" in text and "Every condition has the seeds 42, 43, 44" in text
+    assert "`noise_std` ∈ {0.1, 0.5, 0.0}" in text
+    assert "Every condition has the seeds 42, 43, 44" in text
     assert "Data: files: sample_corpus.txt" in text and "`dataset=" not in text
     assert "Reference: noise_std=0.1, load_balancing_weight=0.01." in text
     import matplotlib.pyplot as plt
@@ -448,4 +456,5 @@ def test_cli(tmp_path, template, capsys):
         assert err.count("\n") == 1 and err.startswith("error: ")
     bad = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path / "missing.csv")],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: results CSV not found: {tmp_path}/missing.csv"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == f"error: results CSV not found: {tmp_path}/missing.csv"
