@@ -105,14 +105,14 @@ class Summary(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Reading
 
-def _fmt(v) -> str:
-    return repr(v) if isinstance(v, float) else str(v)  # floats round-trip: "0.0", "0.01", "1e-05"
+def _fmt(v) -> str:  # floats round-trip ("0.0", "0.01", "1e-05"); a sha256 shows 12 characters
+    s = repr(v) if isinstance(v, float) else str(v)
+    return s[:12] if len(s) == 64 and set(s) <= set("0123456789abcdef") else s
 
 
 def cond_label(cond: dict) -> str:
-    """'noise_std=0.5, load_balancing_weight=0.0' (a data hash cut to 12 characters)."""
-    cut = lambda k, v: _fmt(v)[:12] if k == "data_sha256" else _fmt(v)
-    return ", ".join(f"{k}={cut(k, v)}" for k, v in cond.items()) or "all runs"
+    """'noise_std=0.5, load_balancing_weight=0.0'."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in cond.items()) or "all runs"
 
 
 def _floats(v) -> list:
