@@ -1,13 +1,13 @@
 """A small Mixture-of-Experts language model and the routing-noise experiment built on it.
 
-    python llm.py --preset smoke                  # the 18-run sweep, tiny, on the shipped corpus (CPU)
-    python llm.py --dry-run --json --expert-top-k 1 2   # the planned runs and their cost; trains nothing
-    python llm.py --bench                         # this step against the original's and a dense model's
+    python llm.py --preset smoke              # the 18-run sweep, tiny, on the shipped corpus (CPU)
+    python llm.py --dry-run --json --expert-top-k 1 2   # the planned runs and their cost
+    python llm.py --bench                     # this step vs the original's and a dense model's
 
-Without --preset the same 18 runs (noise_std {0, 0.1, 0.5} x load-balancing weight {0.01, 0} x seeds
-{42, 43, 44}) train the full-size model on the hub corpus. Each run appends one row to the CSV (--out) as it
-finishes; rerunning the same command skips finished runs; `torchrun --nproc-per-node=N llm.py ...` spreads the
-runs over N processes. After the sweep report.py's summary is printed and its report written beside the CSV.
+Without --preset the same 18 runs (noise_std {0, 0.1, 0.5} x load-balancing weight {0.01, 0} x
+seeds {42, 43, 44}) train the full-size model on the hub corpus. Each run appends a row to the CSV
+(--out); rerunning the command skips finished runs; `torchrun --nproc-per-node=N llm.py ...`
+spreads the runs over N processes. After the sweep report.py's summary is printed.
 """
 from __future__ import annotations
 
@@ -42,72 +42,63 @@ DOC_CHARS = 3000  # each document is cut to its first 3000 characters, as in the
 CACHE_FORMAT = 1  # bump when the token cache layout changes
 MAX_SWEEP_RUNS = 10_000  # a plan asking for more is refused before anything is expanded
 
-
 class UserError(Exception):
     """Bad input or environment: main() prints it as one line and exits 2."""
-
 
 def warn(msg: str):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
-
 def sample_corpus() -> Path:
-    """The smoke preset's corpus: the shipped sample, or $LLM_SAMPLE_CORPUS (set for patched copies)."""
+    """The smoke preset's corpus: the shipped sample, or $LLM_SAMPLE_CORPUS (set for patched
+    copies)."""
     return Path(os.environ.get("LLM_SAMPLE_CORPUS") or HERE / "data_cache" / "sample_corpus.txt")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
-def _field(default, group: str, help: str, choices: tuple = ()):
+def param(default, group: str, help: str, choices: tuple = ()):
     return field(default=default, metadata={"group": group, "help": help, "choices": choices})
-
 
 @dataclass
 class MoEModelConfig:
     # model
-    d_model: int = _field(384, "model", "hidden size")
-    n_heads: int = _field(8, "model", "attention heads (d_model must divide evenly)")
-    n_layers: int = _field(6, "model", "transformer blocks")
-    d_ff: int = _field(1536, "model", "hidden size of each expert's feed-forward layer")
-    num_experts: int = _field(8, "model", "experts per MoE layer")
-    expert_top_k: int = _field(2, "model", "experts each token is routed to")
-    dropout: float = _field(0.1, "model", "dropout on embeddings, residuals, attention, expert hidden")
-    vocab_size: typing.Optional[int] = _field(None, "model", "vocabulary size; default: the tokenizer's")
+    d_model: int = param(384, "model", "hidden size")
+    n_heads: int = param(8, "model", "attention heads (d_model must divide evenly)")
+    n_layers: int = param(6, "model", "transformer blocks")
+    d_ff: int = param(1536, "model", "hidden size of each expert's feed-forward layer")
+    num_experts: int = param(8, "model", "experts per MoE layer")
+    expert_top_k: int = param(2, "model", "experts each token is routed to")
+    dropout: float = param(0.1, "model", "dropout: embeddings, residuals, attention, experts")
+    vocab_size: typing.Optional[int] = param(None, "model", "vocabulary; default: the tokenizer's")
     # routing
-    noise_std: float = _field(0.1, "routing", "std of Gaussian noise on router logits in training")
-    load_balancing_weight: float = _field(0.01, "routing", "weight of the load-balancing loss (0 = off)")
-    router_z_loss_weight: float = _field(0.0, "routing", "weight of ST-MoE's router z-loss, summed over "
-                                                         "layers (1e-3 usual; 0 = off)")
-    balancing: str = _field("loss", "routing", "'loss': the balancing loss only; 'bias': also DeepSeek-V3's "
-                                               "per-expert routing bias (--lb-weight 0: loss-free)",
-                            choices=("loss", "bias"))
-    bias_update_rate: float = _field(1e-3, "routing", "with --balancing bias: how far each update moves "
-                                                      "every expert's bias toward even load")
+    noise_std: float = param(0.1, "routing", "std of Gaussian noise on router logits in training")
+    load_balancing_weight: float = param(0.01, "routing", "load-balancing loss weight (0 = off)")
+    router_z_loss_weight: float = param(0.0, "routing", "ST-MoE router z-loss weight (1e-3 usual)")
+    balancing: str = param("loss", "routing", "'bias': add DeepSeek-V3's routing bias to the loss",
+                           choices=("loss", "bias"))
+    bias_update_rate: float = param(1e-3, "routing", "how far each update moves the routing bias")
     # training
-    batch_size: int = _field(24, "training", "sequences per micro-batch")
-    max_steps: int = _field(400, "training", "optimizer updates per run")
-    gradient_accumulation_steps: int = _field(1, "training", "micro-batches per update")
-    muon_lr: float = _field(0.01, "training", "Muon learning rate (AdamW uses a tenth of it)")
-    weight_decay: float = _field(0.1, "training", "AdamW weight decay (Muon uses none, as the original)")
-    grad_clip: float = _field(1.0, "training", "gradient-norm clip (0 = off)")
-    use_amp: bool = _field(True, "training", "mixed precision: bf16 where native, else fp16 + GradScaler")
-    eval_every: int = _field(50, "training", "evaluate every N updates, and after the last")
-    eval_steps: int = _field(100, "training", "validation batches per evaluation (fewer if the split is "
-                                              "smaller)")
-    log_every: int = _field(10, "training", "read training metrics back from the device every N updates")
-    seed: int = _field(42, "training", "seed for weights, batches, dropout and noise")
+    batch_size: int = param(24, "training", "sequences per micro-batch")
+    max_steps: int = param(400, "training", "optimizer updates per run")
+    gradient_accumulation_steps: int = param(1, "training", "micro-batches per update")
+    muon_lr: float = param(0.01, "training", "Muon learning rate (AdamW uses a tenth of it)")
+    weight_decay: float = param(0.1, "training", "AdamW weight decay (Muon uses none)")
+    grad_clip: float = param(1.0, "training", "gradient-norm clip (0 = off)")
+    use_amp: bool = param(True, "training", "mixed precision: bf16 where native, else fp16")
+    eval_every: int = param(50, "training", "evaluate every N updates, and after the last")
+    eval_steps: int = param(100, "training", "validation batches per evaluation (at most)")
+    log_every: int = param(10, "training", "read training metrics back every N updates")
+    seed: int = param(42, "training", "seed for weights, batches, dropout and noise")
     # data
-    max_seq_len: int = _field(512, "data", "tokens per training window")
-    num_documents: int = _field(2000, "data", "documents read from the corpus")
-    max_tokens: int = _field(500_000, "data", "tokens kept from those documents")
-    dataset: str = _field("HuggingFaceTB/smollm-corpus", "data", "Hugging Face dataset id ('random': random "
-                                                                 "tokens, for timing only)")
-    dataset_config: str = _field("cosmopedia-v2", "data", "dataset configuration")
-    data_files: tuple = _field((), "data", "local .txt/.md/.jsonl/.json/.parquet files instead of the hub "
-                                           "dataset")
-    tokenizer: str = _field("HuggingFaceTB/SmolLM-135M", "data", "hub id, local tokenizer folder, or 'bytes'")
-    cache_dir: str = _field("data_cache", "data", "where tokenized corpora are cached")
+    max_seq_len: int = param(512, "data", "tokens per training window")
+    num_documents: int = param(2000, "data", "documents read from the corpus")
+    max_tokens: int = param(500_000, "data", "tokens kept from those documents")
+    dataset: str = param("HuggingFaceTB/smollm-corpus", "data", "hub dataset id, or 'random'")
+    dataset_config: str = param("cosmopedia-v2", "data", "dataset configuration")
+    data_files: tuple = param((), "data", "local .txt/.md/.jsonl/.json/.parquet files instead")
+    tokenizer: str = param("HuggingFaceTB/SmolLM-135M", "data", "hub id, folder, or 'bytes'")
+    cache_dir: str = param("data_cache", "data", "where tokenized corpora are cached")
 
     def __post_init__(self):
         self.data_files = tuple(str(p) for p in self.data_files)
@@ -123,8 +114,8 @@ class MoEModelConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} must be at least 1 (got {getattr(self, name)})")
         if self.d_model % self.n_heads or self.d_k % 2:
-            raise UserError(f"--d-model {self.d_model} must split into --n-heads {self.n_heads} heads of even "
-                            f"size (rotary embeddings rotate pairs); try --d-model {self.n_heads * 64}")
+            raise UserError(f"--d-model {self.d_model} must split into --n-heads {self.n_heads} "
+                            f"heads of even size (rotary pairs); try --d-model {self.n_heads * 64}")
         if self.expert_top_k > self.num_experts:
             raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
                             f"{self.num_experts}; choose --expert-top-k <= --num-experts")
@@ -142,56 +133,54 @@ class MoEModelConfig:
                                 f"(got {getattr(self, f.name)!r})")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
-        if self.tokenizer == "bytes" and self.vocab_size is not None and self.vocab_size < 256:
-            raise UserError(f"--vocab-size {self.vocab_size} is smaller than the tokenizer's ids (--tokenizer "
-                            f"bytes needs 256); raise it or leave it unset")
 
-
-POSITIVE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
-                   "max_steps", "gradient_accumulation_steps", "eval_every", "eval_steps", "log_every",
-                   "max_seq_len", "num_documents", "max_tokens")
-NON_NEGATIVE_FIELDS = ("noise_std", "load_balancing_weight", "router_z_loss_weight", "bias_update_rate",
-                       "muon_lr", "weight_decay", "grad_clip")
+POSITIVE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k",
+                   "batch_size", "max_steps", "gradient_accumulation_steps", "eval_every",
+                   "eval_steps", "log_every", "max_seq_len", "num_documents", "max_tokens")
+NON_NEGATIVE_FIELDS = ("noise_std", "load_balancing_weight", "router_z_loss_weight",
+                       "bias_update_rate", "muon_lr", "weight_decay", "grad_clip")
 NOT_IDENTITY = ("cache_dir", "log_every", "data_files")  # not a run's identity (the data's hash is)
 NOT_SWEPT = NOT_IDENTITY + ("use_amp",)  # one value per sweep: per process, or not a run's identity
-ROUTING_AXES = ("noise_std", "load_balancing_weight", "seed")  # always swept, these last (seed last)
-DATA_FIELDS = ("dataset", "dataset_config", "data_files", "tokenizer", "num_documents", "max_tokens")
+ROUTING_AXES = ("noise_std", "load_balancing_weight", "seed")  # always swept, last (seed last)
+DATA_FIELDS = ("dataset", "dataset_config", "data_files", "tokenizer", "num_documents",
+               "max_tokens")
 FLAG_NAMES = {"load_balancing_weight": "lb-weight", "seed": "seeds"}
 
 PRESETS = {
-    # Tiny model, byte tokenizer, the shipped sample corpus: the whole 18-run sweep in well under a minute on
-    # a CPU. fp32: at this size bf16's casts cost more than its matmuls save.
-    "smoke": dict(tokenizer="bytes", data_files=(str(sample_corpus()),), d_model=64, n_heads=4, n_layers=2,
+    # Tiny model, byte tokenizer, the shipped sample corpus: the whole 18-run sweep in well under a
+    # minute on a CPU. fp32: at this size bf16's casts cost more than its matmuls save.
+    "smoke": dict(tokenizer="bytes", data_files=(str(sample_corpus()),), d_model=64, n_heads=4,
+                  n_layers=2,
                   d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=10, eval_steps=4,
-                  log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),
-}
-
+                  log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),}
 
 def flag(name: str) -> str:
     """The command-line spelling of a config field."""
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
-
 def config_identity(cfg: MoEModelConfig) -> dict:
-    """Every field that changes a run's numbers (the data files count by their content hash instead)."""
+    """Every field that changes a run's numbers (the data files count by their content hash
+    instead)."""
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
 
-
 def config_hash(cfg: MoEModelConfig, tokens_sha256: str) -> str:
-    """Identity of a run: its config plus the tokens' content hash, so resume works across copies."""
+    """Identity of a run: its config plus the tokens' content hash, so resume works across copies.
+    """
     text = json.dumps([config_identity(cfg), tokens_sha256], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model
 
 class Rotary(nn.Module):
-    """Rotary position embedding, interleaved pairs (dims 2i and 2i+1 rotate together), base 10000."""
+    """Rotary position embedding, interleaved pairs (dims 2i and 2i+1 rotate together), base 10000.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+        # (hd/2,)
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -202,7 +191,6 @@ class Rotary(nn.Module):
         x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # (B, H, T, hd/2) each
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
         return out.flatten(-2).type_as(x)
-
 
 class MultiHeadAttention(nn.Module):
     def __init__(self, cfg: MoEModelConfig):
@@ -222,24 +210,22 @@ class MultiHeadAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.w_o(y.transpose(1, 2).reshape(B, T, C))
 
-
 class RouterOut(typing.NamedTuple):
     weights: torch.Tensor  # (N, k) combine weights
     experts: torch.Tensor  # (N, k) chosen experts
     probs: torch.Tensor  # (N, E) full softmax, for the balancing loss
     z_loss: torch.Tensor  # ()
 
-
 class TopKRouter(nn.Module):
-    """Linear gate in float32; noise on the logits only in training; top-k of logits + bias picks the
-    experts, a softmax over the k chosen (unbiased) logits combines them."""
+    """Linear gate in float32; noise on the logits only in training; top-k of logits + bias picks
+    the experts, a softmax over the k chosen (unbiased) logits combines them."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int):
         super().__init__()
         self.top_k = top_k
         self.gate = nn.Linear(d_model, num_experts, bias=False)
-        # Buffers, not floats or parameters: changing them between runs must not recompile, and the bias
-        # is set by the balancing rule (update_routing_bias), never by gradients.
+        # Buffers, not floats or parameters: changing them between runs must not recompile, and the
+        # bias is set by the balancing rule (update_routing_bias), never by gradients.
         self.register_buffer("noise_std", torch.zeros(()), persistent=False)
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=False)  # (E,)
 
@@ -256,46 +242,40 @@ class TopKRouter(nn.Module):
             z = logits.logsumexp(dim=-1).square().mean()
         return RouterOut(top_w, top_idx, probs, z)
 
-
 @torch.no_grad()
 def update_routing_bias(bias, counts, rate: float):
     """DeepSeek-V3's balancing step, in place: bias (..., E) += rate * sign(mean load - load), then
-    centred (a shift common to all experts changes no choice). counts (..., E): the update's assignments."""
+    centred (a shift common to all experts changes no choice). counts (..., E): the update's
+    assignments."""
     load = counts.float()  # (..., E)
     bias += rate * torch.sign(load.mean(dim=-1, keepdim=True) - load)
     bias -= bias.mean(dim=-1, keepdim=True)
 
-
 def load_balancing_loss(probs, counts, n_assignments: int):
-    """num_experts * sum_i f_i * P_i: f_i = share of (token, slot) assignments to expert i, P_i = mean
-    probability. Perfectly balanced routing gives 1.0."""
+    """num_experts * sum_i f_i * P_i: f_i = share of (token, slot) assignments to expert i, P_i =
+    mean probability. Perfectly balanced routing gives 1.0."""
     f = counts.float() / n_assignments  # (E,)
     return probs.size(-1) * (f * probs.mean(dim=0)).sum()
-
 
 def compute_dtype(x) -> torch.dtype:
     """The dtype autocast would run a matmul on x in (x's own dtype outside autocast)."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
-
 def has_grouped_mm() -> bool:
     return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
-
 
 def grouped_mm(a, b, offs):
     """a (M, K) rows sorted by group, b (G, K, N), offs (G,) int32 group ends -> (M, N)."""
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)
 
-
 def dropout(x, p: float, training: bool):
-    """Inverted dropout, as F.dropout; on CPU the mask comes from torch.rand, about twice as fast there
-    as F.dropout's bernoulli_ (same distribution). GPUs keep F.dropout (one fused kernel)."""
+    """Inverted dropout, as F.dropout; on CPU the mask comes from torch.rand, about twice as fast
+    there as F.dropout's bernoulli_ (same distribution). GPUs keep F.dropout (one fused kernel)."""
     if not training or p == 0 or x.device.type != "cpu":
         return F.dropout(x, p, training)
     return torch.where(torch.rand(x.shape, device=x.device) >= p, x * (1 / (1 - p)), 0)
-
 
 class MoEOut(typing.NamedTuple):
     out: torch.Tensor  # (B, T, C)
@@ -303,12 +283,12 @@ class MoEOut(typing.NamedTuple):
     z: torch.Tensor  # () router z-loss, unweighted
     counts: torch.Tensor  # (E,) int64 assignments per expert
 
-
 class MixtureOfExperts(nn.Module):
     """Dropless top-k MoE; expert weights stacked (E, out, in).
 
-    dispatch "grouped": token copies sorted by expert, two grouped GEMMs, no host sync. "sorted": the same
-    sort with a loop over experts (one sync per layer), where grouped_mm cannot run (default_dispatch)."""
+    dispatch "grouped": token copies sorted by expert, two grouped GEMMs, no host sync. "sorted":
+    the same sort with a loop over experts (one sync per layer), where grouped_mm cannot run
+    (default_dispatch)."""
 
     def __init__(self, cfg: MoEModelConfig, dispatch: str = "grouped"):
         super().__init__()
@@ -339,7 +319,8 @@ class MixtureOfExperts(nn.Module):
             ys = grouped_mm(h, self.w2.to(dt).transpose(-2, -1), offs)  # (N*k, C)
         else:
             ends = counts.cumsum(0).tolist()
-            ys = torch.cat([self._expert(xs[s:e], i, dt) for i, (s, e) in enumerate(zip([0] + ends, ends))])
+            ys = torch.cat([self._expert(xs[s:e], i, dt) for i, (s, e) in enumerate(zip([0] + ends,
+                                                                                        ends))])
         # Un-sort with a gather (deterministic, unlike index_add), then weight and sum the k copies.
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
         y = ys[inverse].view(N, k, C).float()  # (N, k, C) in token order
@@ -350,22 +331,21 @@ class MixtureOfExperts(nn.Module):
         h = dropout(F.silu(xs @ self.w1[e].to(dt).T), self.p, self.training)
         return h @ self.w2[e].to(dt).T
 
-
-# Logits alive at once in the fused loss: big chunks keep GPU matmuls large (2**27: 512 MB in fp32); on a
-# CPU chunks that stay in cache are faster.
+# Logits alive at once in the fused loss: big chunks keep GPU matmuls large (2**27: 512 MB in fp32);
+# on a CPU chunks that stay in cache are faster.
 CE_CHUNK_LOGITS = 2 ** 27
 CE_CHUNK_LOGITS_CPU = 2 ** 20
-
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of h @ W.T and the count of correct top-1 predictions, in row chunks.
 
-    Hand-written because torch has no fused linear + cross-entropy: the plain form stores (N, V) logits
-    and its log-softmax backward is a separate slow pass. Each chunk's gradient (softmax - one-hot) is
-    formed while its logits exist; only grad_h (N, C) and grad_W (V, C) are kept."""
+    Hand-written because torch has no fused linear + cross-entropy: the plain form stores (N, V)
+    logits and its log-softmax backward is a separate slow pass. Each chunk's gradient (softmax -
+    one-hot) is formed while its logits exist; only grad_h (N, C) and grad_W (V, C) are kept."""
 
     @staticmethod
-    def forward(ctx, h, W, targets, compute_dtype, need_grad: bool):  # h (N, C), W (V, C), targets (N,)
+    # h (N, C), W (V, C), targets (N,)
+    def forward(ctx, h, W, targets, compute_dtype, need_grad: bool):
         N, V = h.size(0), W.size(0)
         chunk = max(1, (CE_CHUNK_LOGITS_CPU if h.device.type == "cpu" else CE_CHUNK_LOGITS) // V)
         hc, Wc = h.to(compute_dtype), W.to(compute_dtype)
@@ -380,7 +360,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             logp = logits.log_softmax(dim=-1)  # (n, V)
             loss -= logp.gather(1, t).sum()
             if need_grad:
-                g = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))  # p - onehot
+                # p - onehot
+                g = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))
                 g = g.to(compute_dtype)
                 grad_h[s:s + chunk] = g @ Wc / N  # the 1/N of the mean on the small (n, C) side
                 grad_W += g.T @ hc[s:s + chunk]
@@ -397,7 +378,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_loss.to(grad_h.dtype), (grad_W * grad_loss).to(ctx.w_dtype),
                 None, None, None)
 
-
 class MoETransformerBlock(nn.Module):
     def __init__(self, cfg: MoEModelConfig, dispatch: str = "grouped"):
         super().__init__()
@@ -411,7 +391,6 @@ class MoETransformerBlock(nn.Module):
         moe = self.feed_forward(self.norm2(x))
         return moe._replace(out=x + dropout(moe.out, self.p, self.training))
 
-
 class ModelOut(typing.NamedTuple):
     """With targets: the training losses (logits None). Without: logits (B, T, V), losses None."""
     loss: typing.Optional[torch.Tensor]  # () ce + lb_weight * aux + z_weight * z
@@ -421,7 +400,6 @@ class ModelOut(typing.NamedTuple):
     counts: torch.Tensor  # (L, E) int64 routing assignments per layer and expert
     correct: typing.Optional[torch.Tensor]  # () correct top-1 predictions
     logits: typing.Optional[torch.Tensor]  # (B, T, V)
-
 
 class MoEMinimalLLM(nn.Module):
     def __init__(self, cfg: MoEModelConfig, dispatch: str = "grouped"):
@@ -433,7 +411,8 @@ class MoEMinimalLLM(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied
-        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)  # buffers: no recompiles
+        # buffers: no recompiles
+        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)
         self.register_buffer("z_weight", torch.zeros(()), persistent=False)
         self.reset_parameters(cfg.seed)
 
@@ -449,7 +428,8 @@ class MoEMinimalLLM(nn.Module):
             if isinstance(m, TopKRouter):
                 m.expert_bias.zero_()
 
-    def set_routing(self, noise_std: float, load_balancing_weight: float, router_z_loss_weight: float = 0.0):
+    def set_routing(self, noise_std: float, load_balancing_weight: float,
+                    router_z_loss_weight: float = 0.0):
         self.lb_weight.fill_(load_balancing_weight)
         self.z_weight.fill_(router_z_loss_weight)
         for m in self.modules():
@@ -476,14 +456,15 @@ class MoEMinimalLLM(nn.Module):
         h, y = h.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
         dt = compute_dtype(h)
         if dt != torch.float16:
-            need_grad = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+            need_grad = torch.is_grad_enabled() and (h.requires_grad or
+                                                     self.lm_head.weight.requires_grad)
             ce, correct = LinearCrossEntropy.apply(h, self.lm_head.weight, y, dt, need_grad)
-        else:  # fp16 would underflow the fused loss's per-token gradients before the GradScaler scales
+        # fp16 would underflow the fused loss's per-token gradients before the GradScaler scales
+        else:
             logits = self.lm_head(h)  # (B*T, V)
             ce, correct = F.cross_entropy(logits.float(), y), (logits.argmax(dim=-1) == y).sum()
         loss = ce + self.lb_weight * aux + self.z_weight * z
         return ModelOut(loss, ce, aux, z, counts, correct, None)
-
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, active per token): a token uses top_k of num_experts experts."""
@@ -492,7 +473,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     expert = sum(b.feed_forward.w1.numel() + b.feed_forward.w2.numel() for b in model.blocks)
     return total, total - expert + expert * cfg.expert_top_k // cfg.num_experts
 
-
 class Estimate(typing.NamedTuple):
     params: int
     active_params: int  # per token
@@ -500,37 +480,39 @@ class Estimate(typing.NamedTuple):
     train_tokens: int  # max_steps x batch x accumulation x seq_len
     memory_gb: float  # rough upper bound of peak training memory
 
-
 def vocab_guess(cfg: MoEModelConfig) -> int:
-    """vocab_size, or the tokenizer's when it is known without loading it (bytes; the default's 49152)."""
+    """vocab_size, or the tokenizer's when it is known without loading it (bytes; the default's
+    49152)."""
     return cfg.vocab_size or (256 if cfg.tokenizer == "bytes" else 49152)
 
-
 def flops_per_token(cfg: MoEModelConfig) -> float:
-    """Training FLOPs per token, nanoGPT's estimate: 6 x active matmul weights + attention scores."""
+    """Training FLOPs per token, nanoGPT's estimate: 6 x active matmul weights + attention scores.
+    """
     C = cfg.d_model
     per_layer = 4 * C ** 2 + C * cfg.num_experts + 2 * cfg.expert_top_k * C * cfg.d_ff
     matmul_weights = cfg.n_layers * per_layer + vocab_guess(cfg) * C
     return 6 * matmul_weights + 12 * cfg.n_layers * C * cfg.max_seq_len
 
-
 def estimate(cfg: MoEModelConfig) -> Estimate:
-    """Size, cost and memory of a run from its config alone: arithmetic, never allocates the model."""
+    """Size, cost and memory of a run from its config alone: arithmetic, never allocates the model.
+    """
     C, V, L, E, k = cfg.d_model, vocab_guess(cfg), cfg.n_layers, cfg.num_experts, cfg.expert_top_k
     experts = L * 2 * E * cfg.d_ff * C
     params = V * C + L * (4 * C * C + E * C + 2 * C) + C + experts
     active = params - experts + experts * k // E
     B, T = cfg.batch_size, cfg.max_seq_len
     tokens = cfg.max_steps * B * cfg.gradient_accumulation_steps * T
-    # fp32 weights, gradients, Muon momentum / AdamW moments (at most two copies); activations kept for
-    # backward, per layer: ~16 C-wide and 3 d_ff-wide values per token copy, fp32; one logits chunk.
+    # fp32 weights, gradients, Muon momentum / AdamW moments (at most two copies); activations kept
+    # for backward, per layer: ~16 C-wide and 3 d_ff-wide values per token copy, fp32; one logits
+    # chunk.
     state = 4 * params * 4
     activations = 4 * B * T * (L * (16 * C + 3 * k * cfg.d_ff + E) + 4 * C)
     logits = 4 * 3 * min(B * T * V, CE_CHUNK_LOGITS)
-    return Estimate(params, active, flops_per_token(cfg), tokens, (state + activations + logits) / 1e9)
+    return Estimate(params, active, flops_per_token(cfg), tokens,
+                    (state + activations + logits) / 1e9)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data
 
 class ByteTokenizer:
@@ -540,12 +522,12 @@ class ByteTokenizer:
     def __call__(self, texts, add_special_tokens=False):
         return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
 
-
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """A quick HTTP probe, so an offline user hears so in seconds, not after the hub client's retries.
+    """A quick HTTP probe, so an offline user hears so in seconds, not after the hub client's
+    retries.
 
-    A request, not a TCP connect: a server that accepts and stays silent counts as unreachable. Any HTTP
-    answer, even an error status, counts as reachable."""
+    A request, not a TCP connect: a server that accepts and stays silent counts as unreachable. Any
+    HTTP answer, even an error status, counts as reachable."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -557,7 +539,8 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
     def probe():  # in a thread: name resolution itself has no timeout
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                   timeout=timeout).close()
             answered.append(True)
         except urllib.error.HTTPError:  # the server answered: it is there
             answered.append(True)
@@ -569,10 +552,8 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     thread.join(timeout + 1)
     return bool(answered)
 
-
-OFFLINE_HINT = ("to work offline use --data-files FILE [FILE ...] with --tokenizer bytes (or a local "
-                "tokenizer folder), or --preset smoke")
-
+OFFLINE_HINT = ("to work offline use --data-files FILE [FILE ...] with --tokenizer bytes (or a "
+                "local tokenizer folder), or --preset smoke")
 
 def load_tokenizer(name: str):
     if name == "bytes":
@@ -582,29 +563,26 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=False)
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); {OFFLINE_HINT}"
-                        ) from None
-
+        raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); "
+                        f"{OFFLINE_HINT}") from None
 
 def data_file_stats(cfg: MoEModelConfig) -> list[dict]:
     out = []
     for p in cfg.data_files:
         path = Path(p).expanduser()
         if not path.is_file():
-            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.json/.parquet files")
+            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.parquet files")
         st = path.stat()
         if st.st_size == 0:
             raise UserError(f"data file is empty: {p}; pass files that contain text")
         out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
 
-
 def data_description(cfg: MoEModelConfig) -> str:
     """What the corpus is, in words (the CSV's `data` column; its content hash is data_sha256)."""
     if cfg.data_files:
         return "files: " + ", ".join(Path(p).name for p in cfg.data_files)
     return "random" if cfg.dataset == "random" else f"{cfg.dataset}/{cfg.dataset_config}"
-
 
 def data_key(cfg: MoEModelConfig) -> dict:
     """Everything the token stream depends on; the cache file name is its hash."""
@@ -614,45 +592,43 @@ def data_key(cfg: MoEModelConfig) -> dict:
             "files": files, "tokenizer": cfg.tokenizer, "num_documents": cfg.num_documents,
             "max_tokens": cfg.max_tokens, "doc_chars": DOC_CHARS}
 
-
 def iter_documents(cfg: MoEModelConfig, files: list[dict]):
     from datasets import load_dataset
     if files:
         suffixes = {Path(f["path"]).suffix.lower() for f in files}
-        builder = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        builder = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json",
+                   ".parquet": "parquet"}
         kinds = {builder.get(s) for s in suffixes}
         if None in kinds or len(kinds) > 1:
-            raise UserError(f"--data-files must all be one kind: .txt/.md, .jsonl/.json or .parquet (got "
-                            f"{', '.join(sorted(suffixes))})")
+            raise UserError(f"--data-files must all be one kind: .txt/.md, .jsonl/.json or "
+                            f".parquet (got {', '.join(sorted(suffixes))})")
         kind = kinds.pop()
         extra = {"sample_by": "paragraph"} if kind == "text" else {}  # a document per paragraph
-        ds = load_dataset(kind, data_files=[f["path"] for f in files], split="train", streaming=True,
-                          trust_remote_code=False, **extra)
+        ds = load_dataset(kind, data_files=[f["path"] for f in files], split="train",
+                          streaming=True, trust_remote_code=False, **extra)
     else:
         ds = load_dataset(cfg.dataset, cfg.dataset_config, split="train", streaming=True,
                           trust_remote_code=False)
     for row in ds:
         if "text" not in row:
-            raise UserError(f"the data has no 'text' column (columns: {', '.join(row)}); provide a 'text' "
-                            f"field")
+            raise UserError(f"the data has no 'text' column (columns: {', '.join(row)}); add one")
         if row["text"] and row["text"].strip():
             yield row["text"][:DOC_CHARS]
 
-
 def token_dtype(vocab: int):
     return np.uint16 if vocab <= 65536 else np.int32
-
 
 def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False, write_cache: bool = True
                         ) -> tuple[np.ndarray, dict]:
     """Token stream for cfg, from cache_dir when present (no network), else built (and cached).
 
-    The cache is a .npy array and a JSON sidecar holding the key; anything unreadable or mismatched is
-    rebuilt with a warning, never trusted."""
+    The cache is a .npy array and a JSON sidecar holding the key; anything unreadable or mismatched
+    is rebuilt with a warning, never trusted."""
     key = data_key(cfg)
     if cfg.dataset == "random" and not cfg.data_files:  # uniform random tokens: timing without data
         vocab = cfg.vocab_size or 49152
-        tokens = np.random.default_rng(0).integers(0, vocab, cfg.max_tokens).astype(token_dtype(vocab))
+        tokens = np.random.default_rng(0).integers(0, vocab,
+                                                   cfg.max_tokens).astype(token_dtype(vocab))
         meta = {"key": key, "n_tokens": cfg.max_tokens, "n_documents": 0, "vocab_size": vocab}
         return tokens, describe_tokens(tokens, meta, "random tokens, not cached")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -660,9 +636,11 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False, write_cache: b
     cached = read_token_cache(npy, key)
     if cached is not None:
         return cached
-    needs_hub = not key["files"] or cfg.tokenizer != "bytes" and not Path(cfg.tokenizer).expanduser().exists()
+    local_tokenizer = cfg.tokenizer == "bytes" or Path(cfg.tokenizer).expanduser().exists()
+    needs_hub = not key["files"] or not local_tokenizer
     if needs_hub and not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read once by the hub libraries: then they fail in a second
+        # read once by the hub libraries: then they fail in a second
+        os.environ["HF_HUB_OFFLINE"] = "1"
     tokens, meta = tokenize_corpus(cfg, key, quiet)
     if write_cache:
         npy.parent.mkdir(parents=True, exist_ok=True)
@@ -671,7 +649,6 @@ def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False, write_cache: b
         write_file_safely(npy, buf.getvalue())
         write_file_safely(npy.with_suffix(".json"), json.dumps(meta, indent=1).encode())
     return tokens, describe_tokens(tokens, meta, str(npy))
-
 
 def read_token_cache(npy: Path, key: dict):
     sidecar = npy.with_suffix(".json")
@@ -684,9 +661,8 @@ def read_token_cache(npy: Path, key: dict):
             raise ValueError("contents do not match the sidecar")
         return tokens, describe_tokens(tokens, meta, str(npy))
     except Exception as e:
-        warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding it")
+        warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding")
         return None
-
 
 def tokenize_corpus(cfg: MoEModelConfig, key: dict, quiet: bool) -> tuple[np.ndarray, dict]:
     from tqdm.auto import tqdm
@@ -695,7 +671,8 @@ def tokenize_corpus(cfg: MoEModelConfig, key: dict, quiet: bool) -> tuple[np.nda
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     chunks, batch, n_tokens, n_docs = [], [], 0, 0
     source = f"{len(files)} local file(s)" if files else cfg.dataset
-    bar = tqdm(total=cfg.max_tokens, desc=f"tokenizing {source}", unit="tok", disable=quiet, leave=False)
+    bar = tqdm(total=cfg.max_tokens, desc=f"tokenizing {source}", unit="tok", disable=quiet,
+               leave=False)
 
     def flush():  # the fast tokenizers parallelise over a batch of documents
         nonlocal n_tokens
@@ -727,14 +704,15 @@ def tokenize_corpus(cfg: MoEModelConfig, key: dict, quiet: bool) -> tuple[np.nda
     if n_tokens == 0:
         raise UserError("the corpus produced no tokens; check --data-files / --dataset")
     tokens = np.concatenate(chunks)[: cfg.max_tokens].astype(token_dtype(vocab))
-    meta = {"key": key, "n_tokens": int(len(tokens)), "n_documents": n_docs, "vocab_size": int(vocab),
+    meta = {"key": key, "n_tokens": int(len(tokens)), "n_documents": n_docs,
+            "vocab_size": int(vocab),
             "dtype": str(tokens.dtype), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return tokens, meta
 
-
 def write_file_safely(path: Path, data: bytes):
-    """Write via a fresh temporary file in the same folder, then rename over path: a killed write leaves
-    no half file, and a planted symlink (at path or at a guessed temporary name) is never followed."""
+    """Write via a fresh temporary file in the same folder, then rename over path: a killed write
+    leaves no half file, and a planted symlink (at path or at a guessed temporary name) is never
+    followed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -745,17 +723,16 @@ def write_file_safely(path: Path, data: bytes):
             os.unlink(tmp)
         raise
 
-
 def describe_tokens(tokens: np.ndarray, meta: dict, where: str) -> dict:
     """Add what is derived from the tokens themselves: their content hash identifies the data."""
     return {**meta, "cache_file": where, "max_id": int(tokens.max()),
             "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation (protected)
-# The train/validation split, the validation batches and every reported metric. Code edits may not touch
-# this section or rebind a name it defines: a changed model cannot change how it is measured.
+# The train/validation split, the validation batches and every reported metric. Code edits may not
+# touch this section or rebind a name it defines: a changed model cannot change how it is measured.
 
 VAL_FRACTION = 10  # the last 1/10 of the token stream is held out
 DEAD_SHARE = 0.1  # an expert given under a tenth of its fair share (1/E) of the assignments is dead
@@ -765,13 +742,12 @@ ROUTING_KEYS = ("expert_usage_cv", "expert_usage_cv_worst_layer", "dead_expert_f
                 "dead_expert_fraction_per_layer", "expert_load_max_mean_per_layer",
                 "routing_entropy_per_layer", "expert_load_per_layer")
 
-
 @dataclass
 class TokenData:
     """Train stream and fixed validation batches on the device.
 
-    Validation windows tile the held-out tail without overlap (stride T+1), so no validation token is a
-    training token; training windows are drawn at random from the rest."""
+    Validation windows tile the held-out tail without overlap (stride T+1), so no validation token
+    is a training token; training windows are drawn at random from the rest."""
     train: torch.Tensor  # (N_train,) int64
     val: list  # [(x (B, T), y (B, T))], the same for every run and every evaluation
     seq_len: int
@@ -784,36 +760,39 @@ class TokenData:
         n_train = len(tokens) - n_val
         need = B * (T + 1)
         if n_val < need or n_train < need:
-            raise UserError(f"the corpus has {len(tokens):,} tokens, too few for one training batch and one "
-                            f"validation batch of {B} x {T + 1} (the last 10% is held out): need at least "
-                            f"{VAL_FRACTION * need:,}; add data, or lower --batch-size / --max-seq-len")
+            raise UserError(f"the corpus has {len(tokens):,} tokens, too few for one training "
+                            f"and one validation batch of {B} x {T + 1} (the last 10% is held "
+                            f"out): "
+                            f"need {VAL_FRACTION * need:,}; add data or lower --batch-size or "
+                            f"--max-seq-len")
         t = torch.from_numpy(tokens.astype(np.int64))
         n_batches = min(cfg.eval_steps, n_val // (T + 1) // B)
         windows = t[n_train:n_train + n_batches * B * (T + 1)].view(n_batches, B, T + 1)
         val = [(w[:, :-1].to(device), w[:, 1:].to(device)) for w in windows]
         return cls(train=t[:n_train].to(device), val=val, seq_len=T, batch_size=B)
 
-    def sample_batch(self, gen: torch.Generator):  # -> x, y (B, T) on the device, no host round trip
+    # -> x, y (B, T) on the device, no host round trip
+    def sample_batch(self, gen: torch.Generator):
         T = self.seq_len
         starts = torch.randint(0, len(self.train) - T, (self.batch_size, 1), generator=gen,
                                device=gen.device)  # (B, 1)
-        idx = starts.to(self.train.device) + torch.arange(T + 1, device=self.train.device)  # (B, T+1)
+        # (B, T+1)
+        idx = starts.to(self.train.device) + torch.arange(T + 1, device=self.train.device)
         w = self.train[idx]
         return w[:, :-1], w[:, 1:]
-
 
 def expert_usage_cv(counts) -> float:
     """Coefficient of variation of per-expert counts: population std / mean (0 = perfectly even)."""
     c = np.asarray(counts, dtype=np.float64)
     return float(c.std() / c.mean()) if c.mean() > 0 else float("nan")
 
-
 def routing_metrics(counts) -> dict:
     """Load statistics of routing counts (L, E), per layer and overall (keys: ROUTING_KEYS).
 
-    expert_usage_cv is the CV of the counts summed over layers (the original's); the worst layer's CV and
-    the other overall figures come from the layers. max/mean load: 1 = even; entropy of the load shares
-    over log E: 1 = even; dead: the fraction of experts under DEAD_SHARE of the fair share."""
+    expert_usage_cv is the CV of the counts summed over layers (the original's); the worst layer's
+    CV and the other overall figures come from the layers. max/mean load: 1 = even; entropy of the
+    load shares over log E: 1 = even; dead: the fraction of experts under DEAD_SHARE of the fair
+    share."""
     from scipy.stats import entropy  # handles 0 log 0 and normalises
     c = np.asarray(counts, dtype=np.float64)  # (L, E)
     L, E = c.shape
@@ -824,23 +803,24 @@ def routing_metrics(counts) -> dict:
     cv_layers = [expert_usage_cv(row) for row in c]
     return {"expert_usage_cv": expert_usage_cv(c.sum(axis=0)),
             "expert_usage_cv_worst_layer": float(max(cv_layers)),
-            "dead_expert_fraction": float(dead.mean()), "expert_load_max_mean": float(max_mean.mean()),
+            "dead_expert_fraction": float(dead.mean()),
+            "expert_load_max_mean": float(max_mean.mean()),
             "routing_entropy": float(ent.mean()), "expert_usage_cv_per_layer": cv_layers,
             "dead_expert_fraction_per_layer": dead.tolist(),
-            "expert_load_max_mean_per_layer": max_mean.tolist(), "routing_entropy_per_layer": ent.tolist(),
-            "expert_load_per_layer": share.tolist()}
-
+            "expert_load_max_mean_per_layer": max_mean.tolist(),
+            "routing_entropy_per_layer": ent.tolist(), "expert_load_per_layer": share.tolist()}
 
 class Evaluation(typing.NamedTuple):
     val_loss: float  # mean cross-entropy over every validation token (no balancing or z-loss)
     val_accuracy: float  # top-1 next-token accuracy
     val_perplexity: float  # exp(val_loss)
-    routing: dict  # routing_metrics of the model's own (noise-free) routing on the validation batches
-
+    # routing_metrics of the model's own (noise-free) routing on the validation batches
+    routing: dict
 
 @torch.no_grad()
 def evaluate(fn, model: nn.Module, data: TokenData, autocast) -> Evaluation:
-    """The model sees only the inputs; the loss and accuracy are computed here from the logits it returns.
+    """The model sees only the inputs; the loss and accuracy are computed here from the logits it
+    returns.
 
     Sums accumulate on the device (float32: MPS has no float64); the host reads them once."""
     model.eval()
@@ -866,7 +846,7 @@ def evaluate(fn, model: nn.Module, data: TokenData, autocast) -> Evaluation:
                       routing_metrics(counts.cpu().numpy()))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Optimiser and schedule
 
 def lr_multiplier(step: int, max_steps: int) -> float:
@@ -877,10 +857,10 @@ def lr_multiplier(step: int, max_steps: int) -> float:
     progress = (step - warmup) / max(1, max_steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-
 def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),
                                eps: float = 1e-7, dtype=torch.bfloat16):
-    """Orthogonalise each matrix of G (..., A, B) with the quintic Newton-Schulz iteration, batched."""
+    """Orthogonalise each matrix of G (..., A, B) with the quintic Newton-Schulz iteration, batched.
+    """
     a, b, c = coefficients
     X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
@@ -897,7 +877,6 @@ def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750,
     X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if transposed else X
 
-
 def add_scaled(p, update, scale):
     """p -= scale * update; scale is a float (eager) or a device tensor (the compiled step's lr)."""
     if isinstance(scale, torch.Tensor):
@@ -905,13 +884,14 @@ def add_scaled(p, update, scale):
     else:
         p.add_(update.to(p.dtype), alpha=-scale)
 
-
 def muon_update(params, grads, bufs, lr, momentum: float, nesterov: bool, ns_steps: int,
                 weight_decay: float, ns_dtype):
-    """One Muon step over lists of matrices (p, grad, momentum buffer); lr is a float or device tensor.
+    """One Muon step over lists of matrices (p, grad, momentum buffer); lr is a float or device
+    tensor.
 
-    Matrices are bucketed by shape up to a transpose, each oriented wide (rows <= cols): the transpose's
-    orthogonalisation is the transpose of it, so an expert's w1 (d_ff, C) and w2 (C, d_ff) share one call."""
+    Matrices are bucketed by shape up to a transpose, each oriented wide (rows <= cols): the
+    transpose's orthogonalisation is the transpose of it, so an expert's w1 (d_ff, C) and w2 (C,
+    d_ff) share one call."""
     buckets: dict = {}
     for p, g, buf in zip(params, grads, bufs):
         buf.lerp_(g, 1 - momentum)
@@ -933,18 +913,20 @@ def muon_update(params, grads, bufs, lr, momentum: float, nesterov: bool, ns_ste
             offset += len(u)
             add_scaled(p, (o.mT if flip else o).reshape(p.shape), scale)
 
-
 class Muon(torch.optim.Optimizer):
-    """Muon: momentum, Nesterov, Newton-Schulz orthogonalised update scaled by sqrt(max(1, rows/cols)).
+    """Muon: momentum, Nesterov, Newton-Schulz orthogonalised update scaled by sqrt(max(1,
+    rows/cols)).
 
-    Not torch.optim.Muon: that one takes 2-D parameters only and orthogonalises one matrix at a time, so
-    the default model's 96 expert matrices would be 96 chains of small kernels. This one treats a stacked
-    (E, out, in) weight as E matrices and batches every matrix of one shape into one call (muon_update);
-    tests/test_llm.py checks it against torch.optim.Muon matrix by matrix."""
+    Not torch.optim.Muon: that one takes 2-D parameters only and orthogonalises one matrix at a
+    time, so the default model's 96 expert matrices would be 96 chains of small kernels. This one
+    treats a stacked (E, out, in) weight as E matrices and batches every matrix of one shape into
+    one call (muon_update); tests/test_llm.py checks it against torch.optim.Muon matrix by matrix.
+    """
 
     def __init__(self, params, lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  ns_dtype=torch.bfloat16):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps,
                                       weight_decay=weight_decay, ns_dtype=ns_dtype))
 
     def buffers_for(self, params):
@@ -958,36 +940,36 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             muon_update(params, [p.grad for p in params], self.buffers_for(params), group["lr"],
-                        group["momentum"], group["nesterov"], group["ns_steps"], group["weight_decay"],
-                        group["ns_dtype"])
-
+                        group["momentum"], group["nesterov"], group["ns_steps"],
+                        group["weight_decay"], group["ns_dtype"])
 
 @torch.no_grad()
-def clip_muon_adamw(muon_p, muon_g, muon_bufs, adam_p, adam_g, exp_avgs, exp_avg_sqs, steps, lr_muon,
-                    lr_adam, grad_clip: float, muon_hp: dict, adam_hp: dict):
+def clip_muon_adamw(muon_p, muon_g, muon_bufs, adam_p, adam_g, exp_avgs, exp_avg_sqs, steps,
+                    lr_muon, lr_adam, grad_clip: float, muon_hp: dict, adam_hp: dict):
     """The whole optimizer step as one function of tensor lists, for torch.compile: clip (as
-    clip_grad_norm_), Muon, torch's functional AdamW (capturable: steps and lr on the device), gradients
-    zeroed in place. No host reads, so nothing in it waits for the GPU."""
+    clip_grad_norm_), Muon, torch's functional AdamW (capturable: steps and lr on the device),
+    gradients zeroed in place. No host reads, so nothing in it waits for the GPU."""
     grads = muon_g + adam_g
     if grad_clip > 0:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))  # () total 2-norm
         torch._foreach_mul_(grads, (grad_clip / (norm + 1e-6)).clamp(max=1.0))
     muon_update(muon_p, muon_g, muon_bufs, lr_muon, **muon_hp)
     functional_adam(adam_p, adam_g, exp_avgs, exp_avg_sqs, [], steps, foreach=True, capturable=True,
-                    decoupled_weight_decay=True, amsgrad=False, lr=lr_adam, maximize=False, **adam_hp)
+                    decoupled_weight_decay=True, amsgrad=False, lr=lr_adam, maximize=False,
+                    **adam_hp)
     torch._foreach_zero_(grads)
-
 
 @dataclass
 class Optimizers:
-    """The optimizers of one run and how their step runs: eagerly (clip, each optimizer, GradScaler for
-    fp16) or as one compiled call of clip_muon_adamw with the learning rates in 0-d device tensors (filled
-    before each call: the cosine schedule never recompiles)."""
+    """The optimizers of one run and how their step runs: eagerly (clip, each optimizer, GradScaler
+    for fp16) or as one compiled call of clip_muon_adamw with the learning rates in 0-d device
+    tensors (filled before each call: the cosine schedule never recompiles)."""
     muon: torch.optim.Optimizer
     adamw: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     params: list
-    keep_grads: bool = False  # zero gradients in place (CUDA graphs accumulate into them) instead of None
+    # zero gradients in place (CUDA graphs accumulate into them) instead of None
+    keep_grads: bool = False
     fused: typing.Optional[typing.Callable] = None  # the compiled clip_muon_adamw, or None: eager
     fused_state: dict = field(default_factory=dict)  # its tensor lists and hyperparameters
 
@@ -1005,8 +987,8 @@ class Optimizers:
             grads = [p.grad for p in s["muon_p"] + s["adam_p"]]
             n = len(s["muon_p"])
             self.fused(s["muon_p"], grads[:n], s["bufs"], s["adam_p"], grads[n:], s["exp_avgs"],
-                       s["exp_avg_sqs"], s["steps"], s["lr"][0], s["lr"][1], grad_clip, s["muon_hp"],
-                       s["adam_hp"])
+                       s["exp_avg_sqs"], s["steps"], s["lr"][0], s["lr"][1], grad_clip,
+                       s["muon_hp"], s["adam_hp"])
             return
         for opt in (self.muon, self.adamw):
             self.scaler.unscale_(opt)
@@ -1018,9 +1000,9 @@ class Optimizers:
         for opt in (self.muon, self.adamw):
             opt.zero_grad(set_to_none=not self.keep_grads)
 
-
 def fused_state(muon: Muon, adamw: torch.optim.AdamW) -> dict:
-    """Tensor lists for clip_muon_adamw, in torch's AdamW state layout (capturable: step on the device)."""
+    """Tensor lists for clip_muon_adamw, in torch's AdamW state layout (capturable: step on the
+    device)."""
     muon_p = [p for g in muon.param_groups for p in g["params"]]
     adam_p = [p for g in adamw.param_groups for p in g["params"]]
     dev = muon_p[0].device
@@ -1030,25 +1012,29 @@ def fused_state(muon: Muon, adamw: torch.optim.AdamW) -> dict:
     mg, ag = muon.param_groups[0], adamw.param_groups[0]
     st = adamw.state
     return dict(muon_p=muon_p, adam_p=adam_p, bufs=muon.buffers_for(muon_p),
-                exp_avgs=[st[p]["exp_avg"] for p in adam_p], exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
-                steps=[st[p]["step"] for p in adam_p], lr=[torch.zeros((), device=dev) for _ in range(2)],
-                muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay", "ns_dtype")},
-                adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1], weight_decay=ag["weight_decay"],
-                             eps=ag["eps"]))
-
+                exp_avgs=[st[p]["exp_avg"] for p in adam_p],
+                exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
+                steps=[st[p]["step"] for p in adam_p], lr=[torch.zeros((), device=dev),
+                                                           torch.zeros((), device=dev)],
+                muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay",
+                                            "ns_dtype")},
+                adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1],
+                             weight_decay=ag["weight_decay"], eps=ag["eps"]))
 
 def build_optimizers(model: nn.Module, cfg: MoEModelConfig, rt: "Runtime", fused=None,
                      keep_grads: bool = False) -> Optimizers:
-    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and norms.
+    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and
+    norms.
 
     fused: a compiled clip_muon_adamw to run the whole step (ModelCache passes one on CUDA)."""
     named = list(model.named_parameters())
     muon_params = [p for n, p in named if p.ndim >= 2 and "token_embedding" not in n]
     adam_params = [p for n, p in named if p.ndim < 2 or "token_embedding" in n]
-    # bf16 Newton-Schulz as the original and torch.optim.Muon, except where bf16 matmuls are slow (a CPU
-    # without bf16 instructions, MPS): there fp32 costs no more and is more precise.
+    # bf16 Newton-Schulz as the original and torch.optim.Muon, except where bf16 matmuls are slow (a
+    # CPU without bf16 instructions, MPS): there fp32 costs no more and is more precise.
     fast_bf16 = rt.device.type == "cuda" or (rt.device.type == "cpu" and cpu_has_native_bf16())
-    muon = Muon(muon_params, lr=cfg.muon_lr, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+    muon = Muon(muon_params, lr=cfg.muon_lr,
+                ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
                               fused=rt.device.type == "cuda")
     for opt in (muon, adamw):
@@ -1061,7 +1047,7 @@ def build_optimizers(model: nn.Module, cfg: MoEModelConfig, rt: "Runtime", fused
     return Optimizers(muon, adamw, scaler, [p for _, p in named], keep_grads, fused, state)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Runtime: device, precision and compilation, decided once per sweep
 
 @dataclass(frozen=True)
@@ -1076,7 +1062,8 @@ class Runtime:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        if self.device.type == "cpu":  # which CPU, so that recorded timings say where they were taken
+        # which CPU, so that recorded timings say where they were taken
+        if self.device.type == "cpu":
             name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
             return f"cpu ({name}, {torch.get_num_threads()} threads)"
         return str(self.device)
@@ -1090,19 +1077,19 @@ class Runtime:
         return name
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
 def cpu_capabilities() -> dict:
-    """What torch detected about this CPU (instruction sets, name); empty on a torch too old to say."""
+    """What torch detected about this CPU (instruction sets, name); empty on a torch too old to say.
+    """
     return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 
-
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast pays."""
+    """True where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast
+    pays."""
     caps = cpu_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
 
 def amp_policy(use_amp: bool, bf16_native: bool) -> tuple[typing.Optional[torch.dtype], str]:
     """Autocast dtype on a CUDA GPU (and fp32 anywhere when use_amp is off), and why."""
@@ -1112,21 +1099,22 @@ def amp_policy(use_amp: bool, bf16_native: bool) -> tuple[typing.Optional[torch.
         return torch.bfloat16, "bf16 autocast (the GPU supports bf16)"
     return torch.float16, "fp16 autocast with a GradScaler (the GPU has no native bf16)"
 
-
-def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.Optional[bool] = None,
-                    local_rank: int = 0) -> Runtime:
+def resolve_runtime(device: str = "auto", use_amp: bool = True,
+                    compile: typing.Optional[bool] = None, local_rank: int = 0) -> Runtime:
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        mps = torch.backends.mps.is_available()
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu (or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: Apple MPS is not available; use --device cpu (or auto)")
     if device == "cuda" and local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); start "
-                        f"at most that many processes per node (--nproc-per-node)")
+        raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
+                        f"visible); start at most that many processes per node (--nproc-per-node)")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
-        # TF32 stays off (torch's default): what runs in float32 (the router; --no-use-amp) really is.
+        # TF32 stays off (torch's default): what runs in float32 (the router; --no-use-amp) really
+        # is.
         torch.cuda.set_device(dev)
         try:  # without this flag, pre-Ampere GPUs report (slow, emulated) bf16 as supported
             bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -1138,18 +1126,18 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True, compile: typing.
     elif not use_amp:
         amp, why = amp_policy(False, False)
     else:
-        amp, why = None, f"fp32 ({'this CPU has no bf16 matmul instructions' if dev.type == 'cpu' else 'MPS'})"
+        amp, why = None, "fp32 (" + ("this CPU has no bf16 matmul instructions" if dev.type == "cpu"
+                                     else "MPS") + ")"
     use_compile = dev.type == "cuda" if compile is None else compile
-    why += f"; torch.compile {'on' if use_compile else 'off'} ({'flag' if compile is not None else 'default'})"
+    why += (f"; torch.compile {'on' if use_compile else 'off'} "
+            f"({'flag' if compile is not None else 'default'})")
     # On a CPU compiling the optimizer step costs about a minute for a few ms per step.
     fuse = use_compile and dev.type == "cuda" and amp != torch.float16
     return Runtime(dev, amp, use_compile, why, fuse)
 
-
 def compile_backend() -> str:
     """torch.compile's backend: inductor, or $LLM_COMPILE_BACKEND (the tests use cheap ones)."""
     return os.environ.get("LLM_COMPILE_BACKEND", "inductor")
-
 
 def default_dispatch(rt: Runtime) -> str:
     """"grouped" where grouped_mm runs forward and backward (tried once), else "sorted".
@@ -1162,20 +1150,20 @@ def default_dispatch(rt: Runtime) -> str:
         dt = rt.amp_dtype or torch.float32
         a = torch.randn(32, 16, device=rt.device, dtype=dt, requires_grad=True)
         w = torch.randn(2, 24, 16, device=rt.device, dtype=dt, requires_grad=True)
-        y = grouped_mm(a, w.transpose(-2, -1), torch.tensor([8, 32], dtype=torch.int32, device=rt.device))
+        y = grouped_mm(a, w.transpose(-2, -1), torch.tensor([8, 32], dtype=torch.int32,
+                                                            device=rt.device))
         (y * torch.randn_like(y)).sum().backward()
         return "grouped"
     except Exception as e:
         warn(f"grouped_mm does not run here ({type(e).__name__}); using the sorted per-expert loop")
         return "sorted"
 
-
 class CompiledStep:
     """The compiled model, called as the model is.
 
-    Inputs are made contiguous, so training batches (strided views) and validation batches meet one graph
-    instead of recompiling on a stride guard. With CUDA graphs each call starts a new graph step: callers
-    consume the outputs before the next call, which overwrites them."""
+    Inputs are made contiguous, so training batches (strided views) and validation batches meet one
+    graph instead of recompiling on a stride guard. With CUDA graphs each call starts a new graph
+    step: callers consume the outputs before the next call, which overwrites them."""
 
     def __init__(self, compiled, cudagraphs: bool):
         self.compiled, self.cudagraphs = compiled, cudagraphs
@@ -1185,14 +1173,14 @@ class CompiledStep:
             torch.compiler.cudagraph_mark_step_begin()
         return self.compiled(idx.contiguous(), None if targets is None else targets.contiguous())
 
-
 class ModelCache:
     """The current architecture's model (and its compiled step), re-initialised for every run.
 
-    Reusing the module lets torch.compile build its graphs once per architecture, by a warm-up before the
-    first run (noise, loss weights and routing biases are buffers: changing them does not recompile). One
-    compile path: where compiling or a compiled step fails, to_eager() switches the rest of the sweep to
-    eager. Only one architecture is kept: old graphs and CUDA-graph pools would hold GPU memory."""
+    Reusing the module lets torch.compile build its graphs once per architecture, by a warm-up
+    before the first run (noise, loss weights and routing biases are buffers: changing them does not
+    recompile). One compile path: where compiling or a compiled step fails, to_eager() switches the
+    rest of the sweep to eager. Only one architecture is kept: old graphs and CUDA-graph pools would
+    hold GPU memory."""
 
     ARCH = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout",
             "vocab_size", "max_seq_len")
@@ -1236,17 +1224,19 @@ class ModelCache:
 
     def to_eager(self, why: str):
         """The fallback: one warning, then eager for the rest of the sweep."""
-        warn(f"{why}; running eagerly (slower) for the rest of the sweep; --no-compile skips the attempt")
+        warn(f"{why}; running eagerly (slower) for the rest of the sweep; --no-compile skips it")
         self.release()
         self.step_fn, self.cudagraphs = None, False
         self.rt = replace(self.rt, compile=False, compile_optimizer=False)
         self.dispatch = default_dispatch(self.rt)
 
     def _compile(self, cfg: MoEModelConfig, data) -> bool:
-        """Compile and warm up; False (after to_eager) where that fails. CUDA graphs where the step has
-        static shapes (grouped dispatch, no GradScaler); the sorted dispatch slices by data-dependent sizes."""
+        """Compile and warm up; False (after to_eager) where that fails. CUDA graphs where the step
+        has static shapes (grouped dispatch, no GradScaler); the sorted dispatch slices by data-
+        dependent sizes."""
         import torch._dynamo
-        for name in ("recompile_limit", "cache_size_limit"):  # a new architecture counts as a recompile
+        # a new architecture counts as a recompile
+        for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         backend, t = compile_backend(), time.perf_counter()
@@ -1256,7 +1246,8 @@ class ModelCache:
         try:
             if self.rt.compile_optimizer and self.step_fn is None:
                 self.step_fn = torch.compile(clip_muon_adamw, backend=backend)
-            self.fn = CompiledStep(torch.compile(self.model, backend=backend, mode=mode), self.cudagraphs)
+            self.fn = CompiledStep(torch.compile(self.model, backend=backend, mode=mode),
+                                   self.cudagraphs)
             self._warm_up(cfg, data)
         except Exception as e:
             self.to_eager(f"torch.compile failed ({type(e).__name__}: {first_line(e)})")
@@ -1267,9 +1258,10 @@ class ModelCache:
         return True
 
     def _warm_up(self, cfg: MoEModelConfig, data):
-        """Build every graph a run uses, through the calls a run makes, on batches laid out as the real
-        ones: training step with backward and optimizer step, evaluation forward (no grad, eval mode).
-        Three rounds: CUDA-graph trees record on a later call than the first. get() re-initialises."""
+        """Build every graph a run uses, through the calls a run makes, on batches laid out as the
+        real ones: training step with backward and optimizer step, evaluation forward (no grad, eval
+        mode). Three rounds: CUDA-graph trees record on a later call than the first. get() re-
+        initialises."""
         model, dev = self.model, self.rt.device
         if data is not None:
             gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
@@ -1277,7 +1269,8 @@ class ModelCache:
         else:  # made the same way: two views of one (B, T+1) window, like sample_batch
             w = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len + 1), device=dev)
             train_batch, val_x = (w[:, :-1], w[:, 1:]), w[:, :-1]
-        if self.cudagraphs:  # gradients of our own, not graph-pool outputs the next replay overwrites
+        # gradients of our own, not graph-pool outputs the next replay overwrites
+        if self.cudagraphs:
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
         opt = self.optimizers(model, cfg)
@@ -1294,17 +1287,15 @@ class ModelCache:
         sync(self.rt)
         model.zero_grad(set_to_none=not self.cudagraphs)
 
-
 def first_line(e: BaseException, limit: int = 200) -> str:
     return (str(e).strip().splitlines() or [""])[0][:limit]
-
 
 def sync(rt: Runtime):
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Train
 
 @dataclass
@@ -1335,7 +1326,8 @@ class RunResult:
     expert_load_max_mean_per_layer: list
     routing_entropy_per_layer: list
     expert_load_per_layer: list  # (L, E) load shares
-    train_expert_usage_cv_worst_layer: float  # the last log window's training batches, noise included
+    # the last log window's training batches, noise included
+    train_expert_usage_cv_worst_layer: float
     train_dead_expert_fraction: float
     device: str
     dtype: str
@@ -1345,10 +1337,8 @@ class RunResult:
     data_sha256: str = ""
     config_json: str = ""
 
-
 CSV_COLUMNS = tuple(f.name for f in fields(RunResult))
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -1357,11 +1347,11 @@ def peak_memory_gb(device: torch.device) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
-
 @dataclass
 class LogWindow:
     """Running sums on the device over one log window, read back with one round of host syncs."""
-    sums: torch.Tensor  # (4,) cross-entropy, aux, z (unweighted), correct predictions; float32 (MPS)
+    # (4,) cross-entropy, aux, z (unweighted), correct predictions; float32 (MPS)
+    sums: torch.Tensor
     counts: torch.Tensor  # (L, E) routing assignments of the training batches
     first_bad: torch.Tensor  # () the first update with a non-finite loss; 0 = none yet
     micro_batches: int = 0
@@ -1373,21 +1363,22 @@ class LogWindow:
                    torch.zeros((), device=device))
 
     def add(self, out: ModelOut, step: int):
-        self.first_bad += (~torch.isfinite(out.loss.detach()) & (self.first_bad == 0)).float() * step
+        bad = ~torch.isfinite(out.loss.detach()) & (self.first_bad == 0)
+        self.first_bad += bad.float() * step
         self.sums += torch.stack([out.ce.detach().float(), out.aux.detach().float(),
                                   out.z.detach().float(), out.correct.float()])
         self.counts += out.counts
         self.micro_batches += 1
 
     def read(self) -> tuple[list, int, np.ndarray]:
-        """(mean ce, aux, z, correct per micro-batch), first bad update, counts; then a new window."""
+        """(mean ce, aux, z, correct per micro-batch), first bad update, counts; then a new window.
+        """
         means = [v / self.micro_batches for v in self.sums.tolist()]
         bad, counts = int(self.first_bad.item()), self.counts.cpu().numpy().copy()
         self.sums.zero_()
         self.counts.zero_()
         self.micro_batches = 0
         return means, bad, counts
-
 
 @dataclass
 class RunState:
@@ -1403,33 +1394,33 @@ class RunState:
     eval_since_log: float = 0.0
     updates_since_log: int = 0
 
-
 def tokens_per_update(cfg: MoEModelConfig) -> int:
     return cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
-
 
 def open_log(path: typing.Optional[Path]):
     if path is None:
         return contextlib.nullcontext()
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o644), "w")
 
-
 def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                     metrics_path: typing.Optional[Path] = None, progress: bool = True) -> RunResult:
-    """Train one run from its seed and return its result; a non-finite loss ends it as 'diverged'."""
+    """Train one run from its seed and return its result; a non-finite loss ends it as 'diverged'.
+    """
     from tqdm.auto import tqdm
-    model, fn = models.get(cfg, data)  # compiles only for a new architecture, before the clock starts
+    # compiles only for a new architecture, before the clock starts
+    model, fn = models.get(cfg, data)
     rt = models.rt
     t_run = time.perf_counter()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     opt = models.optimizers(model, cfg)
-    gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
+    gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu")
+    gen.manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and router noise
     run = RunState(LogWindow.zeros(cfg, rt.device))
     bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb "
-               f"{cfg.load_balancing_weight}", unit="step", leave=False, disable=not progress, position=1,
-               dynamic_ncols=True)
+               f"{cfg.load_balancing_weight}", unit="step", leave=False, disable=not progress,
+               position=1, dynamic_ncols=True)
     run.t_log = t_loop = time.perf_counter()
     try:
         with open_log(metrics_path) as log:
@@ -1438,7 +1429,8 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                 train_update(cfg, model, fn, opt, data, gen, run.window, rt, step)
                 run.steps, run.updates_since_log = step, run.updates_since_log + 1
                 last = step == cfg.max_steps
-                if (step % cfg.log_every == 0 or last) and not log_window(cfg, run, opt, bar, log, step):
+                if (step % cfg.log_every == 0 or last) and not log_window(cfg, run, opt, bar, log,
+                                                                          step):
                     break
                 if step % cfg.eval_every == 0 or last:
                     evaluate_and_log(cfg, fn, model, data, rt, run, log, step)
@@ -1448,8 +1440,8 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
     train_seconds = time.perf_counter() - t_loop - run.eval_time
     return run_result(cfg, run, rt, time.perf_counter() - t_run, train_seconds)
 
-
-def train_update(cfg, model, fn, opt: Optimizers, data: TokenData, gen, window: LogWindow, rt, step):
+def train_update(cfg, model, fn, opt: Optimizers, data: TokenData, gen, window: LogWindow, rt,
+                 step):
     """One optimizer update over gradient_accumulation_steps micro-batches (no host sync)."""
     accum, update_counts = cfg.gradient_accumulation_steps, 0
     for _ in range(accum):
@@ -1458,35 +1450,38 @@ def train_update(cfg, model, fn, opt: Optimizers, data: TokenData, gen, window: 
             out = fn(x, y)
         opt.scaler.scale(out.loss / accum).backward()
         window.add(out, step)
-        update_counts = update_counts + out.counts  # (L, E), read before the next call overwrites it
+        # (L, E), read before the next call overwrites it
+        update_counts = update_counts + out.counts
     opt.step(cfg.grad_clip)
     if cfg.balancing == "bias":
         model.update_routing_bias(update_counts, cfg.bias_update_rate)
-
 
 def log_window(cfg, run: RunState, opt: Optimizers, bar, log, step: int) -> bool:
     """Read the window back, show and log it; False where the run diverged in it."""
     (ce, aux, z, correct), bad, counts = run.window.read()
     now = time.perf_counter()
-    tps = run.updates_since_log * tokens_per_update(cfg) / max(now - run.t_log - run.eval_since_log, 1e-9)
+    tps = run.updates_since_log * tokens_per_update(cfg) / max(now - run.t_log - run.eval_since_log,
+                                                               1e-9)
     run.t_log, run.eval_since_log, run.updates_since_log = now, 0.0, 0
     run.train_routing = routing_metrics(counts)
     if bad:
         run.status, run.diverged_step = "diverged", bad
         bar.write(f"  run diverged: non-finite loss at update {bad}")
         return False
-    rec = {"loss": ce, "accuracy": correct / (cfg.batch_size * cfg.max_seq_len), "aux_loss_unweighted": aux,
+    rec = {"loss": ce, "accuracy": correct / (cfg.batch_size * cfg.max_seq_len),
+           "aux_loss_unweighted": aux,
            "aux_loss_weighted": cfg.load_balancing_weight * aux, "z_loss_unweighted": z,
            "z_loss_weighted": cfg.router_z_loss_weight * z}
-    shown = dict(loss=f"{ce:.3f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:,.0f}", aux=f"{aux:.3f}",
+    shown = dict(loss=f"{ce:.3f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:,.0f}",
+                 aux=f"{aux:.3f}",
                  cv_worst=f"{run.train_routing['expert_usage_cv_worst_layer']:.2f}")
     bar.set_postfix(shown, refresh=False)
     bar.update(step - bar.n)
     if log:
-        log.write(json.dumps({"split": "train", "step": step, **rec, "lr": opt.muon.param_groups[0]["lr"],
+        log.write(json.dumps({"split": "train", "step": step, **rec,
+                              "lr": opt.muon.param_groups[0]["lr"],
                               "tokens_per_s": tps, "routing": run.train_routing}) + "\n")
     return True
-
 
 def evaluate_and_log(cfg, fn, model, data: TokenData, rt: Runtime, run: RunState, log, step: int):
     sync(rt)
@@ -1498,16 +1493,18 @@ def evaluate_and_log(cfg, fn, model, data: TokenData, rt: Runtime, run: RunState
     if log:
         routing = dict(ev.routing)
         if cfg.balancing == "bias":
-            routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist() for b in model.blocks]
-        log.write(json.dumps({"split": "val", "step": step, "loss": ev.val_loss, "accuracy": ev.val_accuracy,
+            routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist()
+                                      for b in model.blocks]
+        log.write(json.dumps({"split": "val", "step": step, "loss": ev.val_loss,
+                              "accuracy": ev.val_accuracy,
                               "perplexity": ev.val_perplexity, "routing": routing}) + "\n")
         log.flush()
-
 
 def run_result(cfg, run: RunState, rt: Runtime, seconds: float, train_seconds: float) -> RunResult:
     nan = float("nan")
     ev = run.last_eval if run.status == "ok" else None
-    routing = ev.routing if ev else {k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS}
+    missing = {k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS}
+    routing = ev.routing if ev else missing
     tokens = run.steps * tokens_per_update(cfg)
     return RunResult(
         seed=cfg.seed, noise_std=cfg.noise_std, load_balancing_weight=cfg.load_balancing_weight,
@@ -1520,11 +1517,11 @@ def run_result(cfg, run: RunState, rt: Runtime, seconds: float, train_seconds: f
         train_dead_expert_fraction=run.train_routing.get("dead_expert_fraction", nan),
         device=rt.device_name, dtype=rt.dtype_name, **{k: routing[k] for k in ROUTING_KEYS})
 
-
 def train_with_fallback(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                         metrics_path: typing.Optional[Path], progress: bool) -> RunResult:
-    """train_moe_model; where a compiled or graph-captured step raises (at any step), the sweep switches
-    to eager with one warning and this run restarts from its beginning: nothing half-trained is kept."""
+    """train_moe_model; where a compiled or graph-captured step raises (at any step), the sweep
+    switches to eager with one warning and this run restarts from its beginning: nothing half-
+    trained is kept."""
     if not models.rt.compile:
         return train_moe_model(cfg, data, models, metrics_path, progress)
     try:
@@ -1532,22 +1529,22 @@ def train_with_fallback(cfg: MoEModelConfig, data: TokenData, models: ModelCache
     except UserError:
         raise
     except Exception as e:
-        models.to_eager(f"a compiled step failed ({type(e).__name__}: {first_line(e)}); rerunning this "
-                        f"run from its start")
+        models.to_eager(f"a compiled step failed ({type(e).__name__}: {first_line(e)}); rerunning "
+                        f"this run from its start")
         return train_moe_model(cfg, data, models, metrics_path, progress)
 
-
 def run_update(fn, opt: Optimizers, batches: list, grad_clip: float, autocast):
-    """One whole update over the given micro-batches: the step the benchmark and --time-steps time."""
+    """One whole update over the given micro-batches: the step the benchmark and --time-steps time.
+    """
     for x, y in batches:
         with autocast():
             loss = fn(x, y).loss
         opt.scaler.scale(loss / len(batches)).backward()
     opt.step(grad_clip)
 
-
 def time_training_steps(cfg: MoEModelConfig, rt: Runtime, steps: int) -> float:
-    """Tokens/s of `steps` whole updates of cfg's shape on random tokens (after one untimed update)."""
+    """Tokens/s of `steps` whole updates of cfg's shape on random tokens (after one untimed update).
+    """
     cfg = replace(cfg, vocab_size=vocab_guess(cfg))
     models = ModelCache(rt, quiet=True)
     model, fn = models.get(cfg)
@@ -1568,7 +1565,7 @@ def time_training_steps(cfg: MoEModelConfig, rt: Runtime, steps: int) -> float:
     return steps * tokens_per_update(cfg) / seconds
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Benchmark: this project's training step against the original's and a dense model's
 
 def matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
@@ -1587,10 +1584,10 @@ def matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
         best = min(best, (time.perf_counter() - t) / 3)
     return 2 * n ** 3 / best / 1e12, f"{str(dt).replace('torch.', '')} {n}x{n} matmul"
 
-
 class DenseFFN(nn.Module):
     """The benchmark's ceiling: one MLP of d_ff * top_k hidden units in place of the MoE, so a token
-    spends the same matmul FLOPs as in its k experts, with no routing, sorting or grouped kernels."""
+    spends the same matmul FLOPs as in its k experts, with no routing, sorting or grouped kernels.
+    """
 
     def __init__(self, cfg: MoEModelConfig):
         super().__init__()
@@ -1604,7 +1601,6 @@ class DenseFFN(nn.Module):
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEOut(self.w2(h), zero, zero, torch.zeros(1, dtype=torch.int64, device=x.device))
 
-
 class DenseLLM(MoEMinimalLLM):
     """MoEMinimalLLM with DenseFFN blocks: the same attention, embedding, loss and training path."""
 
@@ -1614,23 +1610,22 @@ class DenseLLM(MoEMinimalLLM):
             block.feed_forward = DenseFFN(cfg)
         self.reset_parameters(cfg.seed)
 
-
 def load_reference():
     """tests/reference.py, the original's implementation: the benchmark's "original" side."""
     import importlib.util
     path = HERE / "tests" / "reference.py"
     if not path.is_file():
-        raise UserError(f"--bench needs {path} (the original's implementation, kept with the tests); "
-                        f"restore the project's tests/ folder")
+        raise UserError(f"--bench needs {path} (the original's implementation, kept with the "
+                        f"tests); restore the project's tests/ folder")
     sys.modules.setdefault("llm", sys.modules[__name__])  # run as a script: one llm module, not two
     spec = importlib.util.spec_from_file_location("llm_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
-
 def bench_sides(cfg: MoEModelConfig, rt: Runtime):
-    """(name, runtime, fn, optimizers, keep-alive) for this project, the original and the dense model."""
+    """(name, runtime, fn, optimizers, keep-alive) for this project, the original and the dense
+    model."""
     ref = load_reference()
     for name in ("this project", "original", "dense"):
         if name == "original":  # eager, per-expert loop, plain loss, its optimizers and precision
@@ -1643,19 +1638,20 @@ def bench_sides(cfg: MoEModelConfig, rt: Runtime):
             model, fn = models.get(cfg)
             yield name, models.rt, fn, models.optimizers(model, cfg), models
 
-
 def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict:
     """Median time of whole updates (micro-batches and optimizer step) for this project's step, the
-    original's (tests/reference.py: its precision, per-expert loop with a host sync per expert, torch's
-    dropout, plain cross-entropy, per-matrix Muon, default AdamW, no compiled model) and a dense model of
-    the same active FLOPs, in one process; timed updates alternate between the sides."""
+    original's (tests/reference.py: its precision, per-expert loop with a host sync per expert,
+    torch's dropout, plain cross-entropy, per-matrix Muon, default AdamW, no compiled model) and a
+    dense model of the same active FLOPs, in one process; timed updates alternate between the sides.
+    """
     cfg = replace(cfg, vocab_size=cfg.vocab_size or 49152)
     peak, peak_what = matmul_peak_tflops(rt)
     flops, tokens = flops_per_token(cfg), tokens_per_update(cfg)
     g = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, cfg.max_seq_len)
     batches = [(torch.randint(0, cfg.vocab_size, shape, generator=g).to(rt.device),
-                torch.randint(0, cfg.vocab_size, shape, generator=g).to(rt.device)) for _ in range(4)]
+                torch.randint(0, cfg.vocab_size, shape,
+                              generator=g).to(rt.device)) for _ in range(4)]
     accum = cfg.gradient_accumulation_steps
     impls, steppers, alive = [], [], []
     for name, side_rt, fn, opt, keep in bench_sides(cfg, rt):
@@ -1689,7 +1685,8 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
     for r, ts in zip(impls, times):
         step_s = float(np.median(ts))
         tflops = flops * tokens / step_s / 1e12
-        r.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=tflops, mfu=tflops / peak)
+        r.update(step_ms=step_s * 1e3, tokens_per_s=tokens / step_s, tflops=tflops,
+                 mfu=tflops / peak)
     ours, orig, dense = impls
     return {"speedup": ours["tokens_per_s"] / orig["tokens_per_s"],
             "dense_ratio": ours["tokens_per_s"] / dense["tokens_per_s"], "peak_tflops": peak,
@@ -1697,23 +1694,24 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
             "gradient_accumulation_steps": accum, "dtype": rt.dtype_name, "compile": rt.compile,
             "torch": torch.__version__, "impls": impls}
 
-
 def print_benchmark(res: dict):
-    print(f"\nbenchmark: {res['tokens_per_step']:,} tokens per update ({res['gradient_accumulation_steps']} "
+    print(f"\nbenchmark: {res['tokens_per_step']:,} tokens per update "
+          f"({res['gradient_accumulation_steps']} "
           f"micro-batches), {res['flops_per_token'] / 1e9:.3f} GFLOP/token, compile "
           f"{'on' if res['compile'] else 'off'}, torch {res['torch']}")
-    print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} (MFU is "
-          f"against this)")
+    print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} "
+          f"(MFU is against this)")
     print(f"{'impl':<14}{'precision':<20}{'update ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}"
           f"{'peak GB':>10}{'warmup s':>10}")
     for r in res["impls"]:
         print(f"{r['impl']:<14}{r['dtype']:<20}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}"
-              f"{r['tflops']:>10.2f}{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}{r['warmup_s']:>10.1f}")
-    print(f"speed-up over the original: {res['speedup']:.2f}x; {res['dense_ratio']:.0%} of the dense "
-          f"model's tokens/s (same active FLOPs, no routing: the ceiling)")
+              f"{r['tflops']:>10.2f}{r['mfu']:>8.1%}{r['peak_mem_gb']:>10.2f}"
+              f"{r['warmup_s']:>10.1f}")
+    print(f"speed-up over the original: {res['speedup']:.2f}x; {res['dense_ratio']:.0%} of the "
+          f"dense model's tokens/s (same active FLOPs, no routing: the ceiling)")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sweep and CSV (the statistics are report.py's)
 
 @dataclass(frozen=True)
@@ -1721,7 +1719,8 @@ class SweepPlan:
     """A sweep, resolved from llm.py's arguments and never expanded: the runs are the product of the
     axes (the last, seed, varies fastest)."""
     base: MoEModelConfig  # preset + single-valued flags applied
-    axes: dict  # swept field -> tuple of values, in sweep order; noise_std, load_balancing_weight, seed last
+    # swept field -> tuple of values, in sweep order; noise_std, load_balancing_weight, seed last
+    axes: dict
     out: Path  # the CSV --out names
     n_runs: int  # computed from the axes
 
@@ -1733,15 +1732,14 @@ class SweepPlan:
     def design(self) -> str:
         return " x ".join(f"{len(v)} {k}" for k, v in self.axes.items())
 
-
 def plan_sweep(argv: list[str]) -> SweepPlan:
     """Parse and resolve llm.py's own argument list; UserError for anything the CLI would refuse."""
     try:
-        args = build_parser().parse_args(list(argv))
+        with contextlib.redirect_stdout(io.StringIO()):  # --help prints nothing here
+            args = build_parser().parse_args(list(argv))
     except SystemExit:  # --help
         raise UserError("the arguments ask for help, not for a sweep") from None
     return resolve_plan(args)
-
 
 def resolve_plan(args) -> SweepPlan:
     values = {}  # field -> list of values (several: an axis) or one value, in the order given
@@ -1774,7 +1772,8 @@ def resolve_plan(args) -> SweepPlan:
         axes[name] = tuple(v)
     n_runs = math.prod(len(v) for v in axes.values())
     if n_runs > MAX_SWEEP_RUNS:
-        raise UserError(f"the sweep has {n_runs:,} runs ({' x '.join(str(len(v)) for v in axes.values())}"
+        raise UserError(f"the sweep has {n_runs:,} runs "
+                        f"({' x '.join(str(len(v)) for v in axes.values())}"
                         f"), more than {MAX_SWEEP_RUNS:,}; sweep fewer values")
     if "data_files" in values:
         singles["data_files"] = tuple(values["data_files"])
@@ -1786,41 +1785,39 @@ def resolve_plan(args) -> SweepPlan:
         pass
     return plan
 
-
 def check_distinct(name: str, values: list):
     if len(set(values)) < len(values):
-        raise UserError(f"{name} lists a value twice ({' '.join(map(str, values))}); each run must be "
-                        f"distinct")
-
+        listed = " ".join(map(str, values))
+        raise UserError(f"{name} lists a value twice ({listed}); list each value once")
 
 def field_type(name: str):
     hint = typing.get_type_hints(MoEModelConfig)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if typing.get_origin(hint) is typing.Union else hint
 
-
 def parse_grid_item(item: str) -> tuple[str, list]:
-    """--grid FIELD=V1,V2 -> (field, typed values): another spelling of FIELD's flag with those values."""
+    """--grid FIELD=V1,V2 -> (field, typed values): another spelling of FIELD's flag with those
+    values."""
     name, sep, text = item.partition("=")
     name = name.strip().replace("-", "_")
     names = {f.name for f in fields(MoEModelConfig)}
     if not sep or not text.strip():
         raise UserError(f"--grid {item!r}: expected FIELD=V1,V2 (for example expert_top_k=1,2)")
     if name not in names:
-        raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: {', '.join(sorted(names))}")
+        raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: "
+                        f"{', '.join(sorted(names))}")
     if name in NOT_SWEPT:
-        raise UserError(f"--grid {name}: this field does not change a run's numbers or is per-process; set "
-                        f"it once with {flag(name)}")
+        raise UserError(f"--grid {name}: this field does not change a run's numbers or is "
+                        f"per-process; set it once with {flag(name)}")
     typ = field_type(name)
     try:
         return name, [typ(v.strip()) for v in text.split(",")]
     except ValueError:
         raise UserError(f"--grid {item!r}: values must be {typ.__name__}") from None
 
-
 def run_id_for(cfg: MoEModelConfig, axes: dict) -> str:
-    """A safe file name: the routing values and numeric swept fields (never raw strings), then a hash
-    of the config and the data's description; only [A-Za-z0-9._-], at most 100 characters."""
+    """A safe file name: the routing values and numeric swept fields (never raw strings), then a
+    hash of the config and the data's description; only [A-Za-z0-9._-], at most 100 characters."""
     parts = [f"n{cfg.noise_std:g}", f"lb{cfg.load_balancing_weight:g}"]
     for k in axes:
         v = getattr(cfg, k)
@@ -1830,29 +1827,30 @@ def run_id_for(cfg: MoEModelConfig, axes: dict) -> str:
     ident = json.dumps([config_identity(cfg), data_description(cfg)], sort_keys=True)
     return f"{text[:90]}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
-
 def csv_value(v) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
         return "nan" if math.isnan(v) else repr(v)
-    if isinstance(v, (list, tuple)):  # per layer ";"-joined; a matrix (expert_load_per_layer): "|"-joined
+    # per layer ";"-joined; a matrix (expert_load_per_layer): "|"-joined
+    if isinstance(v, (list, tuple)):
         if v and isinstance(v[0], (list, tuple)):
             return "|".join(csv_value(row) for row in v)
         return ";".join(f"{x:.6g}" for x in v)
     return str(v)
 
-
 def read_done(path: Path) -> set[str]:
-    """config_hash of every finished run in an existing CSV (a torn last line is ignored, with a warning)."""
+    """config_hash of every finished run in an existing CSV (a torn last line is ignored, with a
+    warning)."""
     if not path.exists() or path.stat().st_size == 0:
         return set()
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if rows[0] != list(CSV_COLUMNS):
-        raise UserError(f"{path} has other columns than this llm.py writes; pass --fresh to start a new file "
-                        f"(the old one is kept as a backup) or choose another --out")
-    done, hash_col, status_col = set(), CSV_COLUMNS.index("config_hash"), CSV_COLUMNS.index("status")
+        raise UserError(f"{path} has other columns than this llm.py writes; pass --fresh to start "
+                        f"a new file (the old one is kept as a backup) or choose another --out")
+    done = set()
+    hash_col, status_col = CSV_COLUMNS.index("config_hash"), CSV_COLUMNS.index("status")
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(CSV_COLUMNS):
             warn(f"{path}: line {i} is incomplete (a run killed while writing?); ignoring it")
@@ -1860,10 +1858,9 @@ def read_done(path: Path) -> set[str]:
             done.add(row[hash_col])
     return done
 
-
 def append_row(path: Path, result: RunResult):
-    """Append one complete line under an exclusive lock, then fsync: concurrent ranks never interleave.
-    The file is opened without following a symlink."""
+    """Append one complete line under an exclusive lock, then fsync: concurrent ranks never
+    interleave. The file is opened without following a symlink."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | O_NOFOLLOW, 0o644)
@@ -1883,7 +1880,6 @@ def append_row(path: Path, result: RunResult):
         f.flush()
         os.fsync(f.fileno())
 
-
 class PlannedRun(typing.NamedTuple):
     cfg: MoEModelConfig  # vocab_size resolved
     config_hash: str
@@ -1891,10 +1887,8 @@ class PlannedRun(typing.NamedTuple):
     corpus: str  # key of its token stream in the sweep's corpora
     meta: dict  # the token stream's description (sha256, cache file, ...)
 
-
 def corpus_key(cfg: MoEModelConfig) -> str:
     return json.dumps([getattr(cfg, k) for k in DATA_FIELDS])
-
 
 def dist_setup() -> tuple[int, int, int]:
     """(rank, world, local_rank); under torchrun a gloo group, only for broadcast and barriers."""
@@ -1902,7 +1896,8 @@ def dist_setup() -> tuple[int, int, int]:
     if world == 1:
         return 0, 1, 0
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if not torch.cuda.is_available():  # CPU ranks share the cores; spinning OpenMP threads would fight
+    # CPU ranks share the cores; spinning OpenMP threads would fight
+    if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     import datetime
     import torch.distributed as dist
@@ -1910,15 +1905,14 @@ def dist_setup() -> tuple[int, int, int]:
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
-
 def barrier(world: int):
     if world > 1:
         import torch.distributed as dist
         dist.barrier()
 
-
 def load_corpora(plan: SweepPlan, local_rank: int, world: int, say) -> dict:
-    """Every token stream the sweep needs. Local rank 0 builds the caches; the others then read them."""
+    """Every token stream the sweep needs. Local rank 0 builds the caches; the others then read
+    them."""
     corpora = {}
     if local_rank != 0:
         barrier(world)
@@ -1932,7 +1926,6 @@ def load_corpora(plan: SweepPlan, local_rank: int, world: int, say) -> dict:
         barrier(world)
     return corpora
 
-
 def plan_runs(plan: SweepPlan, corpora: dict) -> list[PlannedRun]:
     runs = []
     for cfg in plan.configs():
@@ -1940,11 +1933,11 @@ def plan_runs(plan: SweepPlan, corpora: dict) -> list[PlannedRun]:
         meta = corpora[key][1]
         cfg = replace(cfg, vocab_size=cfg.vocab_size or meta["vocab_size"])
         if meta["max_id"] >= cfg.vocab_size:
-            raise UserError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's ids (up to "
-                            f"{meta['max_id']}); raise it or leave it unset")
-        runs.append(PlannedRun(cfg, config_hash(cfg, meta["sha256"]), run_id_for(cfg, plan.axes), key, meta))
+            raise UserError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's ids "
+                            f"(up to {meta['max_id']}); raise it or leave it unset")
+        runs.append(PlannedRun(cfg, config_hash(cfg, meta["sha256"]), run_id_for(cfg, plan.axes),
+                               key, meta))
     return runs
-
 
 def split_for(run: PlannedRun, corpora: dict, splits: dict, device, say) -> TokenData:
     """The run's TokenData, one at a time (runs of one data shape are contiguous in the sweep)."""
@@ -1955,10 +1948,9 @@ def split_for(run: PlannedRun, corpora: dict, splits: dict, device, say) -> Toke
         splits[key] = d = TokenData.from_tokens(corpora[run.corpus][0], cfg, device)
         fewer = (f"; fewer than --eval-steps {cfg.eval_steps}, so every evaluation uses all of them"
                  if len(d.val) < cfg.eval_steps else "")
-        say(f"split: train {len(d.train):,} tokens; validation {len(d.val)} batches of {cfg.batch_size} x "
-            f"{cfg.max_seq_len} (the last 10%, non-overlapping){fewer}")
+        say(f"split: train {len(d.train):,} tokens; validation {len(d.val)} batches of "
+            f"{cfg.batch_size} x {cfg.max_seq_len} (the last 10%, non-overlapping){fewer}")
     return splits[key]
-
 
 def runs_to_do(out: Path, runs: list[PlannedRun], main_rank: bool, world: int, say) -> list[int]:
     """Indices of the runs not yet in the CSV; one rank decides, so every rank has the same list."""
@@ -1968,17 +1960,17 @@ def runs_to_do(out: Path, runs: list[PlannedRun], main_rank: bool, world: int, s
         todo = [i for i, r in enumerate(runs) if r.config_hash not in done]
         others = len(done - {r.config_hash for r in runs})
         if others:
-            say(f"note: {out} also holds {others} run(s) of other setups; the report groups by every "
-                f"setting that differs")
+            say(f"note: {out} also holds {others} run(s) of other setups; the report groups by "
+                f"every setting that differs")
     if world > 1:
         import torch.distributed as dist
         shared = [todo]
         dist.broadcast_object_list(shared, src=0)
         todo = shared[0]
     if len(todo) < len(runs):
-        say(f"resuming {out}: {len(runs) - len(todo)} of {len(runs)} runs already done, {len(todo)} to go")
+        done = len(runs) - len(todo)
+        say(f"resuming {out}: {done} of {len(runs)} runs already done, {len(todo)} to go")
     return todo
-
 
 def prepare_out(out: Path, fresh: bool, say):
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1986,7 +1978,6 @@ def prepare_out(out: Path, fresh: bool, say):
         backup = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{out.suffix}")
         out.rename(backup)
         say(f"--fresh: moved the existing {out} to {backup}")
-
 
 def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bool] = None,
               fresh: bool = False) -> int:
@@ -2005,7 +1996,8 @@ def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bo
     runs, splits = plan_runs(plan, corpora), {}
     data_of = lambda run: split_for(run, corpora, splits, rt.device, say)  # noqa: E731
     data_of(runs[0])  # fails early on a corpus too short for the first run
-    todo = runs_to_do(plan.out, runs, main_rank, world, say)  # before compiling: a wrong --out fails fast
+    # before compiling: a wrong --out fails fast
+    todo = runs_to_do(plan.out, runs, main_rank, world, say)
     models = ModelCache(rt, quiet=not main_rank)
     first = runs[0].cfg
     size = estimate(first)
@@ -2014,8 +2006,8 @@ def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bo
     say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in ROUTING_AXES}))
     both = sum(r.cfg.balancing == "bias" and r.cfg.load_balancing_weight > 0 for r in runs)
     if both:
-        say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > 0); "
-            f"--lb-weight 0 gives DeepSeek-V3's loss-free balancing")
+        say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > "
+            f"0); --lb-weight 0 gives DeepSeek-V3's loss-free balancing")
     train_runs(plan, runs, todo[rank::world], models, data_of, rank, world)
     barrier(world)
     if main_rank:
@@ -2023,12 +2015,12 @@ def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bo
         print_report(plan.out)
     return 0
 
-
-def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models: ModelCache, data_of,
-               rank: int, world: int):
+def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models: ModelCache,
+               data_of, rank: int, world: int):
     from tqdm.auto import tqdm
     runs_dir = plan.out.with_name(plan.out.stem + "_runs")
-    overall = tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0, disable=None if rank == 0
+    overall = tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0,
+                   disable=None if rank == 0
                    else True, bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}",
                    dynamic_ncols=True)
     t_sweep = time.perf_counter()
@@ -2037,7 +2029,8 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
             run = runs[i]
             run_dir = runs_dir / run.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_file_safely(run_dir / "config.json", json.dumps(asdict(run.cfg), indent=1).encode())
+            write_file_safely(run_dir / "config.json", json.dumps(asdict(run.cfg),
+                                                                  indent=1).encode())
             overall.set_description_str(run.run_id)
             result = train_with_fallback(run.cfg, data_of(run), models, run_dir / "metrics.jsonl",
                                          progress=rank == 0 and sys.stderr.isatty())
@@ -2047,14 +2040,14 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
             append_row(plan.out, result)
             eta = (time.perf_counter() - t_sweep) / (k + 1) * (len(mine) - k - 1)
             msg = (f"run {k + 1}/{len(mine)} ({run.run_id}): {result.status}, best val ppl "
-                   f"{result.best_val_perplexity:.2f}, cv {result.expert_usage_cv:.3f} (worst layer "
-                   f"{result.expert_usage_cv_worst_layer:.3f}), {result.training_time_minutes:.2f} min, "
-                   f"{result.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
+                   f"{result.best_val_perplexity:.2f}, cv {result.expert_usage_cv:.3f} (worst "
+                   f"layer "
+                   f"{result.expert_usage_cv_worst_layer:.3f}), {result.training_time_minutes:.2f} "
+                   f"min, {result.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
             tqdm.write(msg) if rank == 0 else print(f"[rank {rank}] {msg}", flush=True)
             overall.update(world)
     finally:
         overall.close()
-
 
 def print_report(out: Path):
     """report.py's summary and report, through its public API (imported only now: pandas, scipy)."""
@@ -2069,74 +2062,74 @@ def print_report(out: Path):
         except Exception as e:  # the results are saved whatever the report makes of them
             print(f"summary not available: {first_line(e)}")
     else:
-        warn("this report.py has no summary()/summary_text(); run `python report.py CSV` for the statistics")
+        warn("this report.py has no summary()/summary_text(); run `python report.py CSV` instead")
     try:
         print(f"report: {report.write_report(out)}")
     except Exception as e:
         print(f"report not written: {first_line(e)}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one line, exit 2 at the CLI, nothing printed by plan_sweep."""
+    """argparse whose errors are UserErrors: one line, exit 2 at the CLI, nothing printed by
+    plan_sweep."""
 
     def error(self, message):
         raise UserError(f"{message} (python llm.py --help lists the flags)")
 
-
 class Once(argparse.Action):
-    """Store a flag's values; a field set twice (in any spelling) is refused, not silently replaced."""
+    """Store a flag's values; a field set twice (in any spelling) is refused, not silently replaced.
+    """
 
     def __call__(self, parser, namespace, values, option_string=None):
         given = namespace.__dict__.setdefault("given", [])
         if self.dest in given:
-            raise argparse.ArgumentError(self, f"given twice; give {self.dest} once, with all its values")
+            raise argparse.ArgumentError(self, f"given twice; give {self.dest} once, with all its "
+                                               f"values")
         given.append(self.dest)
         setattr(namespace, self.dest, values)
 
-
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Train a small Mixture-of-Experts LM over a sweep of settings; write a CSV.",
-                       epilog="Every MoEModelConfig field has a flag; a flag given explicitly overrides "
-                              "--preset. Several values sweep a field; the runs are every combination.")
+    p = ArgumentParser(description="Train a small MoE LM over a sweep of settings; write a CSV.",
+                       epilog="Every MoEModelConfig field has a flag, which overrides --preset; "
+                              "several values sweep it (the runs are every combination).")
     g = p.add_argument_group("sweep")
-    g.add_argument("--noise-std", dest="noise_std", type=float, nargs="+", action=Once,
-                   default=[0.0, 0.1, 0.5], metavar="F", help="router noise std values (default: 0 0.1 0.5)")
-    g.add_argument("--lb-weight", dest="load_balancing_weight", type=float, nargs="+", action=Once,
-                   default=[0.01, 0.0], metavar="F", help="load-balancing loss weights (default: 0.01 0)")
-    g.add_argument("--seeds", dest="seed", type=int, nargs="+", action=Once, default=[42, 43, 44],
-                   metavar="N", help="seeds per condition (default: 42 43 44)")
+    for name, typ, default in (("noise_std", float, [0.0, 0.1, 0.5]), ("seed", int, [42, 43, 44]),
+                               ("load_balancing_weight", float, [0.01, 0.0])):
+        g.add_argument(flag(name), dest=name, type=typ, nargs="+", action=Once, default=default,
+                       metavar=typ.__name__[0].upper(), 
+                       help=f"values to sweep (default: {default})")
     g.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
-                   help="another spelling of a field's flag with several values, e.g. expert_top_k=1,2")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny model on the shipped sample "
-                   "corpus (CPU, offline, well under a minute)")
+                   help="a field's flag with several values, spelt another way: expert_top_k=1,2")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny, the sample corpus, CPU")
     g = p.add_argument_group("output and runtime")
-    g.add_argument("--out", default=DEFAULT_CSV, metavar="CSV", help=f"results CSV (default: {DEFAULT_CSV})")
-    g.add_argument("--fresh", action="store_true",
-                   help="start a new CSV (an existing one is renamed to a .bak file); default: resume it")
-    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-                   help="auto: cuda, else mps, else cpu")
+    g.add_argument("--out", default=DEFAULT_CSV, metavar="CSV", help=f"default: {DEFAULT_CSV}")
+    g.add_argument("--fresh", action="store_true", help="start a new CSV (keeps the old as .bak)")
+    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on for CUDA, off elsewhere)")
-    g.add_argument("--dry-run", action="store_true", help="print every run's resolved config; train nothing")
-    g.add_argument("--json", action="store_true", help="with --dry-run: one JSON object with each run's "
-                   "config, FLOPs per token, tokens, parameters and memory estimate")
-    g.add_argument("--time-steps", type=int, metavar="K", help="with --dry-run --json: time K training "
-                   "steps of each model shape on random tokens and add tokens_per_s")
-    g.add_argument("--bench", action="store_true", help="time the training step against the original's "
-                   "and a dense model's of the same active FLOPs, on random tokens")
-    g.add_argument("--bench-steps", type=int, default=None, metavar="N",
-                   help="timed steps for --bench (default: 30 on GPU, 20 on CPU)")
+                   help="torch.compile the training step (default: on for CUDA)")
+    g.add_argument("--dry-run", action="store_true", help="print every run's config; train nothing")
+    g.add_argument("--json", action="store_true", help="with --dry-run: one JSON object with each "
+                   "run's config, FLOPs per token, tokens, parameters and memory estimate")
+    g.add_argument("--time-steps", type=int, metavar="K", help="with --dry-run --json: time K "
+                                                               "steps "
+                   "of each model shape on random tokens (adds tokens_per_s)")
+    g.add_argument("--bench", action="store_true", help="time the training step against the "
+                   "original's and a dense model's (tests/reference.py), on random tokens")
+    g.add_argument("--bench-steps", type=int, metavar="N", help="timed steps (default: 30, CPU 20)")
     g.add_argument("--bench-out", metavar="JSON", help="also write the --bench figures as JSON")
+    add_config_flags(p)
+    return p
+
+def add_config_flags(p: argparse.ArgumentParser):
     groups = {}
     for f in fields(MoEModelConfig):
         if f.name in ROUTING_AXES:
             continue
-        group = f.metadata["group"]
-        if group not in groups:
-            groups[group] = p.add_argument_group(f"config: {group}")
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = p.add_argument_group(f"config: {f.metadata['group']}")
         typ, kw = field_type(f.name), dict(action=Once)
         if typ is bool:
             kw = dict(action=argparse.BooleanOptionalAction)
@@ -2147,10 +2140,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             kw.update(type=typ, nargs="+", choices=f.metadata["choices"] or None,
                       metavar=None if f.metadata["choices"] else typ.__name__.upper())
-        groups[group].add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS,
-                                   help=f"{f.metadata['help']} (default: {f.default})", **kw)
-    return p
-
+        groups[f.metadata["group"]].add_argument(
+            flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} (default: {f.default})", **kw)
 
 def dry_run(plan: SweepPlan, args) -> int:
     """Print the runs (or one JSON object with their cost); nothing is trained or written."""
@@ -2170,16 +2162,16 @@ def dry_run(plan: SweepPlan, args) -> int:
     for cfg in plan.configs():
         e = estimate(cfg)
         runs.append({"run_id": run_id_for(cfg, plan.axes), "config": asdict(cfg),
-                     "flops_per_token": e.flops_per_token, "train_tokens": e.train_tokens, "params": e.params,
-                     "memory_gb": e.memory_gb, **({"tokens_per_s": speeds[shape_key(cfg)]} if speeds else {})})
+                     "flops_per_token": e.flops_per_token, "train_tokens": e.train_tokens,
+                     "params": e.params, "memory_gb": e.memory_gb,
+                     **({"tokens_per_s": speeds[shape_key(cfg)]} if speeds else {})})
     print(json.dumps({"n_runs": plan.n_runs, "out": str(plan.out),
                       "axes": {k: list(v) for k, v in plan.axes.items()}, "runs": runs}))
     return 0
 
-
 def shape_key(cfg: MoEModelConfig) -> tuple:
-    return tuple(getattr(cfg, k) for k in ModelCache.ARCH) + (cfg.batch_size, cfg.gradient_accumulation_steps)
-
+    return tuple(getattr(cfg, k) for k in ModelCache.ARCH) + (cfg.batch_size,
+                                                              cfg.gradient_accumulation_steps)
 
 def run_benchmark(plan: SweepPlan, args) -> int:
     if args.bench_out and not Path(args.bench_out).resolve().parent.is_dir():
@@ -2195,7 +2187,6 @@ def run_benchmark(plan: SweepPlan, args) -> int:
         write_file_safely(Path(args.bench_out), json.dumps(res, indent=1).encode())
     return 0
 
-
 def check_flags(args):
     if args.bench_steps is not None and args.bench_steps < 1:
         raise UserError("--bench-steps must be at least 1")
@@ -2205,7 +2196,6 @@ def check_flags(args):
         raise UserError("--time-steps K needs K >= 1 and --dry-run --json")
     if not (args.bench or args.dry_run) and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; give a CSV file name")
-
 
 def main(argv=None) -> int:
     out = DEFAULT_CSV
@@ -2231,10 +2221,8 @@ def main(argv=None) -> int:
         print(f"\ninterrupted{saved_note(out)}; rerun the same command to resume", file=sys.stderr)
         return 130
 
-
 def saved_note(out: str) -> str:
     return f" (finished runs are saved in {out})" if Path(out).is_file() else ""
-
 
 if __name__ == "__main__":
     sys.exit(main())

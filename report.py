@@ -1,25 +1,27 @@
-"""Statistics, tables and plots for a results CSV of llm.py: the sweep's verdicts and its markdown report.
+"""Statistics, tables and plots for a results CSV of llm.py: the verdicts and the markdown report.
 
-    python llm.py --preset smoke --out smoke.csv        # a tiny CPU sweep; it ends with the verdict lines
-    python report.py smoke.csv                          # -> smoke_analysis.md and PNGs beside the CSV
+    python llm.py --preset smoke --out smoke.csv        # tiny CPU sweep; it ends with the verdicts
+    python report.py smoke.csv                          # -> smoke_analysis.md + PNGs beside the CSV
     python report.py smoke.csv --summary --alpha 0.01   # the verdict lines only
 
-Reading: a condition is the set of config values (config_json) that differ between rows, the data's content
-hash (data_sha256) included, so two corpora are never pooled; a (condition, seed) given twice is refused. A run
-is diverged when its status is not "ok" or its validation loss or perplexity is not finite. Each factor's
-reference level is its value in the CSV's first condition (llm.py's default sweep starts with its defaults).
+Reading: a condition is the set of config values (config_json) that differ between rows, the data's
+content hash (data_sha256) included, so two corpora are never pooled; a (condition, seed) given
+twice is refused. A run is diverged when its status is not "ok" or its validation loss or perplexity
+is not finite. A factor's reference level is its value in the CSV's first condition (llm.py's
+default sweep starts with its defaults: noise_std 0.0, load_balancing_weight 0.01).
 
-Statistics: one family of contrasts per metric, fixed by the design: every factor's main effect (each level
-minus the reference, averaged over the other factors' levels) and every two-factor interaction (difference of
-differences, averaged over the rest), each paired by seed over the seeds ok in every cell involved, paired
-t-test, Holm over the whole family. The primary metric is the final validation loss (log perplexity, the
-scale on which effects add); best validation loss and the worst layer's expert balance are secondary.
+Statistics: one family of contrasts per metric, fixed by the design: each factor's main effects
+(each level minus the reference, averaged over the other factors' levels) and every two-factor
+interaction (difference of differences, averaged over the rest), paired by seed over the seeds ok in
+every cell involved, paired t-test, Holm over the whole family. The primary metric is the final
+validation loss (log perplexity, where effects add); best validation loss and worst-layer balance
+are secondary.
 
-Sections: reading, statistics, summary, plots, the markdown report, CLI.
-"""
+Sections: reading, statistics, summary, plots, the markdown report, CLI."""
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import math
@@ -37,54 +39,56 @@ from scipy import optimize, stats
 matplotlib.use("Agg")  # files only: works without a display
 
 DEFAULT_CSV = "moe_routing_noise_experiment_results.csv"
-FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
-                 "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv")
+FIRST_COLUMNS = ("seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy",
+                 "val_perplexity", "training_time_minutes", "peak_memory_gb", "best_val_perplexity",
+                 "expert_usage_cv")
 REQUIRED = FIRST_COLUMNS + ("status", "config_json")
-LOSS_COLUMNS = ("val_loss", "val_perplexity", "best_val_perplexity")  # any non-finite: the run diverged
+LOSS_COLUMNS = ("val_loss", "val_perplexity", "best_val_perplexity")  # non-finite: diverged
 NUMERIC = FIRST_COLUMNS + (
     "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_worst_layer",
-    "dead_expert_fraction", "expert_load_max_mean", "routing_entropy", "train_expert_usage_cv_worst_layer",
-    "train_dead_expert_fraction")
-NOT_RECORDED = "(not recorded)"  # the level of a differing config field that a row's config_json lacks
+    "dead_expert_fraction", "expert_load_max_mean", "routing_entropy",
+    "train_expert_usage_cv_worst_layer", "train_dead_expert_fraction")
+NOT_RECORDED = "(not recorded)"  # the level of a differing config field a row's config_json lacks
 POWER = 0.8
 
 
 class ReportError(ValueError):
-    """Bad input for the report: a one-line message for the user (the CLI prints it and exits 2)."""
+    """Bad input for the report: a one-line message for the user (the CLI prints it, exit 2)."""
 
 
 class Metric(NamedTuple):
     column: str     # column of Design.runs
     name: str       # as the report says it
+    short: str      # as a table heading says it
     up: str         # what a positive difference means
     down: str       # what a negative difference means
 
 
-PRIMARY = Metric("val_loss", "final validation loss", "higher loss", "lower loss")
-BEST = Metric("best_val_loss", "best validation loss (log of the best perplexity)", "higher loss",
-              "lower loss")
+PRIMARY = Metric("val_loss", "final validation loss", "final val loss", "higher loss", "lower loss")
+BEST = Metric("best_val_loss", "best validation loss (log of the best perplexity)", "best val loss",
+              "higher loss", "lower loss")
 
 
 class Design(NamedTuple):
-    runs: pd.DataFrame        # the CSV's rows: numbers parsed, plus cond (index into conditions), ok, why
-    factors: dict             # factor -> levels, the reference (the first condition's value) first
-    conditions: list          # per condition, its factors' values, in order of first appearance
-    balance: Metric | None    # the per-layer balance measure tested, None when the CSV has none
-    config: dict              # the config values every run shares
+    runs: pd.DataFrame      # the CSV's rows, numbers parsed, + cond (condition index), ok, why
+    factors: dict           # factor -> levels, the reference (the first condition's value) first
+    conditions: list        # per condition, its factors' values, in order of first appearance
+    balance: Metric | None  # the per-layer balance measure tested; None when the CSV has none
+    config: dict            # the config values every run shares
 
 
 class Verdict(NamedTuple):
     factor: str
     contrast: str
     metric: str
-    effect: float             # mean paired difference, level minus reference: negative = lower loss
+    effect: float           # mean paired difference, level minus reference: negative = lower loss
     ci_low: float
     ci_high: float
-    ci_adjusted: bool         # False: the (1 - alpha) t-interval of this contrast alone
-    n: int                    # seed pairs used
-    p_adjusted: float         # Holm within the metric's one family
-    detectable: float         # smallest |difference| these n pairs detect with 80% power
-    word: str                 # "better" | "worse" | "no detectable difference"
+    ci_adjusted: bool       # False: the (1 - alpha) t-interval of this contrast alone
+    n: int                  # seed pairs used
+    p_adjusted: float       # Holm within the metric's one family
+    detectable: float       # smallest |difference| these n pairs detect with 80% power
+    word: str               # "better" | "worse" | "no detectable difference"
 
 
 class Summary(NamedTuple):
@@ -95,68 +99,74 @@ class Summary(NamedTuple):
     conditions: list
     reference: dict
     verdicts: list
-    alpha: float = 0.05       # beyond CONTRACT.md: the level the verdicts and intervals were made at
+    alpha: float = 0.05     # beyond CONTRACT.md: the level of the verdicts and intervals
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return repr(v)  # CSV values round-trip exactly: "0.0", "0.01", "1e-05"
-    return str(v)
+def _fmt(v) -> str:  # floats round-trip ("0.0", "0.01", "1e-05"); a sha256 shows 12 characters
+    s = repr(v) if isinstance(v, float) else str(v)
+    return s[:12] if len(s) == 64 and set(s) <= set("0123456789abcdef") else s
 
 
 def cond_label(cond: dict) -> str:
-    return ", ".join(f"{k}={_fmt(v)[:12] if k == 'data_sha256' else _fmt(v)}" for k, v in cond.items()) \
-        or "all runs"
+    """'noise_std=0.5, load_balancing_weight=0.0'."""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in cond.items()) or "all runs"
 
 
-def _level(v) -> object:
-    """A config value as a hashable level."""
-    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else NOT_RECORDED if v is None else v
+def _floats(v) -> list:
+    """A ";"-joined list cell as floats ([] when blank or unreadable)."""
+    try:
+        return [float(x) for x in str(v).split(";") if x.strip()]
+    except ValueError:
+        return []
 
 
 def _read_rows(csv_path) -> tuple[pd.DataFrame, list]:
-    """The CSV's complete rows with numbers parsed, `line` (its line in the file) and each row's config."""
+    """The CSV's complete rows, numbers parsed, with `line` (the file's line); their configs."""
     p = Path(csv_path)
     if not p.is_file():
         raise ReportError(f"results CSV not found: {p}")
+    parse = lambda src: pd.read_csv(src, dtype=str, keep_default_na=False)
     try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False)
+        try:
+            df = parse(p)
+        except pd.errors.ParserError:  # a torn last line from a killed writer: read without it
+            df = parse(io.StringIO("".join(p.read_text().splitlines(True)[:-1])))
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ReportError(f"cannot read {p} as a results CSV: {str(e).splitlines()[0]}") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise ReportError(f"{p} is not a results CSV of llm.py: missing column(s) {', '.join(missing)}")
-    df = df.fillna("").assign(line=np.arange(2, len(df) + 2))
-    cfgs = []
-    for i, s in enumerate(df["config_json"]):
+        raise ReportError(f"{p} is not a results CSV of llm.py: missing column(s) "
+                          + ", ".join(missing))
+    df, cfgs = df.fillna("").assign(line=np.arange(2, len(df) + 2)), []
+    for s in df["config_json"]:
         try:
-            cfgs.append(json.loads(s))
+            cfgs.append(c if isinstance(c := json.loads(s), dict) else None)
         except ValueError:
             cfgs.append(None)
-            if i < len(df) - 1:  # the last line may be torn by a killed writer; any other is broken
-                raise ReportError(f"{p}: line {df['line'].iloc[i]} has no readable config_json; "
-                                  "fix or delete that line") from None
-    keep = [c is not None for c in cfgs]
-    df, cfgs = df[keep].reset_index(drop=True), [c for c in cfgs if c is not None]
+    if cfgs and cfgs[-1] is None:  # a torn last line from a killed writer
+        df, cfgs = df.iloc[:-1], cfgs[:-1]
+    if None in cfgs:
+        raise ReportError(f"{p}: line {cfgs.index(None) + 2} has no readable config_json; fix or "
+                          "delete that line")
     if df.empty:
         raise ReportError(f"{p} has no runs yet")
     for c in NUMERIC:
         if c in df.columns:
             df[c] = pd.to_numeric(df[c], errors="coerce")
-    if df["seed"].isna().any() or (df["seed"] % 1 != 0).any():
-        raise ReportError(f"{p}: a row has no integer seed (line {df.loc[df['seed'].isna(), 'line'].min()})")
+    bad = df["seed"].isna() | (df["seed"] % 1 != 0)
+    if bad.any():
+        raise ReportError(f"{p}: line {df.loc[bad, 'line'].min()} has no integer seed")
     df["seed"] = df["seed"].astype(int)
     df["best_val_loss"] = np.log(df["best_val_perplexity"].where(df["best_val_perplexity"] > 0))
     return df, cfgs
 
 
 def _diverged(df) -> list:
-    """Why each run is diverged ("" when ok): its status, or its first non-finite loss or perplexity."""
-    step = df["diverged_step"] if "diverged_step" in df.columns else pd.Series(np.nan, index=df.index)
-    why = []
+    """Why each run is diverged ("" if ok): its status, or its first non-finite loss/perplexity."""
+    step, why = df.get("diverged_step", pd.Series(np.nan, index=df.index)), []
     for status, k, *vals in zip(df["status"].str.strip(), step, *(df[c] for c in LOSS_COLUMNS)):
         bad = [f"{c} is not finite ({v})" for c, v in zip(LOSS_COLUMNS, vals) if not np.isfinite(v)]
         if status != "ok":
@@ -166,56 +176,48 @@ def _diverged(df) -> list:
 
 
 def _balance(df) -> Metric | None:
-    """The per-layer expert-balance measure to test: the worst layer's CV (from its column, or the maximum of
+    """The per-layer balance measure to test: the worst layer's CV (its column, or the maximum of
     expert_usage_cv_per_layer), else the dead-expert fraction; None when the CSV has neither."""
-    if "expert_usage_cv_worst_layer" in df.columns and df["expert_usage_cv_worst_layer"].notna().any():
-        df["balance"] = df["expert_usage_cv_worst_layer"]
-        name = "expert-usage CV of the worst layer"
-    elif "expert_usage_cv_per_layer" in df.columns and df["expert_usage_cv_per_layer"].str.strip().ne("").any():
-        df["balance"] = [max(_floats(v), default=math.nan) for v in df["expert_usage_cv_per_layer"]]
-        name = "expert-usage CV of the worst layer (max of expert_usage_cv_per_layer)"
-    elif "dead_expert_fraction" in df.columns and df["dead_expert_fraction"].notna().any():
-        df["balance"] = df["dead_expert_fraction"]
-        name = "dead-expert fraction (mean over layers)"
-    else:
-        return None
-    return Metric("balance", name, "less even routing", "more even routing")
-
-
-def _floats(v) -> list:
-    """A ";"-joined list cell as floats."""
-    try:
-        return [float(x) for x in str(v).split(";") if x.strip()]
-    except ValueError:
-        return []
+    has = lambda c: c in df.columns and df[c].notna().any()
+    col, name = "expert_usage_cv_worst_layer", "worst layer's expert-usage CV"
+    short = "worst-layer CV"
+    if not has(col) and "expert_usage_cv_per_layer" in df.columns:
+        df[col := "worst_layer_cv"] = [max(_floats(v), default=math.nan)
+                                       for v in df["expert_usage_cv_per_layer"]]
+        name += " (max of expert_usage_cv_per_layer)"
+    if not has(col):
+        col, name, short = "dead_expert_fraction", "dead-expert fraction", "dead fraction"
+    return Metric(col, name, short, "less even routing", "more even routing") if has(col) else None
 
 
 def read_design(csv_path) -> Design:
-    """The CSV as runs, factors and conditions (see the module docstring); ReportError for bad input."""
+    """The CSV as runs, factors and conditions (see the module docstring); ReportError if bad."""
     df, cfgs = _read_rows(csv_path)
     fields = [k for k in dict.fromkeys(k for c in cfgs for k in c) if k != "seed"]
-    levels = {k: [_level(c.get(k)) for c in cfgs] for k in fields}
+    level = lambda v: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+    levels = {k: [level(c.get(k, NOT_RECORDED)) for c in cfgs] for k in fields}
     if "data_sha256" in df.columns:
         levels["data_sha256"] = df["data_sha256"].str.strip().replace("", NOT_RECORDED).tolist()
-    factors = [k for k, v in levels.items() if len(set(map(repr, v))) > 1]
+    factors = sorted([k for k, v in levels.items() if len(set(map(repr, v))) > 1],
+                     key=lambda k: k not in FIRST_COLUMNS)  # noise_std, load_balancing_weight first
     keys = list(zip(*(levels[k] for k in factors))) if factors else [()] * len(df)
     order = list(dict.fromkeys(keys))
     df["cond"] = [order.index(k) for k in keys]
     conditions = [dict(zip(factors, k)) for k in order]
     dup = df.groupby(["cond", "seed"])["line"].agg(list)
-    dup = dup[dup.map(len) > 1]
-    if len(dup):
-        said = "; ".join(f"{cond_label(conditions[c])}, seed {s} (lines {', '.join(map(str, lines))})"
-                         for (c, s), lines in dup.items())
-        raise ReportError(f"{Path(csv_path).name} has the same condition and seed more than once: {said}; "
-                          "keep one row per run")
+    if len(dup := dup[dup.map(len) > 1]):
+        said = "; ".join(f"{cond_label(conditions[c])}, seed {s} (lines {', '.join(map(str, ls))})"
+                         for (c, s), ls in dup.items())
+        raise ReportError(f"{Path(csv_path).name} has the same condition and seed more than once: "
+                          f"{said}; keep one row per run")
     df["why"] = _diverged(df)
     df["ok"] = df["why"].eq("")
     if not df["ok"].any():
-        raise ReportError(f"{Path(csv_path).name} has no successful runs ({len(df)} run(s), all diverged)")
+        raise ReportError(f"{Path(csv_path).name} has no successful runs "
+                          f"({len(df)} run(s), all diverged)")
     ref = conditions[0]
-    factor_levels = {f: [ref[f]] + [v for v in dict.fromkeys(c[f] for c in conditions) if v != ref[f]]
-                     for f in factors}
+    factor_levels = {f: [ref[f]] + [v for v in dict.fromkeys(c[f] for c in conditions)
+                                    if v != ref[f]] for f in factors}
     shared = {k: cfgs[0][k] for k in fields if k not in factors}
     return Design(df, factor_levels, conditions, _balance(df), shared)
 
@@ -227,12 +229,13 @@ def report_paths(csv_path) -> tuple[Path, str]:
     return p.parent / f"{prefix}_analysis.md", prefix
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Statistics
 
 def holm(p) -> np.ndarray:
-    """Holm's step-down adjusted p-values over the whole family; an untested contrast (NaN) counts in the
-    family as p = 1 and stays NaN. By hand: scipy ships only BH/BY (stats.false_discovery_control)."""
+    """Holm's step-down adjusted p-values over the whole family; an untested contrast (NaN) counts
+    in the family as p = 1 and stays NaN. By hand: scipy ships only BH/BY
+    (stats.false_discovery_control)."""
     p = np.asarray(p, float)
     filled = np.where(np.isnan(p), 1.0, p)
     m, order = len(p), np.argsort(filled, kind="stable")
@@ -242,10 +245,11 @@ def holm(p) -> np.ndarray:
 
 
 def detectable_difference(n: int, sd: float, alpha: float, power: float = POWER) -> float:
-    """Smallest |mean difference| a two-sided paired t-test of n pairs detects with `power` at level `alpha`,
-    taking the observed sd of the differences as the true one: solves P(|T| > t_crit) = power for the
-    noncentrality of scipy.stats.nct with n - 1 degrees of freedom (the lower tail as the upper tail at -nc:
-    nct.cdf gives NaN far out). NaN below 2 pairs or without spread."""
+    """Smallest |mean difference| a two-sided paired t-test of n pairs detects with `power` at
+    level `alpha`, the observed sd of the differences taken as the true one: solves
+    P(|T| > t_crit) = power for the noncentrality of scipy.stats.nct, n - 1 degrees of freedom (the
+    lower tail as the upper tail at -nc: nct.cdf gives NaN far out). NaN below 2 pairs or with no
+    spread."""
     if n < 2 or not sd > 0:
         return math.nan
     df, crit = n - 1, stats.t.ppf(1 - alpha / 2, n - 1)
@@ -263,29 +267,27 @@ def _paired(d: np.ndarray, alpha: float, family: int) -> dict:
          "p": math.nan, "detectable": math.nan, "constant": False}
     if n < 2:
         return r
-    if np.ptp(d) <= 1e-12 * max(1.0, np.abs(d).max()):  # every seed the same: no spread to test against
+    if np.ptp(d) <= 1e-12 * max(1.0, np.abs(d).max()):  # the same on every seed: no spread to test
         return {**r, "constant": True}
     res = stats.ttest_1samp(d, 0.0)
     ci = res.confidence_interval(1 - alpha)
-    # detectable at alpha / family: a p below it is significant under Holm whatever the other contrasts do
+    # detectable at alpha / family: a p below it is significant under Holm whatever the others do
     return {**r, "ci_low": ci.low, "ci_high": ci.high, "p": res.pvalue,
             "detectable": detectable_difference(n, d.std(ddof=1), alpha / family)}
 
 
 def contrast_weights(design: Design) -> list:
-    """(factor, label, {condition: weight}) for every main effect and two-factor interaction the design
-    has; a main effect or interaction averages over the settings of the other factors that have its cells."""
+    """(factor, label, {condition: weight}) for every main effect and two-factor interaction the
+    design has, each averaged over the settings of the other factors that have all its cells."""
     names, conds = list(design.factors), design.conditions
     index = {tuple(c[f] for f in names): i for i, c in enumerate(conds)}
-    cell = lambda fixed: index.get(tuple(fixed[f] for f in names))
 
-    def average(fixed_names, signs):  # signs: [({factor: level}, sign)] for one setting
-        rest = [f for f in names if f not in fixed_names]
-        sets, w = [], {}
+    def average(fixed, signs):  # signs: [({factor: level}, +1 or -1)], the cells of one setting
+        rest, sets, w = [f for f in names if f not in fixed], [], {}
         for s in dict.fromkeys(tuple(c[f] for f in rest) for c in conds):
-            cs = [(cell({**dict(zip(rest, s)), **lv}), sign) for lv, sign in signs]
-            if all(c is not None for c, _ in cs):
-                sets.append(cs)
+            cells = [(index.get(tuple({**dict(zip(rest, s)), **lv}[f] for f in names)), sign)
+                     for lv, sign in signs]
+            sets += [cells] if all(c is not None for c, _ in cells) else []
         for c, sign in itertools.chain(*sets):
             w[c] = w.get(c, 0.0) + sign / len(sets)
         return w
@@ -299,52 +301,45 @@ def contrast_weights(design: Design) -> list:
     for f, g in itertools.combinations(names, 2):
         (rf, *fs), (rg, *gs) = design.factors[f], design.factors[g]
         for lf, lg in itertools.product(fs, gs):
-            w = average([f, g], [({f: lf, g: lg}, 1), ({f: rf, g: lg}, -1), ({f: lf, g: rg}, -1),
-                                 ({f: rf, g: rg}, 1)])
+            w = average([f, g], [({f: lf, g: lg}, 1), ({f: rf, g: lg}, -1),
+                                 ({f: lf, g: rg}, -1), ({f: rf, g: rg}, 1)])
             label = f"{f} {_fmt(lf)} vs {_fmt(rf)} x {g} {_fmt(lg)} vs {_fmt(rg)}"
             out += [(f"{f} x {g}", label, w)] if w else []
     return out
 
 
-def seed_cells(design: Design, column: str) -> pd.DataFrame:
-    """seeds x conditions: `column` of each ok run (NaN where a condition lacks an ok run of that seed)."""
-    ok = design.runs[design.runs["ok"]]
-    t = ok.pivot(index="seed", columns="cond", values=column)
-    return t.reindex(columns=range(len(design.conditions)))
-
-
 def contrast_table(design: Design, metric: Metric, alpha: float = 0.05) -> pd.DataFrame:
-    """One row per contrast of the design on `metric`: its paired test, Holm-adjusted p and verdict word."""
-    cells, ws = seed_cells(design, metric.column), contrast_weights(design)
-    rows = []
+    """One row per contrast of the design on `metric`: paired test, Holm p, verdict word."""
+    ok, ws, rows = design.runs[design.runs["ok"]], contrast_weights(design), []
+    # seeds x conditions: the metric of each ok run, NaN where a condition lacks that seed ok
+    cells = ok.pivot(index="seed", columns="cond", values=metric.column).reindex(
+        columns=range(len(design.conditions)))
     for factor, label, w in ws:
-        v = cells[list(w)].dropna()  # the seeds ok in every cell of this contrast
-        d = v.to_numpy(float) @ np.array(list(w.values()))
+        d = cells[list(w)].dropna().to_numpy(float) @ np.array(list(w.values()))  # seeds ok in all
         rows.append({"factor": factor, "contrast": label, **_paired(d, alpha, max(1, len(ws)))})
     cols = ["factor", "contrast", "n", "effect", "ci_low", "ci_high", "p", "detectable", "constant"]
     t = pd.DataFrame(rows, columns=cols)
     t["p_adjusted"] = holm(t["p"])
-    sig = t["p_adjusted"] < alpha
-    t["word"] = np.where(sig, np.where(t["effect"] < 0, "better", "worse"), "no detectable difference")
-    t["direction"] = np.where(t["effect"] < 0, metric.down, np.where(t["effect"] > 0, metric.up, "no change"))
+    t["word"] = np.where(t["p_adjusted"] < alpha, np.where(t["effect"] < 0, "better", "worse"),
+                         "no detectable difference")
     return t
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Summary: the verdicts on the primary metric, worded once for everyone
 
 def _summary_of(design: Design, csv_path, alpha: float) -> Summary:
     t = contrast_table(design, PRIMARY, alpha)
     verdicts = [Verdict(r.factor, r.contrast, PRIMARY.column, float(r.effect), float(r.ci_low),
-                        float(r.ci_high), False, int(r.n), float(r.p_adjusted), float(r.detectable), r.word)
-                for r in t.itertuples()]
-    runs = design.runs
-    return Summary(Path(csv_path), len(runs), int(runs["ok"].sum()), int((~runs["ok"]).sum()),
-                   design.conditions, design.conditions[0], verdicts, alpha)
+                        float(r.ci_high), False, int(r.n), float(r.p_adjusted),
+                        float(r.detectable), r.word) for r in t.itertuples()]
+    n, ok = len(design.runs), int(design.runs["ok"].sum())
+    return Summary(Path(csv_path), n, ok, n - ok, design.conditions, design.conditions[0], verdicts,
+                   alpha)
 
 
 def summary(csv_path, alpha: float = 0.05) -> Summary:
-    """Per main effect and interaction, the verdict on the final validation loss (see the module docstring)."""
+    """Per main effect and interaction, the verdict on the final validation loss."""
     return _summary_of(read_design(csv_path), csv_path, alpha)
 
 
@@ -357,6 +352,10 @@ def _g(x: float, sign: bool = True) -> str:
     return "n/a" if x != x else f"{x:+.3g}" if sign else f"{x:.3g}"
 
 
+def _num(x, d=3) -> str:
+    return "n/a" if x != x else f"{x:.{d}f}"
+
+
 def _signed(x: float, metric: Metric) -> str:
     return "0 (no change)" if x == 0 else f"{_g(x)} ({metric.up if x > 0 else metric.down})"
 
@@ -367,8 +366,8 @@ def verdict_line(v: Verdict, alpha: float) -> str:
     if v.n < 2:
         return f"{v.contrast}: {n} seed pair(s), too few to test: {v.word}"
     if math.isnan(v.p_adjusted):
-        return (f"{v.contrast}: {eff} on every one of the {v.n} seeds: the seeds agree exactly, so {v.n} "
-                f"seeds cannot estimate the spread and this is not tested: {v.word}")
+        return (f"{v.contrast}: {eff} on every one of the n={v.n} seeds: the seeds agree exactly, "
+                f"so they cannot estimate the spread and this is not tested: {v.word}")
     ci = f"unadjusted {100 * (1 - alpha):g}% CI {_g(v.ci_low)} to {_g(v.ci_high)}"
     line = f"{v.contrast}: {eff}, {ci}, {n}, p_holm {_p(v.p_adjusted)}"
     if v.word == "no detectable difference":
@@ -382,197 +381,163 @@ def summary_text(s: Summary) -> str:
             f"{len(s.conditions)} condition(s); reference {cond_label(s.reference)}.")
     if not s.verdicts:
         return head + "\nA single condition: nothing to compare."
-    head += (f"\nFinal validation loss (primary), paired by seed, Holm over its {len(s.verdicts)} "
-             f"contrasts, alpha {s.alpha:g}; detectable = 80% power at alpha/{len(s.verdicts)}:")
+    m = len(s.verdicts)
+    head += (f"\nFinal validation loss (primary), paired by seed, Holm over its {m} contrasts, "
+             f"alpha {s.alpha:g}; detectable = 80% power at alpha/{m}:")
     return "\n".join([head] + [verdict_line(v, s.alpha) for v in s.verdicts])
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Plots
 
 def _strip(design: Design, columns: list, title: str, xlabel: str) -> Figure:
-    """Each ok run's value (dots) and the condition mean (mark) per condition, one colour per column."""
+    """Each ok run's value (dots) and each condition's mean (diamond), one colour per column."""
     labels = [cond_label(c) for c in design.conditions]
     fig = Figure(figsize=(7, 1.4 + 0.45 * len(labels)), layout="constrained")
     ax, ok = fig.subplots(), design.runs[design.runs["ok"]]
     ys = np.arange(len(labels))[::-1]  # first condition on top
     for k, (col, name) in enumerate(columns):
         off = 0.15 * (k - (len(columns) - 1) / 2)
-        y = ys[ok["cond"].to_numpy()] + off
-        ax.scatter(ok[col], y, s=14, color=f"C{k}", alpha=0.5)
+        ax.scatter(ok[col], ys[ok["cond"].to_numpy()] + off, s=14, color=f"C{k}", alpha=0.5)
         means = ok.groupby("cond")[col].mean().reindex(range(len(labels)))
         ax.plot(means, ys + off, "D", color=f"C{k}", label=f"{name} (mean)")
-    ax.set_yticks(ys, labels)
-    ax.set(title=title, xlabel=xlabel)
+    ax.set(title=title, xlabel=xlabel, yticks=ys, yticklabels=labels)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
 
-def _curves_figure(design: Design, runs_dir: Path) -> Figure | None:
-    """Validation and training loss per step, mean over each condition's ok seeds with a metrics.jsonl."""
-    recs = []
-    for r in design.runs[design.runs["ok"]].itertuples():
-        f = runs_dir / str(getattr(r, "run_id", "")) / "metrics.jsonl"
-        for line in f.read_text().splitlines() if f.is_file() else []:
-            try:  # a run killed mid-write leaves a torn last line
-                m = json.loads(line)
-                recs.append((r.cond, m["split"], int(m["step"]), float(m["loss"])))
-            except (ValueError, KeyError, TypeError):
-                pass
-    if not recs:
-        return None
-    c = pd.DataFrame(recs, columns=["cond", "split", "step", "loss"])
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    for ax, split in zip(fig.subplots(1, 2), ("train", "val")):
-        mean = c[c["split"] == split].groupby(["cond", "step"])["loss"].mean().reset_index()
-        for k, g in mean.groupby("cond"):
-            ax.plot(g["step"], g["loss"], color=f"C{k % 10}", ls="-" if k < 10 else "--",
-                    marker="o" if split == "val" else None, ms=3, label=cond_label(design.conditions[k]))
-        ax.set(title=f"{split} loss (mean over seeds)", xlabel="optimizer step", ylabel="loss")
-        ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return fig
-
-
 def _load_figure(design: Design) -> Figure | None:
     """Expert load / fair share per layer and expert, from each condition's smallest ok seed."""
-    runs = design.runs
+    runs, loads = design.runs, []
     if "expert_load_per_layer" not in runs.columns:
         return None
-    loads = []
     for k, g in runs[runs["ok"]].sort_values("seed").groupby("cond"):
         for seed, v in zip(g["seed"], g["expert_load_per_layer"]):
             m = [_floats(layer) for layer in str(v).split("|")]
-            if m and m[0] and len({len(x) for x in m}) == 1:
+            if m[0] and len({len(x) for x in m}) == 1:
                 loads.append((k, seed, np.array(m) * len(m[0])))  # share x E: 1 = the fair share
                 break
     if not loads:
         return None
-    ncols = min(3, len(loads))
-    fig = Figure(figsize=(4 * ncols + 1, (1.4 + 0.3 * loads[0][2].shape[0]) * math.ceil(len(loads) / ncols)),
-                 layout="constrained")
-    axes = fig.subplots(math.ceil(len(loads) / ncols), ncols, squeeze=False).flat
-    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(m.max() for _, _, m in loads)))
+    cols, rows = min(3, len(loads)), math.ceil(len(loads) / min(3, len(loads)))
+    fig = Figure(figsize=(4.5 * cols + 1, (1.8 + 0.3 * len(loads[0][2])) * rows))
+    fig.subplots_adjust(hspace=0.9, wspace=0.3)  # by hand: constrained layout triples the time
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(2.0, max(m.max() for *_, m in loads)))
     for ax, (k, seed, m) in zip(axes, loads):
         im = ax.imshow(m, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{cond_label(design.conditions[k])}, seed {seed}", fontsize=8)
-        ax.set(xlabel="expert", ylabel="layer")
-    for ax in list(axes)[len(loads):]:
+        ax.set_title(f"{cond_label(design.conditions[k])}\nseed {seed}", fontsize=7)
+        ax.set(xlabel="expert", ylabel="layer", xticks=range(0, m.shape[1], -(-m.shape[1] // 8)),
+               yticks=range(0, len(m), -(-len(m) // 8)))
+    for ax in axes[len(loads):]:
         fig.delaxes(ax)
-    fig.colorbar(im, ax=fig.axes[:len(loads)], label="load / fair share (1 = balanced)")
+    fig.colorbar(im, ax=axes[:len(loads)], label="load / fair share (1 = balanced)")
     return fig
 
 
 def write_plots(csv_path, design: Design) -> list:
-    """The PNGs beside the CSV: (name, path) for each plot that has data."""
-    out, prefix = Path(csv_path).parent, report_paths(csv_path)[1]
+    """The PNGs beside the CSV: (title, path) of each plot that has data."""
+    out, prefix, bal = Path(csv_path).parent, report_paths(csv_path)[1], design.balance
     figs = [("loss", "Final validation loss per condition",
-             _strip(design, [("val_loss", "final val loss")], "Final validation loss", "loss (nats)"))]
-    if design.balance:
-        cols = [("balance", "evaluation")]
-        if "train_expert_usage_cv_worst_layer" in design.runs and design.balance.column == "balance" \
-                and "worst" in design.balance.name:
-            cols.append(("train_expert_usage_cv_worst_layer", "training (with router noise)"))
+             _strip(design, [("val_loss", "final val loss")], "Final validation loss", "nats"))]
+    if bal:
+        cols = [(bal.column, "evaluation")]
+        train = "train_" + bal.column.replace("worst_layer_cv", "expert_usage_cv_worst_layer")
+        cols += [(train, "training, router noise included")] if train in design.runs else []
         figs.append(("balance", "Expert balance per condition",
-                     _strip(design, cols, design.balance.name, "higher = less even routing")))
-    figs.append(("loss_curves", "Loss curves", _curves_figure(design, out / f"{Path(csv_path).stem}_runs")))
+                     _strip(design, cols, f"{bal.short} per condition", "higher = less even")))
     figs.append(("expert_load", "Expert load per layer (smallest ok seed of each condition)",
                  _load_figure(design)))
     paths = []
-    for stem, name, fig in figs:
+    for stem, title, fig in figs:
         if fig is not None:
-            path = out / f"{prefix}_{stem}.png"
-            fig.savefig(path, dpi=110)
-            paths.append((name, path))
+            paths.append((title, out / f"{prefix}_{stem}.png"))
+            fig.savefig(paths[-1][1], dpi=110)
     return paths
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The markdown report
 
 def _table(headers, rows, left=1) -> str:
-    """A GitHub markdown table (tabulate, which DataFrame.to_markdown needs, is not a dependency)."""
+    """A GitHub markdown table (DataFrame.to_markdown needs tabulate, not a dependency)."""
     line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
     align = "|" + "|".join([":---"] * left + ["---:"] * (len(headers) - left)) + "|"
     return "\n".join([line(headers), align] + [line(r) for r in rows])
 
 
-def _num(x, d=3) -> str:
-    return "n/a" if x != x else f"{x:.{d}f}"
-
-
 def _seeds_text(design: Design) -> str:
-    """The seeds each condition has, truthfully: one sentence when they all agree, else per condition."""
-    per = []
+    """The seeds of each condition, truthfully: one sentence when all agree, else per condition."""
+    per, join = [], lambda xs: ", ".join(map(str, sorted(xs)))
     for k, cond in enumerate(design.conditions):
         g = design.runs[design.runs["cond"] == k]
-        bad = sorted(g.loc[~g["ok"], "seed"])
-        per.append((cond, sorted(g.loc[g["ok"], "seed"]), bad))
-    if all((s, b) == (per[0][1], per[0][2]) for _, s, b in per) and not per[0][2]:
-        return f"Every condition has the seeds {', '.join(map(str, per[0][1]))}, all ok."
+        per.append((cond, join(g.loc[g["ok"], "seed"]), join(g.loc[~g["ok"], "seed"])))
+    if len({(s, b) for _, s, b in per}) == 1 and not per[0][2]:
+        return f"Every condition has the seeds {per[0][1]}, all ok."
     return "Seeds per condition: " + "; ".join(
-        f"{cond_label(c)}: {', '.join(map(str, s)) or 'none'} ok" + (f", {', '.join(map(str, b))} diverged"
-                                                                      if b else "") for c, s, b in per) + "."
+        f"{cond_label(c)}: {s or 'none'} ok" + (f", {b} diverged" if b else "")
+        for c, s, b in per) + "."
 
 
 def _setup(design: Design) -> list:
     runs, f = design.runs, design.factors
     n, ok = len(runs), int(runs["ok"].sum())
     text = [f"{n} runs ({ok} ok, {n - ok} diverged) in {len(design.conditions)} condition(s)."]
-    text.append("Factors (the values that differ between rows; reference level first, which is the CSV's "
-                "first condition's value): " + "; ".join(f"`{k}` ∈ {{{', '.join(map(_fmt, v))}}}"
-                                                        for k, v in f.items()) + "."
+    text.append("Factors (the values that differ between rows; reference level first, the CSV's "
+                "first condition's): " + "; ".join(f"`{k}` ∈ {{{', '.join(map(_fmt, v))}}}"
+                                                  for k, v in f.items()) + "."
                 if f else "No config value differs between the rows: a single condition.")
     text.append(_seeds_text(design))
     if "data" in runs.columns:
-        pairs = runs[["data", "data_sha256"]] if "data_sha256" in runs.columns else runs[["data"]]
-        text.append("Data: " + "; ".join(" ".join([str(p[0])] + [f"(sha256 {p[1][:12]})"] * (len(p) > 1))
-                                         for p in pairs.drop_duplicates().itertuples(index=False)) + ".")
+        cols = ["data"] + ["data_sha256"] * ("data_sha256" in runs.columns)
+        text.append("Data: " + "; ".join(p[0] + "".join(f" (sha256 {h[:12]})" for h in p[1:])
+                                         for p in runs[cols].drop_duplicates().to_numpy()) + ".")
     else:
         text.append("Data: not recorded in this CSV (no `data` column).")
-    for col, what in (("steps", "optimizer steps"), ("train_tokens", "training tokens")):
+    for col, what in (("steps", "Optimizer steps per run"), ("train_tokens", "Training tokens per "
+                      "run"), ("device", "Device"), ("dtype", "Dtype")):
         if col in runs.columns:
-            text.append(f"{what.capitalize()} per run: "
-                        + ", ".join(f"{int(v):,}" for v in runs[col].dropna().unique()) + ".")
-    for col in ("device", "dtype"):
-        if col in runs.columns:
-            text.append(f"{col.capitalize()}: {', '.join(map(str, runs[col].unique()))}.")
-    shared = {k: v for k, v in design.config.items() if k not in f}
-    return [" ".join(text), "", "Configuration shared by every run: "
-            + ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v)}`" for k, v in shared.items()) + "."]
+            values = [f"{v:,.0f}" if col in NUMERIC else v for v in runs[col].dropna().unique()]
+            text.append(f"{what}: {', '.join(values)}.")
+    skip = ("dataset", "dataset_config") if "data" in runs.columns else ()  # `data` says it
+    shared = ", ".join(f"`{k}={v if isinstance(v, str) else json.dumps(v)}`"
+                       for k, v in design.config.items() if k not in skip)
+    return [" ".join(text), "", f"Configuration shared by every run: {shared or 'none'}."]
 
 
 def _conditions_md(design: Design) -> list:
     runs, bal = design.runs, design.balance
-    cols = [("val_loss", "Final val loss (mean ± sd)", 3, True), ("best_val_perplexity", "Best val PPL", 2, False)]
-    cols += [("balance", "Balance", 3, False)] if bal else []
-    cols += [("expert_usage_cv", "Layer-summed CV", 3, False), ("training_time_minutes", "Minutes", 2, False)]
+    cols = [("val_loss", "Final val loss (mean ± sd)", 3, True),
+            ("best_val_perplexity", "Best val PPL", 2, False)]
+    cols += [(bal.column, bal.short.capitalize(), 3, False)] if bal else []
+    cols += [("expert_usage_cv", "Layer-summed CV", 3, False),
+             ("training_time_minutes", "Minutes", 2, False)]
     rows = []
     for k, cond in enumerate(design.conditions):
         g = runs[runs["cond"] == k]
         ok = g[g["ok"]]
-        cells = [f"{_num(ok[c].mean(), d)} ± {_num(ok[c].std(), d)}" if sd else _num(ok[c].mean(), d)
+        cells = [_num(ok[c].mean(), d) + (f" ± {_num(ok[c].std(), d)}" if sd else "")
                  for c, _, d, sd in cols]
         rows.append([cond_label(cond), len(ok), len(g) - len(ok)] + cells)
-    note = (f" Balance: {bal.name} on the last evaluation (the test's measure); layer-summed CV is the "
-            "original's expert_usage_cv, which can read 0 while whole layers collapse." if bal else "")
+    note = (f" {bal.short.capitalize()}: {bal.name} on the last evaluation, the balance measure "
+            "tested; layer-summed CV is the original's expert_usage_cv, which can read 0 while "
+            "whole layers collapse." if bal else "")
     return ["", "## Results per condition", "",
             f"Mean over each condition's ok runs (sd: sample std over seeds).{note}", "",
             _table(["Condition", "ok", "Diverged"] + [h for _, h, _, _ in cols], rows)]
 
 
-def _method(design: Design, alpha: float, m: int) -> str:
-    return (f"Each contrast is paired by seed, over the seeds ok in every cell it uses (a diverged run drops "
-            "its seed from the contrasts that need it). A main effect is a level minus the reference level, "
-            "averaged over the other factors' levels; an interaction is a difference of differences: the first "
-            "factor's effect at the second factor's level minus its effect at the second's reference (positive "
-            "= the first factor's effect is more toward a higher value there), averaged over any further "
-            f"factors; higher-order interactions are not tested. Paired t-test; p_holm is Holm over all {m} "
-            "contrasts of the metric (one family per metric for the whole report, untestable contrasts "
-            f"included). Intervals are unadjusted {100 * (1 - alpha):g}% t-intervals. Smallest detectable "
-            f"difference: the |difference| these n seed pairs detect with 80% power in a two-sided paired "
-            f"t-test at alpha/{m} = {alpha / m:.4g} (scipy's noncentral t, the observed sd taken as true); "
+def _method(alpha: float, m: int) -> str:
+    return ("Paired by seed over the seeds ok in every cell used (a diverged run drops its seed). "
+            "Main effect: a level minus the reference, averaged over the other factors' levels. "
+            "Interaction: the first factor's effect at the second's level minus at the second's "
+            "reference (positive = more toward a higher value there), averaged over the rest; "
+            f"higher-order interactions are not tested. Paired t-test; p_holm: Holm over all {m} "
+            "contrasts of the metric, untestable ones included, one family for the whole report. "
+            f"Intervals: unadjusted {100 * (1 - alpha):g}% t-intervals. Detectable: the smallest "
+            "|difference| these n pairs detect with 80% power, two-sided paired t-test at "
+            f"alpha/{m} = {alpha / m:.3g} (scipy's noncentral t, the observed sd taken as true); "
             "\"no detectable difference\" is not evidence of no effect.")
 
 
@@ -580,62 +545,63 @@ def _contrast_rows(t: pd.DataFrame, metric: Metric, alpha: float) -> list:
     rows = []
     for r in t.itertuples():
         if r.constant:
-            stat = ["seeds agree exactly", "not tested", "not tested", "spread unknown"]
+            stat = ["the seeds agree exactly", "not tested", "not tested", "spread unknown"]
         elif r.n < 2:
             stat = ["too few seeds", "not tested", "not tested", "n/a"]
         else:
             stat = [f"{_g(r.ci_low)} to {_g(r.ci_high)}", _p(r.p), _p(r.p_adjusted),
                     "—" if r.p_adjusted < alpha else _g(r.detectable, sign=False)]
-        said = (r.word if metric is PRIMARY else "significant" if r.p_adjusted < alpha else "not significant")
-        rows.append([r.contrast, r.n, _signed(r.effect, metric)] + stat + [said])
+        said = "significant" if r.p_adjusted < alpha else "not significant"
+        rows.append([r.contrast, r.n, _signed(r.effect, metric)] + stat
+                    + [r.word if metric is PRIMARY else said])
     return rows
 
 
 def _analysis_md(design: Design, s: Summary, alpha: float) -> list:
-    level = f"{100 * (1 - alpha):g}%"
-    heads = ["Contrast", "n", "Effect", f"Unadjusted {level} CI", "p", "p_holm", "Detectable (80%)"]
+    heads = ["Contrast", "n", "Effect", f"Unadjusted {100 * (1 - alpha):g}% CI", "p", "p_holm",
+             "Detectable (80%)"]
     md = ["", "## Primary analysis: final validation loss", ""]
     if not design.factors:
         return md + ["A single condition: nothing to compare."]
     t = contrast_table(design, PRIMARY, alpha)
-    md += [_method(design, alpha, len(t)), "",
-           f"Reference: {cond_label(s.reference)}. Verdicts (better = lower final validation loss):", ""]
+    md += [_method(alpha, len(t)), "", f"Reference: {cond_label(s.reference)}. Verdicts "
+           "(better = lower final validation loss):", ""]
     md += [f"- {verdict_line(v, alpha)}" for v in s.verdicts]
     md += ["", _table(heads + ["Verdict"], _contrast_rows(t, PRIMARY, alpha))]
     for metric in [BEST] + ([design.balance] if design.balance else []):
         t = contrast_table(design, metric, alpha)
-        md += ["", f"## Secondary: {metric.name}", "",
-               f"The same contrasts, their own Holm family of {len(t)}; significant = p_holm < {alpha:g}.", "",
+        md += ["", f"## Secondary: {metric.name}", "", f"The same contrasts in their own Holm "
+               f"family of {len(t)}; significant = p_holm < {alpha:g}.", "",
                _table(heads + ["Holm"], _contrast_rows(t, metric, alpha))]
     if not design.balance:
-        md += ["", "## Secondary: expert balance", "", "Not tested: this CSV has no per-layer balance measure "
-               "(expert_usage_cv_worst_layer, expert_usage_cv_per_layer or dead_expert_fraction); the "
-               "layer-summed expert_usage_cv hides collapse, so it is only shown."]
+        md += ["", "## Secondary: expert balance", "", "Not tested: this CSV has no per-layer "
+               "balance measure (expert_usage_cv_worst_layer, expert_usage_cv_per_layer or "
+               "dead_expert_fraction), and the layer-summed expert_usage_cv hides collapse."]
     return md
 
 
 ROUTING = (("train_expert_usage_cv_worst_layer", "worst-layer CV, training"),
-           ("dead_expert_fraction", "dead fraction, evaluation"),
-           ("train_dead_expert_fraction", "dead fraction, training"),
-           ("expert_usage_cv", "layer-summed CV (original's)"), ("routing_entropy", "entropy"),
-           ("expert_load_max_mean", "max/mean load"))
+           ("dead_expert_fraction", "dead fraction, evaluation"), ("train_dead_expert_fraction",
+           "dead fraction, training"), ("expert_usage_cv", "layer-summed CV (original's)"),
+           ("routing_entropy", "entropy"), ("expert_load_max_mean", "max/mean load"))
 
 
 def _routing_md(design: Design) -> list:
-    runs, bal = design.runs, design.balance
-    have = ([("balance", f"{bal.name}, evaluation")] if bal else []) + [
-        (c, h) for c, h in ROUTING if c in runs.columns and runs.loc[runs["ok"], c].notna().any()]
-    ok = runs[runs["ok"]]
+    runs, bal, ok = design.runs, design.balance, design.runs[design.runs["ok"]]
+    have = [(bal.column, f"{bal.short}, evaluation")] if bal else []
+    have += [(c, h) for c, h in ROUTING if c in runs.columns and ok[c].notna().any()
+             and (not bal or c != bal.column)]
     rows = [[cond_label(c)] + [_num(ok.loc[ok["cond"] == k, col].mean()) for col, _ in have]
             for k, c in enumerate(design.conditions)]
-    md = ["", "## Routing", "", "Means over ok seeds. Evaluation routes the validation batches without router "
-          "noise; training columns are the training batches of the last log window, noise included. Dead = "
-          "an expert below a tenth of its fair share.", "", _table(["Condition"] + [h for _, h in have], rows)]
+    md = ["", "## Routing", "", "Means over ok seeds. Evaluation routes the validation batches "
+          "without router noise; the training columns are the training batches of the last log "
+          "window, noise included. Dead: an expert below a tenth of its fair share.", "",
+          _table(["Condition"] + [h for _, h in have], rows)]
     absent = [c for c, _ in ROUTING if c not in runs.columns]
     if absent:
         md += ["", "Not in this CSV, so not shown: " + ", ".join(absent) + "."
                + (" Without training routing, noise conditions show noise-free routing only."
-                  if "train_expert_usage_cv_worst_layer" in absent else "")]
+                  if ROUTING[0][0] in absent else "")]
     return md
 
 
@@ -643,30 +609,29 @@ def write_report(csv_path, alpha: float = 0.05) -> Path:
     """The markdown report and its PNGs beside the CSV; returns the report's path."""
     design = read_design(csv_path)
     s = _summary_of(design, csv_path, alpha)
-    report = report_paths(csv_path)[0]
     md = [f"# MoE routing sweep: analysis of `{Path(csv_path).name}`", ""] + _setup(design)
     md += _conditions_md(design) + _analysis_md(design, s, alpha) + _routing_md(design)
     bad = design.runs[~design.runs["ok"]]
     rows = [[getattr(r, "run_id", ""), cond_label(design.conditions[r.cond]), r.seed, r.why]
             for r in bad.itertuples()]
-    md += ["", "## Diverged runs", "", _table(["Run", "Condition", "Seed", "Why"], rows, left=4)
-           if rows else "None."]
+    md += ["", "## Diverged runs", "",
+           _table(["Run", "Condition", "Seed", "Why"], rows, left=4) if rows else "None."]
     md += ["", "## Plots", ""]
-    for name, path in write_plots(csv_path, design):
-        md += [f"![{name}]({path.name})", ""]
-    report.write_text("\n".join(md).rstrip() + "\n")
+    for title, path in write_plots(csv_path, design):
+        md += [f"![{title}]({path.name})", ""]
+    (report := report_paths(csv_path)[0]).write_text("\n".join(md).rstrip() + "\n")
     return report
 
 
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="The verdicts, markdown report and plots for a results CSV of "
-                                "llm.py (written beside the CSV).")
+    p = argparse.ArgumentParser(description="The verdicts, markdown report and plots (written "
+                                "beside the CSV) for a results CSV of llm.py.")
     p.add_argument("csv", help=f"results CSV (llm.py's default: {DEFAULT_CSV})")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    p.add_argument("--summary", action="store_true", help="print the verdict lines instead of the report")
+    p.add_argument("--summary", action="store_true", help="print the verdicts, write no report")
     args = p.parse_args(argv)
     try:
         if not 0 < args.alpha < 1:
@@ -679,21 +644,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-# Transitional, for the llm.py on main until its rewrite lands (it imports these at start-up and calls
-# print_summary after a sweep): delete this block when merging the new llm.py.
-RESULT_NEUTRAL = ("cache_dir", "log_every")
-LATER_FIELDS = {"router_z_loss_weight": 0.0, "balancing": "loss", "bias_update_rate": 1e-3}
-LATER_ROUTING_COLUMNS = ("expert_load_max_mean", "routing_entropy", "dead_expert_fraction",
-                         "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
-                         "dead_expert_fraction_per_layer", "expert_load_per_layer")
-TAIL_COLUMNS = ("status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_per_layer",
-                *LATER_ROUTING_COLUMNS, "device", "dtype", "run_id", "config_hash", "config_json")
-
-
-def print_summary(path, hashes=None):
-    print(summary_text(summary(path)))
 
 
 if __name__ == "__main__":
