@@ -13,8 +13,10 @@ report.py's verdicts; `loop` repairs a refused plan with exactly one extra reque
 reports a failed run to the model with its output, holds its out-dir lock before the chain, and over two
 rounds (killed and resumed) carries round 1's ledger row into round 2's first prompt.
 """
+import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,7 +30,6 @@ import pytest
 import report
 import simple_llm
 from fake_providers import answer
-from test_report import sweep_rows, write_csv
 from test_simple_llm import (GEMINI_KEY, KIMI_KEY, SCRIPT, _no_dotenv, assert_no_keys,  # noqa: F401
                              fake, httpserver_listen_address, work)
 
@@ -62,6 +63,30 @@ def smoke_csv(tmp_path_factory) -> Path:
     return out
 
 
+def write_csv(path: Path, template: Path, effects, seeds=(42, 43, 44)) -> Path:
+    """A results CSV in llm.py's own columns (the template is a real smoke run's row): noise {0, 0.1, 0.5}
+    x lb {0.01, 0} x seeds, val_loss = 4 + effects[condition] / 100 + a seed effect."""
+    with open(template, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, row = reader.fieldnames, next(reader)
+    conds = [(n, lb) for lb in (0.01, 0.0) for n in (0.0, 0.1, 0.5)]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for i, ((n, lb), effect) in enumerate(zip(conds, effects)):
+            for j, s in enumerate(seeds):
+                loss = 4 + effect / 100 + (0.0, 0.03, -0.02)[j] + 0.001 * ((i * 7 + j * 3) % 5)
+                cfg = {**json.loads(row["config_json"]), "noise_std": n, "load_balancing_weight": lb, "seed": s}
+                w.writerow({**row, "seed": s, "noise_std": n, "load_balancing_weight": lb, "val_loss": loss,
+                            "val_perplexity": math.exp(loss), "best_val_perplexity": math.exp(loss - 0.01),
+                            "run_id": f"run{i}_{j}", "config_hash": f"{i * 10 + j:016x}",
+                            "config_json": json.dumps(cfg)})
+    return path
+
+
+EFFECTS = [0, 0.2, 14, 0.1, 0.3, 0.2]
+
+
 @pytest.fixture(scope="session")
 def smoke_report(smoke_csv) -> Path:
     """Its report: as a loop's --results, it stands for the CSV beside it (built once, not per loop)."""
@@ -70,7 +95,7 @@ def smoke_report(smoke_csv) -> Path:
 
 # ---------------------------------------------------------------------------------------------- {results}
 
-def test_results_from_an_explicit_report_and_from_a_csv(work, capsys):
+def test_results_from_an_explicit_report_and_from_a_csv(work, capsys, smoke_csv):
     (work / "found.md").write_text("# Findings\nnoise 0.5 hurt: MARKER-REPORT\n\n## Plots\n\n![p](p.png)\n")
     assert simple_llm.main(chain_dry("--results", "found.md")) == 0
     out, err = capsys.readouterr()
@@ -78,14 +103,14 @@ def test_results_from_an_explicit_report_and_from_a_csv(work, capsys):
     assert "p.png" not in out  # plots mean nothing to a model
     assert "results: found.md" in err and "{results}" not in out
 
-    csv = write_csv(work / "sweep.csv", sweep_rows([0, 0.2, 14, 0.1, 0.3, 0.2]))
-    assert simple_llm.main(chain_dry("--results", str(csv))) == 0
+    sweep = write_csv(work / "sweep.csv", smoke_csv, EFFECTS)
+    assert simple_llm.main(chain_dry("--results", str(sweep))) == 0
     out, err = capsys.readouterr()
     assert not (work / "sweep_analysis.md").exists() and "built for this dry run only" in err  # writes nothing
     assert "analysis of `sweep.csv`" in out and "## Primary analysis" in out
 
 
-def test_results_auto_found_turned_off_or_absent(work, capsys):
+def test_results_auto_found_turned_off_or_absent(work, capsys, smoke_csv):
     assert simple_llm.DEFAULT_CSV_NAME == report.DEFAULT_CSV
     assert simple_llm.main(chain_dry()) == 0
     out, err = capsys.readouterr()
@@ -101,7 +126,7 @@ def test_results_auto_found_turned_off_or_absent(work, capsys):
     out, err = capsys.readouterr()
     assert "MARKER-AUTO" not in out and out.count(simple_llm.NO_RESULTS) == 3
 
-    write_csv(work / report.DEFAULT_CSV, sweep_rows([0, 0.2, 14, 0.1, 0.3, 0.2]))  # newer than its report
+    write_csv(work / report.DEFAULT_CSV, smoke_csv, EFFECTS)  # newer than its report
     before = sorted(p.name for p in work.iterdir())
     assert simple_llm.main(chain_dry()) == 0
     out, err = capsys.readouterr()
@@ -459,10 +484,10 @@ def test_example_plan_runs_offline(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- ledger
 
-def test_ledger_rows_carry_report_verdicts(tmp_path):
-    csv = write_csv(tmp_path / "e.csv", sweep_rows([-3, 0.2, 14, 0.1, 0.3, 0.2]))
-    found = simple_llm.verdicts(csv)
-    s = report.summary(csv)
+def test_ledger_rows_carry_report_verdicts(tmp_path, smoke_csv):
+    results = write_csv(tmp_path / "e.csv", smoke_csv, [-3, 0.2, 14, 0.1, 0.3, 0.2])
+    found = simple_llm.verdicts(results)
+    s = report.summary(results)
     assert found["text"] == report.summary_text(s) and found["n_ok"] == s.n_ok
     state = {"round": {"1": {"status": "done", "refusals": ["entry 1 (x): llm.py has no flag --foo"],
                              "entries": [{"name": "e", "question": "Does noise hurt?", "args": ["--noise-std", "0"],
