@@ -116,8 +116,7 @@ _SECRETS: dict[str, re.Pattern] = {}  # key -> one pattern for the key and its o
 
 
 def add_secret(key: str) -> None:
-    """Redact `key` from now on: as is, split by whitespace, base64 (any alignment) and URL-encoded.
-    """
+    """Redact `key` from now on: as is, split by whitespace, base64 (any alignment), URL-encoded."""
     if len(key) < 4 or key in _SECRETS:
         return
     raw = key.encode()
@@ -151,8 +150,7 @@ _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200
 
 
 def clean(text: str) -> str:
-    """Text from a provider made safe for a terminal, a file that will be shown, or the next prompt.
-    """
+    """Text from a provider made safe for a terminal, a file that is shown, or the next prompt."""
     return _UNSAFE.sub("", _ESCAPES.sub("", text.replace("\r\n", "\n")))
 
 
@@ -258,8 +256,7 @@ def _read_text(path, what: str) -> str:
 
 def _write(path: Path, text: str) -> None:
     """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: a planted file or symlink is never written
-    through), then rename it over `path` (which replaces a symlink there instead of following it).
-    """
+    through), then rename it over `path` (which replaces a symlink there, never following it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -840,8 +837,7 @@ def check_steps(steps) -> None:
 
 
 class SimpleLLM:
-    """Calls the models: the settings, the model id for each provider, and where answers are shown.
-    """
+    """Calls the models: the settings, the model id of each provider, and where answers show."""
 
     def __init__(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, deadline: float = DEFAULT_DEADLINE,
@@ -1286,6 +1282,11 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
     return PlanEntry(name, question.strip(), args)
 
 
+def code_edit_rules(limits: Limits) -> str:
+    """Plug point for code edits (issue 19): step 4's {code_edit_rules}; empty unless allowed."""
+    return ""
+
+
 def code_edits(answer: str, limits: Limits) -> list:
     """Plug point for code edits (issue 19's section): none unless the answer has SEARCH/REPLACE
     blocks."""
@@ -1435,8 +1436,7 @@ def _shape(c: dict) -> tuple:
 
 
 def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
-    """Model shape -> (median training FLOP/s of earlier ok runs, their device), from results CSVs.
-    """
+    """Model shape -> (median training FLOP/s of earlier ok runs, their device), from CSVs."""
     import pandas as pd
     llm, seen = _project_module("llm"), collections.defaultdict(list)
     names = {f.name for f in dataclasses.fields(llm.MoEModelConfig) if f.init}
@@ -1586,8 +1586,7 @@ class RunOutcome(collections.namedtuple("RunOutcome", "rc entry tail")):
 
 def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
     """Run the entries one after another with llm.py's own progress and resume; stop at the first
-    failure. Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit from its budget.
-    """
+    failure. Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit (its budget)."""
     make_dir(out_dir)
     for i, e in enumerate(plan.entries, 1):
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
@@ -1898,8 +1897,7 @@ def _load_state(out: Path, idea: str) -> dict:
 
 
 class Loop:
-    """The rounds of one loop folder, under its lock: state and ledger rewritten after every stage.
-    """
+    """The rounds of one loop folder, under its lock: state and ledger saved after each stage."""
 
     def __init__(self, llm: SimpleLLM, args, steps: list[dict], given: dict, lock_fd: int | None):
         self.llm, self.args, self.steps, self.given, self.fd = llm, args, steps, given, lock_fd
@@ -2081,8 +2079,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _bounded(convert, low: float, above: bool = False):
-    """An argparse type with a lower bound: a bad value gets the subcommand's usage line and exit 2.
-    """
+    """An argparse type with a lower bound: a bad value gets the subcommand's usage and exit 2."""
     def check(text: str):
         value = convert(text)
         if not math.isfinite(value) or value < low or (above and value == low):
@@ -2247,6 +2244,7 @@ def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]
         values["system_prompt"] = _read_text(args.system, "--system")
     if limits is not None:
         values["plan_format"] = plan_format(limits.max_runs, limits)
+        values["code_edit_rules"] = code_edit_rules(limits)
     values.update(_pairs(args.var, "--var"))  # last, so that --var wins over every other source
     return steps, values
 
