@@ -1480,30 +1480,33 @@ def llm_dry_run(code: Path, args: list[str], label: str, time_steps: int = 0) ->
                         ) from None
 
 
-def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
-    """Minutes per run, per entry and in total: FLOPs per token x tokens / the FLOP/s measured on
-    this device (earlier runs of the same model shape, else a few timed steps of it); peak memory
-    from llm.estimate."""
+def _speeds(plan: Plan, out_dir, csvs) -> tuple[dict, bool]:
+    """FLOP/s per model shape: earlier ok runs, else a few timed steps (once per entry in need)."""
     speed, timed = measured_speed(csvs), False
     for i, e in enumerate(plan.entries, 1):
-        if any(_shape(r["config"]) not in speed for r in e.runs):
-            out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], f"entry {i} "
-                                                                                  f"({e.name})",
-                              TIME_STEPS)
-            for r in out.get("runs", []):
-                _check_run_id(f"entry {i} ({e.name})", r.get("run_id", ""))
-                if r.get("tokens_per_s"):
-                    flops = r["tokens_per_s"] * r["flops_per_token"]
-                    speed[_shape(r["config"])] = (flops, "this device, timed")
-            timed = True
-    lines, total, devices = [], 0.0, set()
+        if all(_shape(r["config"]) in speed for r in e.runs):
+            continue
+        label, timed = f"entry {i} ({e.name})", True
+        out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], label, TIME_STEPS)
+        for r in out.get("runs", []):
+            _check_run_id(label, r.get("run_id", ""))
+            if r.get("tokens_per_s"):
+                flops = r["tokens_per_s"] * r["flops_per_token"]
+                speed[_shape(r["config"])] = (flops, "this device")
+    return speed, timed
+
+
+def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
+    """Minutes per run, per entry and in total: FLOPs per token x tokens / the FLOP/s measured on
+    this device; peak memory from llm.estimate. Refuses what is over a limit."""
+    speed, timed = _speeds(plan, out_dir, csvs)
+    lines, devices = [], set()
     for i, e in enumerate(plan.entries, 1):
         e.minutes = []
         for n, r in enumerate(e.runs, 1):
             flops, device = speed.get(_shape(r["config"]), (0.0, ""))
             if flops <= 0:
-                raise PlanError(f"entry {i} ({e.name}): no throughput could be measured for run "
-                                f"{n}'s model shape")
+                raise PlanError(f"entry {i} ({e.name}): no speed could be measured for run {n}")
             devices.add(device)
             e.minutes.append(r["flops_per_token"] * r["train_tokens"] / flops / 60)
             if e.minutes[-1] > limits.max_run_minutes:
@@ -1511,25 +1514,21 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
                                 "min of training, more than --max-run-minutes "
                                 f"{limits.max_run_minutes:g}; use fewer --max-steps or a smaller "
                                 "model (or raise the limit)")
-        total += sum(e.minutes)
         memory = max((r["memory_gb"] for r in e.runs), default=0.0)
-        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x "
-                     f"~{max(e.minutes, default=0):.1f} min at "
-                     f"most = {sum(e.minutes):.1f} min, peak memory ~{memory:.2f} GB")
+        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x ~{max(e.minutes):.1f} "
+                     f"min at most = {sum(e.minutes):.1f} min, peak memory ~{memory:.2f} GB")
+    total = sum(sum(e.minutes) for e in plan.entries)
     if total > limits.max_total_minutes:
         worst = max(plan.entries, key=lambda e: sum(e.minutes))
         raise PlanError(f"the plan needs about {total:.0f} min of training, more than "
-                        f"--max-total-minutes "
-                        f"{limits.max_total_minutes:g} (the largest: {worst.name}, "
-                        f"{sum(worst.minutes):.0f} min); "
-                        "shrink it or raise the limit")
+                        f"--max-total-minutes {limits.max_total_minutes:g} (the largest: "
+                        f"{worst.name}, {sum(worst.minutes):.0f} min); shrink it or raise the "
+                        "limit")
+    how = f" ({TIME_STEPS} steps timed just now)" if timed else ""
     lines.append(f"budget: total ~{total:.1f} min of training for {_count(plan.total, 'run')} "
                  f"(limits: {limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min "
                  f"in all, {limits.max_runs} runs), from the speed measured on "
-                 f"{', '.join(sorted(devices))}"
-                 + (f" ({TIME_STEPS} steps timed just now)" if timed else "") + "; evaluation and "
-                                                                                "start-up come on "
-                                                                                "top")
+                 f"{', '.join(sorted(devices))}{how}; evaluation and start-up come on top")
     return "\n".join(lines)
 
 
@@ -1553,8 +1552,8 @@ def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
     lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, "
              f"{_count(plan.total, 'run')}, results in {out_dir}"]
     for i, e in enumerate(plan.entries, 1):
-        lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')})" + (f": {e.question}" if e.question
-                                                                    else ""),
+        question = f": {e.question}" if e.question else ""
+        lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')}){question}",
                   f"     {shown(plan.command(e, out_dir))}"]
     return "\n".join(lines + ([plan.diff] if plan.diff else []) + [budget_lines])
 
