@@ -1515,8 +1515,8 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
                                 f"{limits.max_run_minutes:g}; use fewer --max-steps or a smaller "
                                 "model (or raise the limit)")
         memory = max((r["memory_gb"] for r in e.runs), default=0.0)
-        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x ~{max(e.minutes):.1f} "
-                     f"min at most = {sum(e.minutes):.1f} min, peak memory ~{memory:.2f} GB")
+        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x ~{_mins(max(e.minutes))} "
+                     f"min at most = {_mins(sum(e.minutes))} min, peak memory ~{memory:.2f} GB")
     total = sum(sum(e.minutes) for e in plan.entries)
     if total > limits.max_total_minutes:
         worst = max(plan.entries, key=lambda e: sum(e.minutes))
@@ -1525,11 +1525,15 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
                         f"{worst.name}, {sum(worst.minutes):.0f} min); shrink it or raise the "
                         "limit")
     how = f" ({TIME_STEPS} steps timed just now)" if timed else ""
-    lines.append(f"budget: total ~{total:.1f} min of training for {_count(plan.total, 'run')} "
+    lines.append(f"budget: total ~{_mins(total)} min of training for {_count(plan.total, 'run')} "
                  f"(limits: {limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min "
                  f"in all, {limits.max_runs} runs), from the speed measured on "
                  f"{', '.join(sorted(devices))}{how}; evaluation and start-up come on top")
     return "\n".join(lines)
+
+
+def _mins(minutes: float) -> str:
+    return f"{minutes:.1f}" if minutes >= 1 else f"{minutes:.2f}"
 
 
 def _check_run_id(label: str, run_id: str) -> None:
