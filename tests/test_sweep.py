@@ -2,6 +2,7 @@
 spreading the runs over processes on CPU (gloo): every run exactly once, the same numbers as one process, and a
 killed rank finished by a rerun."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 import llm
+from conftest import merge_smoke
 
 
 def read_rows(path):
@@ -26,16 +28,15 @@ def test_grid_of_two_fields_writes_a_column_each_and_resumes(llm_main, tmp_path,
     assert first.returncode == 0, first.stderr[-2000:]
     with open(tmp_path / "g.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header[10:13] == ["expert_top_k", "num_experts", "status"]
+    assert header == list(llm.CSV_COLUMNS)  # no per-sweep columns: config_json says what each run was
     rows = read_rows(tmp_path / "g.csv")
-    assert sorted((r["expert_top_k"], r["num_experts"]) for r in rows) == [("1", "4"), ("1", "8"), ("2", "4"),
-                                                                            ("2", "8")]
-    for r in rows:  # the row's config really is the one named in its columns
-        cfg = llm.json.loads(r["config_json"])
-        assert (cfg["expert_top_k"], cfg["num_experts"]) == (int(r["expert_top_k"]), int(r["num_experts"]))
+    cfgs = [json.loads(r["config_json"]) for r in rows]
+    assert sorted((c["expert_top_k"], c["num_experts"]) for c in cfgs) == [(1, 4), (1, 8), (2, 4), (2, 8)]
+    for r, c in zip(rows, cfgs):
+        assert f"expert-top-k{c['expert_top_k']}_num-experts{c['num_experts']}" in r["run_id"]
         assert len(r["expert_usage_cv_per_layer"].split(";")) == 2
     # Extending one axis reruns only the new cells.
-    second = llm_main(*args[:-4], "--grid", "expert_top_k=1,2,3", "--grid", "num_experts=4,8", "--out", "g.csv")
+    second = llm_main(*args[:-6], "--grid", "expert_top_k=1,2,3", "--grid", "num_experts=4,8", "--out", "g.csv")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "4 of 6 runs already done" in second.stdout
     rows = read_rows(tmp_path / "g.csv")
@@ -44,7 +45,7 @@ def test_grid_of_two_fields_writes_a_column_each_and_resumes(llm_main, tmp_path,
 
 def torchrun(nproc, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(llm.HERE / "llm.py"), *args]
+            str(llm.HERE / "llm.py"), *merge_smoke(args)]
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_torchrun_two_processes_run_every_run_exactly_once(tmp_path, smoke_fast)
     assert proc.stdout.count("report:") == 1  # written once, by rank 0
     assert "[rank 1]" in proc.stdout  # rank 1 really trained some of the runs
     # The same runs in a single process give the same numbers: where a run executes does not matter.
-    single = subprocess.run([sys.executable, str(llm.HERE / "llm.py"), *args[:-1], "s.csv"], cwd=tmp_path,
+    single = subprocess.run([sys.executable, str(llm.HERE / "llm.py"), *merge_smoke(args[:-1]), "s.csv"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     by_hash = {r["config_hash"]: r["val_loss"] for r in read_rows(tmp_path / "s.csv")}
@@ -102,7 +103,7 @@ def test_grid_over_data_and_shape_fields_trains_each_run_as_its_row_says(llm_mai
     rows = read_rows(tmp_path / "d.csv")
     assert len(rows) == 4 and len({r["config_hash"] for r in rows}) == 4 and len({r["val_loss"] for r in rows}) == 4
     for r in rows:
-        assert int(r["train_tokens"]) == 3 * 8 * int(r["max_seq_len"])
+        assert int(r["train_tokens"]) == 3 * 8 * json.loads(r["config_json"])["max_seq_len"]
     assert proc.stdout.count("data: ") == 2  # two corpora: 60,000 and 30,000 tokens
     lines = [line for line in proc.stdout.splitlines() if line.startswith("data: ")]
     assert "60,000 tokens" in lines[0] and "30,000 tokens" in lines[1]
