@@ -201,9 +201,9 @@ def read_design(csv_path) -> Design:
     factors = sorted([k for k, v in levels.items() if len(set(map(repr, v))) > 1],
                      key=lambda k: k not in FIRST_COLUMNS)  # noise_std, load_balancing_weight first
     keys = list(zip(*(levels[k] for k in factors))) if factors else [()] * len(df)
-    order = list(dict.fromkeys(keys))
-    df["cond"] = [order.index(k) for k in keys]
-    conditions = [dict(zip(factors, k)) for k in order]
+    pos = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # in order of first appearance
+    df["cond"] = [pos[k] for k in keys]
+    conditions = [dict(zip(factors, k)) for k in pos]
     dup = df.groupby(["cond", "seed"])["line"].agg(list)
     if len(dup := dup[dup.map(len) > 1]):
         said = "; ".join(f"{cond_label(conditions[c])}, seed {s} (lines {', '.join(map(str, ls))})"
@@ -510,17 +510,17 @@ def _conditions_md(design: Design) -> list:
     runs, bal = design.runs, design.balance
     cols = [("val_loss", "Final val loss (mean ± sd)", 3, True),
             ("best_val_perplexity", "Best val PPL", 2, False)]
-    cols += [(bal.column, bal.short.capitalize(), 3, False)] if bal else []
+    head = bal.short[:1].upper() + bal.short[1:] if bal else ""
+    cols += [(bal.column, head, 3, False)] if bal else []
     cols += [("expert_usage_cv", "Layer-summed CV", 3, False),
              ("training_time_minutes", "Minutes", 2, False)]
     rows = []
     for k, cond in enumerate(design.conditions):
-        g = runs[runs["cond"] == k]
-        ok = g[g["ok"]]
+        ok = (g := runs[runs["cond"] == k])[g["ok"]]
         cells = [_num(ok[c].mean(), d) + (f" ± {_num(ok[c].std(), d)}" if sd else "")
                  for c, _, d, sd in cols]
         rows.append([cond_label(cond), len(ok), len(g) - len(ok)] + cells)
-    note = (f" {bal.short.capitalize()}: {bal.name} on the last evaluation, the balance measure "
+    note = (f" {head}: {bal.name} on the last evaluation, the balance measure "
             "tested; layer-summed CV is the original's expert_usage_cv, which can read 0 while "
             "whole layers collapse." if bal else "")
     return ["", "## Results per condition", "",
