@@ -1,0 +1,324 @@
+"""Code edits (issue 19): a plan's SEARCH/REPLACE edits to llm.py, applied to a copy, checked, sandboxed.
+
+Draft of simple_llm.py's "Code edits" section (stdlib only, no module-level state, nothing from simple_llm).
+
+    python -m pytest -q tests/test_code_edits.py        # parse, apply, the lock, the sandbox, smoke runs
+
+Flow (simple_llm.py drives it): parse_edits(answer) -> apply_edits(code, edits) -> check_protected(...) ->
+unified_diff(...) shown and saved -> check_default_behaviour(...) -> smoke_check_entries(...); every
+patched llm.py runs through sandboxed(). Every refusal is an EditError with a one-line message.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import csv
+import difflib
+import hashlib
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+# ----------------------------------------------------------------------------------------------------
+# Code edits
+
+PROTECTED_TITLE = "# Evaluation (protected)"
+EDIT_FILE = "llm.py"
+TAIL_LINES = 40  # lines of a failed run's output quoted in its refusal
+RULE = re.compile(r"^# -{20,}\s*$")  # the rule line that opens every llm.py section
+# aider's markers, 5 to 9 characters as aider tolerates; anything else that looks like one is refused.
+HEAD = re.compile(r"^\s*<{5,9}\s*SEARCH\s*>?\s*$", re.IGNORECASE)
+DIVIDER = re.compile(r"^\s*={5,9}\s*$")
+UPDATED = re.compile(r"^\s*>{5,9}\s*REPLACE\s*<?\s*$", re.IGNORECASE)
+# A line of < or > with an edit word, or 5+ of them alone: meant as a marker ("<<<< SEARCH", "<<<<<<<").
+NEAR_MISS = re.compile(r"^\s*(?:[<>]{2,}\s*(?:SEARCH|REPLACE|ORIGINAL|UPDATED)\b|[<>]{5,}\s*$)"
+                       r"|^\s*(?:SEARCH|REPLACE)\s*[<>]{2,}", re.IGNORECASE)
+FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})([^`]*)$")  # an opener's info: ```python, ```python llm.py
+UNIFIED_DIFF = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?\S*llm\.py\b")
+SECRET_NAME = re.compile(r"API_KEY|_TOKEN$|_SECRET$", re.IGNORECASE)
+
+
+class EditError(Exception):
+    """A code edit refused: one line saying which edit and what to do (simple_llm: a repairable refusal)."""
+
+
+class Edit(typing.NamedTuple):
+    search: str  # exact text of llm.py to replace (whole lines, each ending in a newline)
+    replace: str  # what replaces it (may be empty: a deletion)
+    index: int  # 1-based number of the block in the answer, for messages
+
+
+def _file_name(line: str) -> str | None:
+    """The file a line names: alone (`llm.py`, **llm.py**, ### llm.py, llm.py:, File: llm.py), else the one
+    .py file a short line mentions ("Changes to `llm.py`:")."""
+    text = line.strip().strip("*`'\"").strip()
+    text = re.sub(r"^#+\s*", "", text)
+    text = re.sub(r"^(?:file(?:name)?|path)\s*:\s*", "", text, flags=re.IGNORECASE)
+    text = text.strip("*`'\":").strip()
+    if re.fullmatch(r"[\w./\\-]+\.[A-Za-z0-9]+", text):
+        return text[2:] if text.startswith("./") else text
+    named = set(re.findall(r"[\w./-]*\w\.py\b", line)) if len(line) <= 120 else set()
+    return named.pop().removeprefix("./") if len(named) == 1 else None
+
+
+def _name_before(lines: list[str], head: int) -> str | None:
+    """The file named just before the SEARCH marker at lines[head]: inside the fence (its first line, or
+    the opener's ```python llm.py) or on the line before the fence."""
+    i = head - 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    if i < 0:
+        return None
+    fence = FENCE.match(lines[i])
+    if not fence:
+        return _file_name(lines[i]) if not UPDATED.match(lines[i]) else None
+    named = [t for t in fence.group(1).replace(":", " ").split() if "." in t]
+    if named:
+        return _file_name(named[0])
+    i -= 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    return _file_name(lines[i]) if i >= 0 else None
+
+
+def _marker_error(line: str, n: int) -> EditError:
+    return EditError(f"line {n} of the answer looks like an edit marker but is not one ({line.strip()[:40]!r}): "
+                     f"write <<<<<<< SEARCH, ======= and >>>>>>> REPLACE, 7 characters each, on lines of their "
+                     f"own")
+
+
+def _read_block(lines: list[str], i: int, index: int, indent: str) -> tuple[Edit, int]:
+    """The SEARCH/REPLACE section whose marker is lines[i]: its Edit and the line after its REPLACE marker."""
+    parts, j = ([], []), i + 1
+    side = 0
+    while True:
+        if j == len(lines):
+            raise EditError(f"the answer was cut inside an edit block (edit {index}): ask for the plan again, "
+                            f"or shorten it so the answer ends")
+        line = lines[j]
+        if HEAD.match(line):
+            raise EditError(f"edit {index} has no {'=======' if side == 0 else '>>>>>>> REPLACE'} before the next "
+                            f"<<<<<<< SEARCH: close each block with >>>>>>> REPLACE")
+        if DIVIDER.match(line):
+            if side == 1:
+                raise EditError(f"edit {index} has two ======= lines: one SEARCH part, one =======, one REPLACE "
+                                f"part per block")
+            side = 1
+        elif UPDATED.match(line):
+            if side == 0:
+                raise EditError(f"edit {index} has a SEARCH with no =======: write <<<<<<< SEARCH, the old "
+                                f"lines, =======, the new lines, >>>>>>> REPLACE")
+            break
+        else:
+            if indent and line.startswith(indent):  # a block indented in a list item: as the marker
+                line = line[len(indent):]
+            parts[side].append(line + "\n")
+        j += 1
+    search, replace = "".join(parts[0]), "".join(parts[1])
+    if not search.strip():
+        raise EditError(f"edit {index} has an empty SEARCH: quote the lines of llm.py the change goes next to "
+                        f"(new files and appends are not supported)")
+    return Edit(search, replace, index), j + 1
+
+
+def parse_edits(answer: str) -> list[Edit]:
+    """aider's SEARCH/REPLACE edits to llm.py in a model's answer, in order ([] when there are none).
+
+    The file name stands on its own line before the fence (`llm.py`, **llm.py**, ### llm.py) or as the
+    fence's first line; a block with no name of its own belongs to the file of the block before it, as in
+    aider. Markers of 5-9 characters are accepted, as aider does. Refused (EditError naming the edit):
+    another file, no name at all, a SEARCH with no =======, an empty SEARCH, a block the answer ends
+    inside, a marker-like line that is not a marker, a unified diff of llm.py instead of blocks."""
+    lines = answer.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    edits, i, current = [], 0, None
+    while i < len(lines):
+        line = lines[i]
+        if HEAD.match(line):
+            index = len(edits) + 1
+            name = _name_before(lines, i) or current
+            if name is None:
+                raise EditError(f"edit {index} names no file: put {EDIT_FILE} on its own line just before the "
+                                f"fence that holds the block")
+            if name != EDIT_FILE:
+                raise EditError(f"edit {index} changes {name}: only {EDIT_FILE} may be edited (the copy in the "
+                                f"round folder); express the rest with {EDIT_FILE} flags")
+            indent = line[:len(line) - len(line.lstrip())]
+            edit, i = _read_block(lines, i, index, indent)
+            edits.append(edit)
+            current = name
+            continue
+        if UPDATED.match(line) or NEAR_MISS.match(line):
+            raise _marker_error(line, i + 1)
+        if UNIFIED_DIFF.match(line):
+            raise EditError(f"line {i + 1} of the answer starts a unified diff: write each change to "
+                            f"{EDIT_FILE} as a <<<<<<< SEARCH / ======= / >>>>>>> REPLACE block instead")
+        i += 1
+    return edits
+
+
+def _first_line(edit: Edit) -> str:
+    first = next((ln for ln in edit.search.splitlines() if ln.strip()), "")
+    return first.strip()[:60]
+
+
+def apply_edits(code: str, edits: list[Edit]) -> str:
+    """code with each edit applied in order; each SEARCH must match the text (as edited so far) exactly
+    once, else EditError naming the edit and its first line."""
+    for edit in edits:
+        n = code.count(edit.search)
+        if n != 1:
+            what = "matches nothing in" if n == 0 else f"matches {n} places in"
+            hint = ("copy the lines exactly as llm.py has them, indentation included" if n == 0 else
+                    "quote more surrounding lines so it matches once")
+            raise EditError(f"edit {edit.index}'s SEARCH (starting {_first_line(edit)!r}) {what} llm.py: {hint}")
+        code = code.replace(edit.search, edit.replace, 1)
+    return code
+
+
+def unified_diff(original: str, patched: str) -> str:
+    """The change as a unified diff, a/llm.py -> b/llm.py ('' when the texts are equal)."""
+    def lines(text):
+        return (text if text.endswith("\n") or not text else text + "\n").splitlines(keepends=True)
+    return "".join(difflib.unified_diff(lines(original), lines(patched), "a/llm.py", "b/llm.py"))
+
+
+def protected_section(code: str, what: str = "the patched llm.py") -> tuple[int, int]:
+    """(first line, line after the last), 0-based, of the one `# Evaluation (protected)` section: from the
+    rule line above its title to the next rule line (or the end). EditError when there is none or more."""
+    lines = code.splitlines()
+    titles = [i for i, ln in enumerate(lines) if ln.strip() == PROTECTED_TITLE]
+    if len(titles) != 1:
+        raise EditError(f"{what} has {len(titles) or 'no'} {PROTECTED_TITLE!r} section"
+                        f"{'s' if titles else ''}: it must keep exactly one, unchanged")
+    t = titles[0]
+    if lines[t] != PROTECTED_TITLE or t == 0 or not RULE.match(lines[t - 1]):
+        raise EditError(f"{what}'s {PROTECTED_TITLE!r} title is not a section title (a rule line above "
+                        f"it, at the start of the line): it must stay as it was")
+    end = next((i for i in range(t + 1, len(lines)) if RULE.match(lines[i])), len(lines))
+    return t - 1, end
+
+
+def _section_text(code: str, span: tuple[int, int]) -> str:
+    return "".join(code.splitlines(keepends=True)[span[0]:span[1]])
+
+
+def _bound_at_module_level(stmts) -> typing.Iterator[tuple[str, ast.AST]]:
+    """(name, node) for every module-level binding in stmts (def/class bodies are other scopes)."""
+    for stmt in stmts:
+        nodes = [stmt]
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                yield node.name, node
+                nodes.extend(node.decorator_list)  # decorators run in module scope; bodies do not
+                continue
+            if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    yield (alias.asname or alias.name.split(".")[0]), node
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                yield node.id, node
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                yield node.name, node
+            nodes.extend(ast.iter_child_nodes(node))
+
+
+def _root_name(node) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+RISKY_CALLS = {"exec", "eval", "compile", "__import__", "globals", "vars", "setattr", "delattr"}
+RISKY_MODULES = {"builtins", "ctypes", "gc", "importlib", "inspect"}
+RISKY_ATTRS = {"__dict__", "__globals__", "__code__", "__builtins__", "f_globals", "f_locals"}
+
+
+def _flat_targets(targets) -> typing.Iterator[ast.AST]:
+    for t in targets:
+        if isinstance(t, (ast.Tuple, ast.List)):
+            yield from _flat_targets(t.elts)
+        else:
+            yield t.value if isinstance(t, ast.Starred) else t
+
+
+def _lock_findings(tree: ast.Module, span: tuple[int, int], protected: set[str]):
+    """(key, line, what) for each thing outside the protected section (lines span, 0-based) that could
+    change what the section computes: a module-level binding of one of its names, a global statement
+    for one, an assignment into one of its names or into an imported module (monkeypatching torch,
+    np, math...), reflection (setattr, globals, __dict__, sys.modules, exec) and risky imports."""
+    stmts = [s for s in tree.body if not span[0] < s.lineno <= span[1]]
+    modules = {n for n, node in _bound_at_module_level(tree.body)
+               if isinstance(node, (ast.Import, ast.ImportFrom))}
+    for name, node in _bound_at_module_level(stmts):
+        if name in protected:
+            yield ("bind", name), node.lineno, f"rebinds {name}"
+    for node in (n for s in stmts for n in ast.walk(s)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            for name in set(node.names) & protected:
+                yield ("global", name), line, f"declares global {name}"
+        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in _flat_targets(targets):
+            root = _root_name(t) if isinstance(t, (ast.Attribute, ast.Subscript)) else None
+            if root in protected or root in modules:
+                yield ("patch", ast.unparse(t)), line, f"assigns {ast.unparse(t)}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in RISKY_CALLS:
+            yield ("call", ast.unparse(node)), line, f"calls {node.func.id}()"
+        if isinstance(node, ast.Attribute) and (node.attr in RISKY_ATTRS or
+                                                 node.attr == "modules" and _root_name(node) == "sys"):
+            yield ("attr", ast.unparse(node)), line, f"uses {ast.unparse(node)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                if name.split(".")[0] in RISKY_MODULES or any(a.name == "*" for a in node.names):
+                    yield ("import", ast.unparse(node)), line, f"has {ast.unparse(node)}"
+
+
+def _parse(code: str, what: str) -> ast.Module:
+    try:
+        return ast.parse(code)
+    except SyntaxError as e:
+        raise EditError(f"{what} does not parse: line {e.lineno}: {e.msg}") from None
+
+
+def check_protected(original: str, patched: str, edits: list[Edit]) -> None:
+    """Refuse (EditError) a change that could alter how the evaluation measures: an edit whose SEARCH
+    overlaps the protected section of the original, a copy whose section text differs or that has no
+    such section or two, or a copy that rebinds, outside the section, a name the section defines, or
+    patches an imported module or uses reflection the original does not (checked on the AST; see
+    _lock_findings). A determined obfuscation can still get past an AST check: the diff is shown."""
+    span = protected_section(original, "the base llm.py")
+    lines = original.splitlines(keepends=True)
+    lo, hi = sum(map(len, lines[:span[0]])), sum(map(len, lines[:span[1]]))
+    for edit in edits:
+        start = original.find(edit.search)
+        while start >= 0:
+            if start < hi and start + len(edit.search) > lo:
+                raise EditError(f"edit {edit.index} (SEARCH starting {_first_line(edit)!r}) touches the "
+                                f"{PROTECTED_TITLE!r} section: the validation split and the metrics may not "
+                                f"change; edit the model, data or training code instead")
+            start = original.find(edit.search, start + 1)
+    new_span = protected_section(patched)
+    if _section_text(patched, new_span) != _section_text(original, span):
+        raise EditError(f"the patched llm.py's {PROTECTED_TITLE!r} section differs from the original's (an "
+                        f"edit next to it changed it): leave that section's text exactly as it is")
+    section = _parse(_section_text(original, span), "the base llm.py's protected section")
+    protected = {name for name, _ in _bound_at_module_level(section.body)}
+    before = collections.Counter(k for k, _, _ in _lock_findings(_parse(original, "the base llm.py"), span,
+                                                                 protected))
+    for key, line, what in _lock_findings(_parse(patched, "the patched llm.py"), new_span, protected):
+        if before[key] > 0:
+            before[key] -= 1
+            continue
+        raise EditError(f"the patched llm.py {what} at line {line}: code outside {PROTECTED_TITLE!r} may not "
+                        f"rebind its names, patch modules or use reflection; give new code new names")
