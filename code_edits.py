@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import csv
 import difflib
 import hashlib
+import json
 import math
 import os
 import re
@@ -322,3 +324,244 @@ def check_protected(original: str, patched: str, edits: list[Edit]) -> None:
             continue
         raise EditError(f"the patched llm.py {what} at line {line}: code outside {PROTECTED_TITLE!r} may not "
                         f"rebind its names, patch modules or use reflection; give new code new names")
+
+
+def _project() -> Path:
+    """The folder of the user's llm.py and report.py (this file sits beside them)."""
+    return Path(__file__).resolve().parent
+
+
+def _sandbox_prefix(kind: str, writable: Path) -> list[str]:
+    if kind == "bwrap":
+        w = str(writable)
+        hide = [a for env in (_project() / ".env", Path.cwd() / ".env") if env.is_file()
+                for a in ("--ro-bind", "/dev/null", str(env))]
+        return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
+                "--dev", "/dev", "--proc", "/proc", *hide, "--bind", w, w, "--chdir", w, "--"]
+    # new user, network and PID namespaces; the PID namespace dies with unshare (--kill-child)
+    return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child", "--"]
+
+
+def sandbox_kind() -> str | None:
+    """"bwrap" (no network, writes confined), "unshare" (no network only), or None: each is probed by
+    running `true` inside it, so a disabled user namespace (AppArmor, containers) reads as absent."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as tmp:
+        for kind in ("bwrap", "unshare"):
+            if shutil.which(kind) is None:
+                continue
+            try:
+                probe = subprocess.run(_sandbox_prefix(kind, Path(tmp)) + ["true"], cwd=tmp, timeout=20,
+                                       stdin=subprocess.DEVNULL, capture_output=True)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if probe.returncode == 0:
+                return kind
+    return None
+
+
+def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict, no_sandbox: bool = False,
+              capture: bool = True) -> subprocess.CompletedProcess:
+    """Run cmd (an argument list, never a shell) in the best sandbox here, cwd = writable.
+
+    Always: stdin closed, exactly `env` (the caller strips it; a name like *_API_KEY is refused here too),
+    a new session killed as a whole after `timeout` seconds (EditError). bwrap: no network (its own
+    loopback), PID/IPC namespaces, the whole file system read-only except `writable`, .env files hidden.
+    unshare: no network (loopback down), own PID namespace, but writes are NOT confined: the process can
+    write wherever the user can. Neither limits CPU or memory (only the timeout does) nor hides files
+    from reading. With no sandbox: EditError, unless no_sandbox (then only the points under "Always").
+    capture=False lets the output through to this process's stdout/stderr (long runs)."""
+    secret = sorted(k for k in env if SECRET_NAME.search(k))
+    if secret:
+        raise EditError(f"refusing to start patched code with secrets in its environment ({', '.join(secret)})")
+    kind = sandbox_kind()
+    if kind is None and not no_sandbox:
+        raise EditError("no sandbox can be made here (neither bubblewrap nor `unshare -rn` runs: user namespaces "
+                        "may be disabled); code edits need one, or pass --no-sandbox")
+    writable = Path(writable).resolve()
+    full = (_sandbox_prefix(kind, writable) if kind else []) + [str(c) for c in cmd]
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(full, cwd=writable, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
+                            start_new_session=True, text=True, errors="replace")
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:  # the timeout, or Ctrl-C: the whole group goes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+        script = next((Path(str(c)).name for c in cmd if str(c).endswith(".py")), Path(str(cmd[0])).name)
+        raise EditError(f"{script} ran past its {timeout:g} s limit and was stopped.{_tail(out, err)}") from None
+    return subprocess.CompletedProcess(full, proc.returncode, out, err)
+
+
+def _tail(out: str | None, err: str | None) -> str:
+    """The last TAIL_LINES lines of a run's output (progress bars' carriage returns kept to their last
+    state), as a block to append to a refusal."""
+    lines = []
+    for text in (out or "", err or ""):
+        lines += [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
+    return f"\nLast {min(len(lines), TAIL_LINES)} lines of its output:\n" + "\n".join(lines[-TAIL_LINES:])
+
+
+SMOKE_STEPS = ["--max-steps", "3", "--eval-every", "3"]
+DEFAULT_RUN = ["--preset", "smoke", *SMOKE_STEPS, "--seeds", "42", "--noise-std", "0.1", "--lb-weight", "0.01",
+               "--device", "cpu"]
+
+
+def sandbox_env(env: dict, workdir: Path, project: Path | None = None) -> dict:
+    """env plus what a patched llm.py in a round folder needs: the shipped smoke corpus, `import report`
+    from the project, the hub offline, temporary and cache files inside workdir, no bytecode written."""
+    project = Path(project or _project()).resolve()
+    tmp = Path(workdir).resolve() / "tmp"
+    (tmp / "mpl").mkdir(parents=True, exist_ok=True)
+    return {**env, "LLM_SAMPLE_CORPUS": str(project / "data_cache" / "sample_corpus.txt"),
+            "PYTHONPATH": str(project), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "MPLCONFIGDIR": str(tmp / "mpl"),
+            "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _run_llm(code: Path, args: list[str], folder: Path, env: dict, timeout: float, what: str,
+             fresh: bool = True) -> subprocess.CompletedProcess:
+    """code (an llm.py) with args in the sandbox, cwd and writable = folder; EditError when it fails."""
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = sandboxed([sys.executable, str(Path(code).resolve()), *args], writable=folder, timeout=timeout,
+                     env=sandbox_env(env, folder))
+    if proc.returncode != 0:
+        raise EditError(f"{what} failed (exit {proc.returncode}): python llm.py {' '.join(args)}"
+                        f"{_tail(proc.stdout, proc.stderr)}")
+    return proc
+
+
+def _csv_rows(path: Path, what: str, proc) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error) as e:
+        raise EditError(f"{what} wrote no readable CSV ({e}){_tail(proc.stdout, proc.stderr)}") from None
+    if not rows:
+        raise EditError(f"{what} wrote no result row{_tail(proc.stdout, proc.stderr)}")
+    return rows
+
+
+def _val_loss(rows: list[dict], what: str, proc) -> float:
+    try:
+        loss = float(rows[-1]["val_loss"])
+    except (KeyError, ValueError):
+        loss = math.nan
+    if len(rows) != 1 or not math.isfinite(loss):
+        raise EditError(f"{what} gave {len(rows)} rows, val_loss {rows[-1].get('val_loss')!r} (expected one "
+                        f"finite value){_tail(proc.stdout, proc.stderr)}")
+    return loss
+
+
+def _default_plan(code: Path, folder: Path, env: dict, timeout: float, what: str,
+                  keep: bool = False) -> dict:
+    """What `llm.py --dry-run --json` (no flags) would run: the defaults of every field and axis. keep:
+    save it as folder/plan.json and reuse that file when it is there (the original's, by content hash)."""
+    saved = folder / "plan.json"
+    if keep and saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8"))
+    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what)
+    try:
+        plan = json.loads(proc.stdout)
+        plan = {"n_runs": plan["n_runs"], "axes": plan["axes"], "configs": [r["config"] for r in plan["runs"]]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise EditError(f"{what}: --dry-run --json printed no plan ({e}){_tail(proc.stdout, proc.stderr)}")
+    if keep:
+        saved.write_text(json.dumps(plan), encoding="utf-8")
+    return plan
+
+
+def _compare_defaults(want: dict, got: dict) -> None:
+    if (got["n_runs"], got["axes"]) != (want["n_runs"], want["axes"]):
+        raise EditError(f"the patched llm.py's default sweep differs: {got['n_runs']} runs over {got['axes']} "
+                        f"instead of {want['n_runs']} over {want['axes']}; keep the defaults")
+    for w, g in zip(want["configs"], got["configs"]):
+        for key, value in w.items():
+            if key not in g or g[key] != value:
+                raise EditError(f"the patched llm.py changes the default of config field {key} from {value!r} "
+                                f"to {g.get(key, '(removed)')!r}: keep every default and pass the new value in "
+                                f"the runs' args, or add a new flag whose default keeps the old behaviour")
+
+
+def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict, timeout: float) -> None:
+    """Refuse (EditError) a copy whose defaults differ from the original's: its `--dry-run --json` plan
+    with no flags must resolve every original config field to the same value, and both must train
+    `--preset smoke` for 3 steps with seed 42 to the same val_loss (to 1e-6), on CPU in the sandbox.
+
+    Outputs go under workdir/default-check/; the original's, keyed by its content hash, are kept and
+    reused by later checks of the same original. timeout: seconds per run."""
+    base = Path(workdir) / "default-check"
+    sha = hashlib.sha256(Path(original).read_bytes()).hexdigest()[:12]
+    orig_dir, copy_dir = base / f"original-{sha}", base / "copy"
+    want = _default_plan(original, orig_dir / "dry", env, timeout, "the original llm.py's dry run", keep=True)
+    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run")
+    _compare_defaults(want, got)
+    args = [*DEFAULT_RUN, "--out", "default.csv"]
+    losses = []
+    for code, folder, what in ((original, orig_dir / "train", "the original llm.py's smoke run"),
+                               (copy, copy_dir / "train", "the patched llm.py's smoke run")):
+        done = folder / "default.csv"
+        if code == original and done.is_file():  # this original's run, made by an earlier check
+            proc = subprocess.CompletedProcess([], 0, "", "")
+        else:
+            proc = _run_llm(code, args, folder, env, timeout, what)
+        losses.append(_val_loss(_csv_rows(done, what, proc), what, proc))
+    if abs(losses[0] - losses[1]) > 1e-6:
+        raise EditError(f"the patched llm.py changes the default behaviour: val_loss {losses[1]:.7f} vs the "
+                        f"original's {losses[0]:.7f} (python llm.py {' '.join(DEFAULT_RUN)}); put the new "
+                        f"behaviour behind a new flag whose default keeps the old one"
+                        f"{_tail(proc.stdout, proc.stderr)}")
+
+
+# Flags whose values the smoke check sets itself: output, length, device, data (the shipped corpus).
+SMOKE_OWNED = {"--out", "--fresh", "--preset", "--max-steps", "--eval-every", "--eval-steps", "--log-every",
+               "--device", "--compile", "--no-compile", "--dataset", "--dataset-config", "--data-files",
+               "--tokenizer", "--num-documents", "--max-tokens", "--cache-dir", "--vocab-size",
+               "--batch-size", "--max-seq-len", "--gradient-accumulation-steps"}
+
+
+def smoke_args(args: list[str]) -> list[str]:
+    """An entry's llm.py args at smoke scale: its model and routing flags and sweep kept, the flags in
+    SMOKE_OWNED (and --grid items naming their fields) dropped, one seed, then the smoke preset for 3
+    steps on CPU."""
+    def owned(name: str) -> bool:
+        return "--" + name.replace("_", "-") in SMOKE_OWNED
+    out, i = [], 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        j = i + 1
+        while j < len(args) and not (eq or re.match(r"--?[A-Za-z]", args[j])):
+            j += 1  # the flag's values
+        values = [value] if eq else args[i + 1:j]
+        if flag in SMOKE_OWNED:
+            pass
+        elif flag == "--grid" and values and owned(values[0].split("=")[0]):
+            pass
+        elif flag == "--seeds" and values:
+            out += [flag, values[0].split(",")[0]]
+        elif flag == "--grid" and values and values[0].split("=")[0] in ("seed", "seeds"):
+            out += ["--seeds", values[0].split("=", 1)[-1].split(",")[0]]
+        else:
+            out += args[i:j]
+        i = j
+    return out + ["--preset", "smoke", *SMOKE_STEPS, "--device", "cpu"]
+
+
+def smoke_check_entries(copy: Path, entry_args: list[list[str]], workdir: Path, env: dict,
+                        timeout: float) -> None:
+    """Each entry's args (through smoke_args) train a few steps of the copy in the sandbox, under
+    workdir/smoke-check/entry{i}/; a failure is an EditError with the reason and the output's tail.
+    timeout: seconds per entry."""
+    for i, args in enumerate(entry_args, 1):
+        folder = Path(workdir) / "smoke-check" / f"entry{i}"
+        what = f"entry {i}'s smoke run on the patched llm.py"
+        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout, what)
+        rows = _csv_rows(folder / "smoke.csv", what, proc)
+        bad = [r for r in rows if r.get("status") != "ok"]
+        if bad:
+            raise EditError(f"{what} diverged ({len(bad)} of {len(rows)} runs, e.g. val_loss "
+                            f"{bad[0].get('val_loss')}){_tail(proc.stdout, proc.stderr)}")
