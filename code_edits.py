@@ -411,14 +411,16 @@ DEFAULT_RUN = ["--preset", "smoke", *SMOKE_STEPS, "--seeds", "42", "--noise-std"
 
 def sandbox_env(env: dict, workdir: Path, project: Path | None = None) -> dict:
     """env plus what a patched llm.py in a round folder needs: the shipped smoke corpus, `import report`
-    from the project, the hub offline, temporary and cache files inside workdir, no bytecode written."""
+    from the project, the hub offline, temporary and cache files (datasets' too: a read-only HF_HOME
+    would stop load_dataset) inside workdir, no bytecode written."""
     project = Path(project or _project()).resolve()
     tmp = Path(workdir).resolve() / "tmp"
     (tmp / "mpl").mkdir(parents=True, exist_ok=True)
     return {**env, "LLM_SAMPLE_CORPUS": str(project / "data_cache" / "sample_corpus.txt"),
             "PYTHONPATH": str(project), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "MPLCONFIGDIR": str(tmp / "mpl"),
-            "XDG_CACHE_HOME": str(tmp / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}
+            "XDG_CACHE_HOME": str(tmp / "cache"), "HF_DATASETS_CACHE": str(tmp / "hf_datasets"),
+            "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _run_llm(code: Path, args: list[str], folder: Path, env: dict, timeout: float, what: str,
@@ -524,12 +526,18 @@ SMOKE_OWNED = {"--out", "--fresh", "--preset", "--max-steps", "--eval-every", "-
                "--batch-size", "--max-seq-len", "--gradient-accumulation-steps"}
 
 
+ROUTING_FLAGS = {"--noise-std": "noise_std", "--lb-weight": "load_balancing_weight", "--seeds": "seed"}
+
+
 def smoke_args(args: list[str]) -> list[str]:
-    """An entry's llm.py args at smoke scale: its model and routing flags and sweep kept, the flags in
-    SMOKE_OWNED (and --grid items naming their fields) dropped, one seed, then the smoke preset for 3
-    steps on CPU."""
-    def owned(name: str) -> bool:
-        return "--" + name.replace("_", "-") in SMOKE_OWNED
+    """An entry's llm.py args at smoke scale: its model flags and their sweeps kept (the values a code
+    change branches on), the routing axes (--noise-std, --lb-weight, --seeds, and --grid on them) cut to
+    their first value (0.1, 0.01, 42 when absent), the flags in SMOKE_OWNED (and --grid items naming their
+    fields) dropped, then the smoke preset for 3 steps on CPU."""
+    def field(name: str) -> str:
+        return name.replace("-", "_")
+    grid_routing = {field(v): k for k, v in ROUTING_FLAGS.items()} | {"lb_weight": "--lb-weight",
+                                                                      "seeds": "--seeds"}
     out, i = [], 0
     while i < len(args):
         flag, eq, value = args[i].partition("=")
@@ -537,17 +545,19 @@ def smoke_args(args: list[str]) -> list[str]:
         while j < len(args) and not (eq or re.match(r"--?[A-Za-z]", args[j])):
             j += 1  # the flag's values
         values = [value] if eq else args[i + 1:j]
-        if flag in SMOKE_OWNED:
+        grid_field = field(values[0].split("=")[0]) if flag == "--grid" and values else None
+        if flag in SMOKE_OWNED or grid_field and "--" + grid_field.replace("_", "-") in SMOKE_OWNED:
             pass
-        elif flag == "--grid" and values and owned(values[0].split("=")[0]):
-            pass
-        elif flag == "--seeds" and values:
+        elif flag in ROUTING_FLAGS and values:
             out += [flag, values[0].split(",")[0]]
-        elif flag == "--grid" and values and values[0].split("=")[0] in ("seed", "seeds"):
-            out += ["--seeds", values[0].split("=", 1)[-1].split(",")[0]]
+        elif grid_field in grid_routing:
+            out += [grid_routing[grid_field], values[0].split("=", 1)[-1].split(",")[0]]
         else:
             out += args[i:j]
         i = j
+    for flag, value in (("--noise-std", "0.1"), ("--lb-weight", "0.01"), ("--seeds", "42")):
+        if flag not in out:  # one run, not the default 18-run product
+            out += [flag, value]
     return out + ["--preset", "smoke", *SMOKE_STEPS, "--device", "cpu"]
 
 
