@@ -1,5 +1,5 @@
-"""Code edits (issue 19): parsing answers as models write them, applying, the evaluation lock, the sandbox,
-and the default-behaviour and smoke checks on real llm.py runs.
+"""Code edits (issue 19): parsing answers as models write them, applying, the evaluation lock, the
+sandbox, and the default-behaviour and smoke checks on real llm.py runs.
 
     python -m pytest -q tests/test_code_edits.py
 
@@ -44,7 +44,7 @@ def project_files() -> dict:
 
 
 def clean_env() -> dict:
-    """What simple_llm's child_env gives: this environment without anything that looks like a secret."""
+    """What simple_llm's child_env gives: this environment without anything like a secret."""
     return {k: v for k, v in os.environ.items() if not re.search(r"KEY|TOKEN|SECRET", k)
             and FAKE_KEY not in v}
 
@@ -53,7 +53,8 @@ def base_code() -> str:
     """The user's llm.py, with a protected section inserted if this llm.py has none yet."""
     code = USER_LLM.read_text()
     if ce.PROTECTED_TITLE not in code:  # an llm.py from before the evaluation lock
-        code = code.replace("\ndef evaluate", f"\n# {'-' * 100}\n{ce.PROTECTED_TITLE}\n\ndef evaluate", 1)
+        title = f"\n# {'-' * 98}\n{ce.PROTECTED_TITLE}\n"
+        code = code.replace("\ndef evaluate", title + "\ndef evaluate", 1)
     return code
 
 
@@ -75,7 +76,7 @@ def write_copy(folder: Path, code: str) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # parse_edits: answers as models write them
 
 REAL_ANSWER = '''# Final plan
@@ -136,13 +137,15 @@ are prose.
 def test_parse_variants_models_write():
     edits = ce.parse_edits(REAL_ANSWER)
     assert edits == [Edit("    a = 1\n", "    a = 2\n", 1), Edit("b = 3\n", "b = 4\n", 2),
-                     Edit("    del x\n", "", 3), Edit("def f():\n    return 1\n", "def f():\n    return 2\n", 4)]
+                     Edit("    del x\n", "", 3),
+                     Edit("def f():\n    return 1\n", "def f():\n    return 2\n", 4)]
 
 
 @pytest.mark.parametrize("name_line", ["llm.py", "`llm.py`", "**llm.py**", "### llm.py", "llm.py:",
                                        "**`llm.py`**", "Changes to `llm.py`:", "File: ./llm.py"])
 def test_parse_file_name_spellings(name_line):
-    answer = f"Prose first.\n\n{name_line}\n```python\n<<<<<<< SEARCH\nx\n=======\ny\n>>>>>>> REPLACE\n```\n"
+    block = "<<<<<<< SEARCH\nx\n=======\ny\n>>>>>>> REPLACE\n"
+    answer = f"Prose first.\n\n{name_line}\n```python\n{block}```\n"
     assert ce.parse_edits(answer) == [Edit("x\n", "y\n", 1)]
 
 
@@ -156,7 +159,8 @@ def test_parse_no_edits_is_empty():
 
 
 @pytest.mark.parametrize("answer, words", [
-    ("report.py\n```\n<<<<<<< SEARCH\na\n=======\nb\n>>>>>>> REPLACE\n```", ["edit 1", "report.py"]),
+    ("report.py\n```\n<<<<<<< SEARCH\na\n=======\nb\n>>>>>>> REPLACE\n```",
+     ["edit 1", "report.py"]),
     ("llm.py\n```\n<<<<<<< SEARCH\na\n=======\nb\n>>>>>>> REPLACE\n```\n\ntests/test_llm.py\n```\n"
      "<<<<<<< SEARCH\nc\n=======\nd\n>>>>>>> REPLACE\n```", ["edit 2", "tests/test_llm.py"]),
     ("llm.py\n```\n<<<<<<< SEARCH\na\n>>>>>>> REPLACE\n```", ["edit 1", "no ======="]),
@@ -169,7 +173,8 @@ def test_parse_no_edits_is_empty():
     ("llm.py\n```\n<<<<<<< ORIGINAL\na\n=======\nb\n>>>>>>> UPDATED\n```", ["line 3", "not one"]),
     ("Oops:\n>>>>>>> REPLACE\n", ["line 2", "not one"]),
     ("```\n<<<<<<< SEARCH\na\n=======\nb\n>>>>>>> REPLACE\n```", ["edit 1", "names no file"]),
-    ("llm.py\n```\n<<<<<<< SEARCH\na\n=======\nb\n=======\nc\n>>>>>>> REPLACE\n```", ["two ======="]),
+    ("llm.py\n```\n<<<<<<< SEARCH\na\n=======\nb\n=======\nc\n>>>>>>> REPLACE\n```",
+     ["two ======="]),
     ("```diff\n--- a/llm.py\n+++ b/llm.py\n@@ -1 +1 @@\n-a\n+b\n```", ["unified diff"]),
 ])
 def test_parse_refusals_name_the_block(answer, words):
@@ -180,7 +185,7 @@ def test_parse_refusals_name_the_block(answer, words):
         assert w in str(e.value)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # apply_edits and unified_diff
 
 def test_apply_in_order_and_exactly_once():
@@ -209,7 +214,7 @@ def test_unified_diff_applies_with_patch(tmp_path):
     assert (tmp_path / "llm.py").read_text() == patched
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # check_protected, on a small llm.py-like text and on the real one
 
 RULE = "# " + "-" * 100
@@ -258,13 +263,15 @@ def check(code: str, answer_edits: list[Edit]):
 
 def test_toy_edit_outside_the_section_passes():
     patched = check(TOY, [Edit("    return x * 2\n", "    return x * 3\n", 1),
-                          Edit('    setattr(train, "done", True)\n', '    setattr(train, "done", True)\n', 2)])
+                          Edit('    setattr(train, "done", True)\n',
+                               '    setattr(train, "done", True)\n', 2)])
     assert "x * 3" in patched
 
 
 @pytest.mark.parametrize("edit, words", [
     (Edit("VAL_FRACTION = 10\n", "VAL_FRACTION = 5\n", 1), ["edit 1", "touches"]),
-    (Edit("    pass\n\n\n" + RULE + "\n# Train", "    pass\n\n\n" + RULE + "\n# Train", 2), ["edit 2", "touches"]),
+    (Edit("    pass\n\n\n" + RULE + "\n# Train", "    pass\n\n\n" + RULE + "\n# Train", 2),
+     ["edit 2", "touches"]),
     (Edit("# Model\n", "# Model\n" + RULE + "\n" + ce.PROTECTED_TITLE + "\n", 1), ["has 2"]),
 ])
 def test_toy_edits_touching_the_section_are_refused(edit, words):
@@ -275,8 +282,8 @@ def test_toy_edits_touching_the_section_are_refused(edit, words):
 
 
 def test_toy_text_appended_to_the_section_is_refused():
-    # The SEARCH is the start of the next section (outside), but the REPLACE puts code before its rule line:
-    # the section's text grows.
+    # The SEARCH is the start of the next section (outside), but the REPLACE puts code before its
+    # rule line: the section's text grows.
     edit = Edit(RULE + "\n# Train\n", "VAL_FRACTION = 1\n\n\n" + RULE + "\n# Train\n", 1)
     with pytest.raises(EditError, match="differs from the original"):
         check(TOY, [edit])
@@ -309,14 +316,15 @@ def test_toy_rebinding_or_patching_outside_the_section_is_refused(new_code, what
 
 
 def test_toy_local_names_and_the_originals_own_reflection_are_allowed():
-    edit = Edit("def train():\n", "def helper(evaluate=1):\n    VAL_FRACTION = 3\n    return evaluate\n\n\n"
-                                  "def train():\n", 1)
+    helper = "def helper(evaluate=1):\n    VAL_FRACTION = 3\n    return evaluate\n\n\n"
+    edit = Edit("def train():\n", helper + "def train():\n", 1)
     check(TOY, [edit])  # locals shadow nothing at module level; train's setattr was already there
 
 
 @pytest.mark.parametrize("mangle, words", [
     (lambda c: c.replace(ce.PROTECTED_TITLE, "# Evaluation"), ["no", "section"]),
-    (lambda c: c.replace(RULE + "\n" + ce.PROTECTED_TITLE, ce.PROTECTED_TITLE), ["not a section title"]),
+    (lambda c: c.replace(RULE + "\n" + ce.PROTECTED_TITLE, ce.PROTECTED_TITLE),
+     ["not a section title"]),
     (lambda c: c + "\n" + RULE + "\n" + ce.PROTECTED_TITLE + "\n", ["has 2"]),
     (lambda c: c.replace("def train", "def train(:"), ["does not parse"]),
 ])
@@ -339,7 +347,7 @@ def test_real_llm_protected_section_holds_the_metrics():
         ce.check_protected(code, code, [Edit(line + "\n", line + "\n", 1)])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The sandbox: each kind that runs here
 
 def kind_works(kind: str, tmp: Path) -> bool:
@@ -353,9 +361,10 @@ def kind_works(kind: str, tmp: Path) -> bool:
 def kind(request, monkeypatch, tmp_path):
     if not kind_works(request.param, tmp_path):
         if request.param == "unshare":
-            pytest.skip("`unshare -rn` cannot run here (user namespaces disabled?): the fallback sandbox is "
-                        "untested on this machine")
-        pytest.skip(f"{request.param} is not installed or cannot run here (apt-get install bubblewrap)")
+            pytest.skip("`unshare -rn` cannot run here (user namespaces disabled?): the fallback "
+                        "sandbox is untested on this machine")
+        pytest.skip(f"{request.param} is not installed or cannot run here "
+                    "(apt-get install bubblewrap)")
     monkeypatch.setattr(ce, "sandbox_kind", lambda: request.param)
     return request.param
 
@@ -394,7 +403,8 @@ except OSError as e:
 
 def test_sandbox_has_no_network(kind, listener, tmp_path):
     port, accepted = listener
-    outside = subprocess.run([sys.executable, "-c", CONNECT, str(port)], capture_output=True, text=True)
+    outside = subprocess.run([sys.executable, "-c", CONNECT, str(port)], capture_output=True,
+                             text=True)
     assert "CONNECTED" in outside.stdout and len(accepted) == 1  # the server works from outside
     inside = ce.sandboxed([sys.executable, "-c", CONNECT, str(port)], writable=tmp_path, timeout=30,
                           env=clean_env())
@@ -402,14 +412,15 @@ def test_sandbox_has_no_network(kind, listener, tmp_path):
 
 
 ENV_PROBE = """import os, sys
-print("key:", os.environ.get("GEMINI_API_KEY"), "leaked:", any(sys.argv[1] in v for v in os.environ.values()))
+leaked = any(sys.argv[1] in v for v in os.environ.values())
+print("key:", os.environ.get("GEMINI_API_KEY"), "leaked:", leaked)
 print("stdin:", repr(sys.stdin.read()))
 """
 
 
 def test_sandbox_child_finds_no_key_and_no_stdin(kind, monkeypatch, tmp_path):
     monkeypatch.setenv("GEMINI_API_KEY", FAKE_KEY)
-    monkeypatch.setenv("SOME_CONFIG", FAKE_KEY)  # a key's value under an innocent name is stripped too
+    monkeypatch.setenv("SOME_CONFIG", FAKE_KEY)  # a key's value under another name: stripped too
     out = ce.sandboxed([sys.executable, "-c", ENV_PROBE, FAKE_KEY], writable=tmp_path, timeout=30,
                        env=clean_env()).stdout
     assert "key: None leaked: False" in out and "stdin: ''" in out
@@ -417,7 +428,8 @@ def test_sandbox_child_finds_no_key_and_no_stdin(kind, monkeypatch, tmp_path):
 
 def test_sandbox_refuses_an_environment_with_a_key(kind, tmp_path):
     with pytest.raises(EditError, match="GEMINI_API_KEY"):
-        ce.sandboxed(["true"], writable=tmp_path, timeout=5, env={"GEMINI_API_KEY": FAKE_KEY, "PATH": "/bin"})
+        ce.sandboxed(["true"], writable=tmp_path, timeout=5,
+                     env={"GEMINI_API_KEY": FAKE_KEY, "PATH": "/bin"})
 
 
 def alive(marker: str) -> bool:
@@ -433,9 +445,10 @@ def alive(marker: str) -> bool:
 def test_sandbox_timeout_kills_the_whole_group(kind, tmp_path):
     marker = f"sleep-marker-{os.getpid()}-{kind}"
     script = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-              f"'import time; time.sleep(300)', '{marker}']); print('started', flush=True); time.sleep(300)")
-    with pytest.raises(EditError, match=r"ran past its 3 s limit[\s\S]*started"):
-        ce.sandboxed([sys.executable, "-c", script], writable=tmp_path, timeout=3, env=clean_env())
+              f"'import time; time.sleep(300)', '{marker}']); print('started', flush=True); "
+              f"time.sleep(300)")
+    with pytest.raises(EditError, match=r"ran past its 2 s limit[\s\S]*started"):
+        ce.sandboxed([sys.executable, "-c", script], writable=tmp_path, timeout=2, env=clean_env())
     for _ in range(50):  # the kill reaches the grandchild asynchronously
         if not alive(marker):
             break
@@ -455,8 +468,8 @@ for path in sys.argv[1:]:
 def test_sandbox_writes(kind, tmp_path):
     inside, outside = tmp_path / "box", tmp_path / "outside.txt"
     inside.mkdir()
-    out = ce.sandboxed([sys.executable, "-c", WRITE, str(inside / "ok.txt"), str(outside)], writable=inside,
-                       timeout=30, env=clean_env()).stdout
+    out = ce.sandboxed([sys.executable, "-c", WRITE, str(inside / "ok.txt"), str(outside)],
+                       writable=inside, timeout=30, env=clean_env()).stdout
     assert f"WROTE {inside / 'ok.txt'}" in out
     if kind == "bwrap":
         assert f"REFUSED {outside}" in out and not outside.exists()
@@ -478,23 +491,24 @@ def test_sandbox_kind_finds_one_here():
 
 
 def test_smoke_args_keep_the_idea_and_set_the_scale():
-    args = ["--zero-experts", "2", "4", "--seeds", "42", "43", "--out", "x.csv", "--max-steps", "400",
-            "--grid", "max_steps=1,2", "--dataset", "HuggingFaceTB/smollm-corpus", "--lb-weight=0.01",
-            "--device", "cuda", "--grid", "expert_top_k=1,2"]
-    assert ce.smoke_args(args) == ["--zero-experts", "2", "4", "--seeds", "42", "--lb-weight", "0.01",
-                                   "--grid", "expert_top_k=1,2", "--noise-std", "0.1", "--preset", "smoke",
-                                   "--max-steps", "3", "--eval-every", "3", "--device", "cpu"]
-    assert ce.smoke_args(["--grid", "noise_std=0.5,0", "--grid", "seed=7,8", "--lb-weight", "0", "0.01"]) == [
-        "--noise-std", "0.5", "--seeds", "7", "--lb-weight", "0", "--preset", "smoke", "--max-steps", "3",
-        "--eval-every", "3", "--device", "cpu"]
+    tail = ["--preset", "smoke", "--max-steps", "3", "--eval-every", "3", "--device", "cpu"]
+    args = ["--zero-experts", "2", "4", "--seeds", "42", "43", "--out", "x.csv", "--max-steps",
+            "400",
+            "--grid", "max_steps=1,2", "--dataset", "HuggingFaceTB/smollm-corpus",
+            "--lb-weight=0.01", "--device", "cuda", "--grid", "expert_top_k=1,2"]
+    assert ce.smoke_args(args) == ["--zero-experts", "2", "4", "--seeds", "42", "--lb-weight",
+                                   "0.01", "--grid", "expert_top_k=1,2", "--noise-std", "0.1",
+                                   *tail]
+    sweep = ["--grid", "noise_std=0.5,0", "--grid", "seed=7,8", "--lb-weight", "0", "0.01"]
+    assert ce.smoke_args(sweep) == ["--noise-std", "0.5", "--seeds", "7", "--lb-weight", "0", *tail]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Real llm.py runs in the sandbox (shared)
 
 @pytest.fixture(scope="module")
 def zero_copy(workdir):
-    """The example plan applied to the user's llm.py, as simple_llm.py does it: a copy in the round folder."""
+    """The example plan applied to the user's llm.py as simple_llm.py does: a copy in the round."""
     code = base_code()
     edits = ce.parse_edits(EXAMPLE.read_text())
     patched = ce.apply_edits(code, edits)
@@ -507,7 +521,8 @@ def edit_and_check(workdir: Path, name: str, search: str, replace: str) -> None:
     edits = [Edit(search, replace, 1)]
     patched = ce.apply_edits(code, edits)
     ce.check_protected(code, patched, edits)
-    ce.check_default_behaviour(write_copy(workdir / name, patched), USER_LLM, workdir / name, clean_env(), 180)
+    copy = write_copy(workdir / name, patched)
+    ce.check_default_behaviour(copy, USER_LLM, workdir, clean_env(), 180)
 
 
 @pytest.mark.timeout(180)
@@ -515,7 +530,8 @@ def test_example_plan_keeps_the_default_and_runs_zero_experts(zero_copy, workdir
     ce.check_default_behaviour(zero_copy, USER_LLM, workdir, clean_env(), 180)
     plan = json.loads(re.findall(r"```json\n(.*?)```", EXAMPLE.read_text(), re.S)[-1])
     assert [r["name"] for r in plan["runs"]] == ["baseline", "zero2", "zero4"]
-    ce.smoke_check_entries(zero_copy, [["--zero-experts", "2", "--seeds", "42"]], workdir, clean_env(), 180)
+    entry = ["--zero-experts", "2", "--seeds", "42"]
+    ce.smoke_check_entries(zero_copy, [entry], workdir, clean_env(), 180)
     rows = list(csv.DictReader(open(workdir / "smoke-check" / "entry1" / "smoke.csv")))
     assert len(rows) == 1 and rows[0]["status"] == "ok"
     assert json.loads(rows[0]["config_json"])["zero_experts"] == 2
@@ -534,7 +550,8 @@ def test_zero_experts_layer_against_a_plain_reference(zero_copy):
     returns its input times the gate weight; with Z = 0 it equals the unpatched layer exactly."""
     import torch
     new, old = load_module(zero_copy, "llm_zero_experts"), load_module(USER_LLM, "llm_unpatched")
-    cfg = new.MoEModelConfig(**{**new.PRESETS["smoke"], "zero_experts": 3, "dropout": 0.0, "vocab_size": 256})
+    cfg = new.MoEModelConfig(**{**new.PRESETS["smoke"], "zero_experts": 3, "dropout": 0.0,
+                                "vocab_size": 256})
     torch.manual_seed(0)
     layers = {d: new.MixtureOfExperts(cfg, d) for d in ("grouped", "sorted")}
     for p in layers["grouped"].parameters():
@@ -551,7 +568,8 @@ def test_zero_experts_layer_against_a_plain_reference(zero_copy):
             ref[n] += w * y
     for d, layer in layers.items():
         out = layer(x)
-        torch.testing.assert_close(out.out.reshape(-1, cfg.d_model), ref, rtol=1e-4, atol=1e-5, msg=d)
+        got = out.out.reshape(-1, cfg.d_model)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=d)
         assert out.counts.shape == (cfg.num_experts,)
         assert out.counts.sum() == (route.experts < cfg.num_experts).sum()
     cfg0 = old.MoEModelConfig(**{**old.PRESETS["smoke"], "vocab_size": 256})
@@ -559,7 +577,8 @@ def test_zero_experts_layer_against_a_plain_reference(zero_copy):
     a = old.MixtureOfExperts(cfg0).eval()
     for p in a.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    b = new.MixtureOfExperts(new.MoEModelConfig(**{**new.PRESETS["smoke"], "vocab_size": 256})).eval()
+    cfg_new = new.MoEModelConfig(**{**new.PRESETS["smoke"], "vocab_size": 256})  # zero_experts 0
+    b = new.MixtureOfExperts(cfg_new).eval()
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x).out, b(x).out)
 
@@ -577,28 +596,31 @@ def test_a_changed_default_init_is_refused(workdir, zero_copy):
 @pytest.mark.timeout(120)
 def test_a_changed_default_value_is_refused_by_the_dry_run(workdir, zero_copy):
     search = 'd_ff: int = _field(1536,'
-    with pytest.raises(EditError, match=r"changes the default of config field d_ff from 1536 to 2048"):
+    with pytest.raises(EditError, match=r"changes the default of config field d_ff from 1536 to "
+                                         r"2048"):
         edit_and_check(workdir, "dff", search, search.replace("1536", "2048"))
 
 
 def probing_copy(workdir: Path, name: str, probe: str) -> Path:
-    """The user's llm.py with a probe run first thing in main() (then main returns 3: the run fails)."""
+    """The user's llm.py with a probe first thing in main() (then main returns 3: the run fails)."""
     code = base_code()
     search = "def main(argv=None) -> int:\n"
     body = "".join("    " + ln + "\n" for ln in probe.splitlines())
     edits = [Edit(search, search + body + "    return 3\n", 1)]
     patched = ce.apply_edits(code, edits)
-    ce.check_protected(code, patched, edits)  # nothing here touches the evaluation: the sandbox must hold
+    ce.check_protected(code, patched, edits)  # the lock lets this through: the sandbox must hold
     return write_copy(workdir / name, patched)
 
 
 @pytest.mark.timeout(120)
 def test_a_patched_copy_cannot_reach_a_local_server(workdir, listener):
     port, accepted = listener
-    probe = (f"import socket\ns = socket.socket()\ns.settimeout(5)\ntry:\n    s.connect(('127.0.0.1', {port}))\n"
-             f"    print('CONNECTED')\nexcept OSError as e:\n    print('NO CONNECTION', e)")
+    probe = (f"import socket\ns = socket.socket()\ns.settimeout(5)\ntry:\n"
+             f"    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n"
+             f"except OSError as e:\n    print('NO CONNECTION', e)")
     with pytest.raises(EditError) as e:
-        ce.smoke_check_entries(probing_copy(workdir, "net", probe), [["--seeds", "42"]], workdir, clean_env(), 60)
+        ce.smoke_check_entries(probing_copy(workdir, "net", probe), [["--seeds", "42"]], workdir,
+                               clean_env(), 60)
     assert "failed (exit 3)" in str(e.value) and "NO CONNECTION" in str(e.value)
     assert accepted == []
 
@@ -609,7 +631,8 @@ def test_a_patched_copy_finds_no_api_key(workdir, monkeypatch):
     probe = (f"print('KEY', os.environ.get('GEMINI_API_KEY'), "
              f"any('{FAKE_KEY}' in v for v in os.environ.values()))")
     with pytest.raises(EditError) as e:
-        ce.smoke_check_entries(probing_copy(workdir, "key", probe), [["--seeds", "42"]], workdir, clean_env(), 60)
+        ce.smoke_check_entries(probing_copy(workdir, "key", probe), [["--seeds", "42"]], workdir,
+                               clean_env(), 60)
     assert "KEY None False" in str(e.value)
 
 
