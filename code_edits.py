@@ -17,6 +17,7 @@ import collections
 import contextlib
 import csv
 import difflib
+import glob
 import hashlib
 import json
 import math
@@ -355,8 +356,11 @@ def _sandbox_prefix(kind: str, writable: Path) -> list[str]:
         w = str(writable)
         hide = [a for env in (_project() / ".env", Path.cwd() / ".env") if env.is_file()
                 for a in ("--ro-bind", "/dev/null", str(env))]
+        # A fresh /dev plus the NVIDIA nodes only (not --dev-bind /dev /dev: every host device).
+        gpus = [a for p in sorted(glob.glob("/dev/nvidia*")) for a in ("--dev-bind", p, p)]
         return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/",
-                "/", "--dev", "/dev", "--proc", "/proc", *hide, "--bind", w, w, "--chdir", w, "--"]
+                "/", "--dev", "/dev", *gpus, "--proc", "/proc", *hide, "--bind", w, w, "--chdir", w,
+                "--"]
     # new user, network and PID namespaces; the PID namespace dies with unshare (--kill-child)
     return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child",
             "--"]
