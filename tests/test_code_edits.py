@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-import code_edits as ce
-from code_edits import EditError, Edit
+import simple_llm as ce
+from simple_llm import EditError, Edit
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_LLM = ROOT / "llm.py"
@@ -595,7 +595,7 @@ def test_a_changed_default_init_is_refused(workdir, zero_copy):
 
 @pytest.mark.timeout(120)
 def test_a_changed_default_value_is_refused_by_the_dry_run(workdir, zero_copy):
-    search = 'd_ff: int = _field(1536,'
+    search = 'd_ff: int = param(1536,'
     with pytest.raises(EditError, match=r"changes the default of config field d_ff from 1536 to "
                                          r"2048"):
         edit_and_check(workdir, "dff", search, search.replace("1536", "2048"))
