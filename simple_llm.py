@@ -1133,6 +1133,8 @@ class Plan:
     edits: list = dataclasses.field(default_factory=list)  # code edits (issue 19); empty when none
     code: Path = DEFAULT_CODE  # the llm.py the entries run: the user's, or a round's patched copy
     diff: str = ""  # shown with the confirmation when there are edits
+    no_sandbox: bool = False  # --no-sandbox: patched code runs without one where none can be made
+    limit_s: float = 0.0  # wall-clock seconds per entry of patched code (0: from its budget)
     text: str = ""  # what the user confirms (plan_text)
 
     @property
@@ -1151,6 +1153,7 @@ class Limits:
     # tokenizers / datasets the user allows beyond the defaults, bytes and random
     allow_data: tuple = ()
     allow_code_edits: bool = False
+    no_sandbox: bool = False
 
 
 def _blocks(text: str):
@@ -1288,20 +1291,22 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
 
 
 def code_edit_rules(limits: Limits) -> str:
-    """Plug point for code edits (issue 19): step 4's {code_edit_rules}; empty unless allowed."""
-    return ""
+    """Step 4's {code_edit_rules}: the edit form and its rules, only with --allow-code-edits."""
+    return CODE_EDIT_RULES if limits.allow_code_edits else ""
 
 
 def code_edits(answer: str, limits: Limits) -> list:
-    """Plug point for code edits (issue 19's section): none unless the answer has SEARCH/REPLACE
-    blocks."""
-    if "<<<<<<< SEARCH" not in answer:
-        return []
+    """The answer's SEARCH/REPLACE edits to llm.py (none: []); PlanError when it has some and the
+    run does not allow them, or they cannot be read."""
     if not limits.allow_code_edits:
-        raise PlanError("this run does not allow code edits; express the idea with flags or rerun "
-                        "with --allow-code-edits")
-    raise PlanError("code edits are not supported by this version of the tool; express the idea "
-                    "with flags")
+        if any(HEAD.match(line) for line in answer.splitlines()):
+            raise PlanError("this run does not allow code edits; express the idea with flags or "
+                            "rerun with --allow-code-edits")
+        return []
+    try:
+        return parse_edits(answer)
+    except EditError as e:
+        raise edit_refusal(e) from None
 
 
 def llm_flags() -> dict[str, tuple[str, object]]:
@@ -1599,8 +1604,9 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
     for i, e in enumerate(plan.entries, 1):
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
         sys.stdout.flush()
-        limit = 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
-        rc, tail = _run_child(plan.command(e, out_dir), lock_fd, limit)
+        limit = plan.limit_s or 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
+        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.edits
+                    else _run_child(plan.command(e, out_dir), lock_fd, limit))
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
             _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are "
@@ -1741,7 +1747,7 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
 def limits_of(args) -> Limits:
     return Limits(args.max_runs, args.max_run_minutes, args.max_total_minutes,
                   tuple(args.allow_data),
-                  args.allow_code_edits)
+                  args.allow_code_edits, args.no_sandbox)
 
 
 def _runs_command(args) -> int:
@@ -1756,7 +1762,12 @@ def _runs_command(args) -> int:
     # it
     csvs = sorted(Path(args.out_dir).glob("*.csv")) + [earlier if earlier.suffix == ".csv"
                                                        else _csv_of(earlier)]
-    text = plan_text(plan, args.out_dir, check_plan(plan, limits, args.out_dir, csvs))
+    if plan.edits:
+        make_dir(args.out_dir)  # the copy and its diff go there
+        lines = prepare_copy(plan, DEFAULT_CODE, Path(args.out_dir), limits)
+    else:
+        lines = check_plan(plan, limits, args.out_dir, csvs)
+    text = plan_text(plan, args.out_dir, lines)
     print(text)
     if not args.run:
         _note("nothing was run; add --run to run them")
@@ -1764,7 +1775,9 @@ def _runs_command(args) -> int:
     created = not Path(args.out_dir).exists()
     make_dir(args.out_dir)  # before asking: a folder that cannot be used fails now
     with out_dir_lock(args.out_dir) as fd:
-        if confirm(text, f"Run these {plan.total} runs?", args.yes):
+        if confirm(text, f"Run these {plan.total or ''} runs?".replace("  ", " "), args.yes):
+            if plan.edits:
+                check_copy(plan, Path(args.out_dir))
             return run_plan(plan, args.out_dir, fd).rc
     _note("not confirmed: nothing was run")
     if created:  # leave nothing behind
@@ -2370,6 +2383,103 @@ def smoke_check_entries(copy: Path, entry_args: list[list[str]], workdir: Path, 
                             f"{bad[0].get('val_loss')}){_tail(proc.stdout, proc.stderr)}")
 
 
+CODE_EDIT_RULES = """
+This run allows edits to llm.py. Put each change in aider's SEARCH/REPLACE form, after the plan
+and before its block of runs: the file name llm.py on its own line, then a fence holding one or
+more sections:
+
+llm.py
+```python
+<<<<<<< SEARCH
+(lines copied exactly from llm.py, indentation included, enough of them to match once)
+=======
+(the lines that replace them)
+>>>>>>> REPLACE
+```
+
+Rules (a plan that breaks one is refused and sent back to you):
+- Only llm.py may be edited; every SEARCH must match exactly once.
+- The section "# Evaluation (protected)" (the validation split and every reported metric) may not
+  be touched, and code outside it may not rebind its names, patch imported modules or use
+  reflection (setattr, globals(), __dict__, sys.modules, exec).
+- Defaults are kept: a new behaviour goes behind a new flag (a new config field) whose default
+  keeps the old behaviour exactly; the patched copy and the original must train the smoke preset
+  to the same loss.
+- Each entry's args then train 3 steps at smoke scale on the patched copy; every entry of the plan
+  runs on the copy, so compare the new flag's values inside one entry (its baseline included).
+"""
+
+
+def edit_refusal(e: EditError) -> PlanError:
+    """A code-edit refusal as the repairable plan refusal; patched runs' output redacted."""
+    return PlanError(redact(clean(str(e))))
+
+
+def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
+    """Nothing runs here: the plan's edits applied to base into folder/llm.py, the lock checked, the
+    diff saved as folder/llm.py.diff; plan.code and plan.diff set. Returns the lines that stand for
+    the budget (patched code is checked and counted in the sandbox only after consent)."""
+    kind = sandbox_kind()
+    if kind is None and not limits.no_sandbox:
+        raise UserError("this plan edits llm.py and no sandbox can be made here (neither "
+                        "bubblewrap nor `unshare -rn` runs); pass --no-sandbox to run it without "
+                        "one")
+    original = _read_text(base, "code")
+    try:
+        patched = apply_edits(original, plan.edits)
+        check_protected(original, patched, plan.edits)
+    except EditError as e:
+        raise edit_refusal(e) from None
+    copy, diff_file = folder / "llm.py", folder / "llm.py.diff"
+    diff = unified_diff(original, patched)
+    _write(copy, patched)
+    _write(diff_file, diff)
+    plan.code, plan.no_sandbox = copy, kind is None
+    plan.limit_s = 60 * limits.max_total_minutes
+    plan.diff = (f"code: {_count(len(plan.edits), 'edit')} to {base}, applied to the copy {copy} "
+                 f"(diff saved as {diff_file}):\n{clean(diff)}")
+    where = kind or "NO SANDBOX (--no-sandbox): network and files are open to it"
+    return (f"patched code runs in: {where}; after you confirm, its default behaviour and each "
+            f"entry at smoke scale are checked there first; each entry may run at most "
+            f"{_mins(limits.max_total_minutes)} (the flags of a copy are not budgeted ahead)")
+
+
+def check_copy(plan: Plan, folder: Path) -> None:
+    """After consent: the copy's default behaviour against the user's llm.py, then each entry at
+    smoke scale, in the sandbox (PlanError, repairable, on failure). The original's smoke run also
+    fills the token cache of the shipped corpus."""
+    env, work, timeout = child_env(), Path(folder) / "checks", max(300.0, plan.limit_s)
+    try:
+        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout)
+        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout)
+    except EditError as e:
+        raise edit_refusal(e) from None
+
+
+def run_patched(plan: Plan, e: PlanEntry, out_dir, limit: float) -> tuple[int, str]:
+    """One entry on the patched copy in the sandbox (writable: out_dir); its exit code and last 40
+    lines of output, redacted."""
+    folder = Path(out_dir).resolve()
+    cmd = [sys.executable, str(Path(plan.code).resolve()), *e.args, "--out", str(e.csv(folder))]
+    try:
+        proc = sandboxed(cmd, writable=folder, timeout=limit, env=sandbox_env(child_env(), folder),
+                         no_sandbox=plan.no_sandbox)
+    except EditError as err:
+        return 124, redact(clean(str(err)))
+    text = redact(clean((proc.stdout or "") + (proc.stderr or "")))
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    lines = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
+    return proc.returncode, "\n".join(lines[-TAIL_LINES:])
+
+
+def better(verdicts_of_round: dict) -> bool:
+    """Whether any entry of a round has a "better" verdict on the primary metric (report.summary)."""
+    return any(v.get("word") == "better" for res in verdicts_of_round.values()
+               for v in res.get("verdicts", []))
+
+
 # --------------------------------------------------------------------------------------------------
 # Loop: rounds of chain -> plan (repaired by the model when refused) -> runs -> verdicts, with a
 # ledger
@@ -2453,13 +2563,17 @@ def _save_loop(out: Path, state: dict) -> None:
           f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the "
           "last reports, the plan's runs train, report.py gives the verdicts. Rerun the same "
           "command to continue.", "",
-          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", ""]
+          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "", _code_line(state, out),
+          ""]
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
         md += [f"## Round {k}: {rnd['status']}", "", "- Results read: "
                                                      f"{rnd.get('results_from') or 'none'}"]
         if rnd.get("plan"):
             md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) "
                       f"({_count(rnd.get('repairs', 0), 'repair')})")
+        if rnd.get("code"):
+            md.append(f"- Code: the plan's edits to {rnd.get('base')} ran as [{rnd['code']}]"
+                      f"({rnd['code']}), diff [{rnd['diff']}]({rnd['diff']})")
         if rnd.get("entries"):
             md += ["- Commands:", "", "  ```"] + [f"  {e['command']}"
                                                   for e in rnd["entries"]] + ["  ```"]
@@ -2468,6 +2582,15 @@ def _save_loop(out: Path, state: dict) -> None:
             md += [f"  {line}" for line in (res.get("text") or res.get("error", "")).splitlines()]
         md.append("")
     _write(out / LEDGER, "\n".join(md))
+
+
+def _code_line(state: dict, out: Path) -> str:
+    """Which llm.py the next round starts from (code that won accumulates; yours is never
+    changed)."""
+    if not state.get("code"):
+        return "Current code: your llm.py (no code edit has won a \"better\" verdict yet)."
+    return (f"Current code: {state['code']} (a code edit that won a \"better\" verdict; your "
+            f"llm.py is unchanged); compare it with yours: `diff -u llm.py {out / state['code']}`")
 
 
 def _round_results(out: Path, k: int, rnd: dict) -> str:
@@ -2539,7 +2662,13 @@ class Loop:
             text = ("The ledger of this loop, every round so far (do not ask again what it "
                     f"answers):\n\n{table}\n\n{text}")
         values["results"] = text
+        if self.state.get("code") and "code_content" not in values:  # the code that won so far
+            values["code_content"] = fenced_code(self.out / self.state["code"])
         return values
+
+    def base_code(self) -> Path:
+        """The llm.py a round's edits apply to: the last winning copy, else the user's."""
+        return self.out / self.state["code"] if self.state.get("code") else DEFAULT_CODE
 
     def round(self, k: int) -> int | None:
         rnd = self.state["round"].setdefault(str(k), {"status": "not started"})
@@ -2577,6 +2706,8 @@ class Loop:
             except PlanError as e:
                 self.repair_or_stop(chain, k, rnd, e)
         rnd["verdicts"] = {e.name: verdicts(e.csv(rdir)) for e in plan.entries}
+        if plan.edits and better(rnd["verdicts"]):  # code that wins accumulates
+            self.state["code"] = f"round{k}/llm.py"
         rnd["status"] = "done"
         self.save()
         _note(f"round {k} done: verdicts in {self.out / LEDGER}")
@@ -2585,7 +2716,15 @@ class Loop:
     def checked_plan(self, rnd: dict, rdir: Path) -> Plan:
         plan = read_plan(self.out / rnd["plan"], limits=self.limits)
         csvs = sorted(self.out.glob("round*/*.csv")) + self.earlier
-        plan.text = plan_text(plan, rdir, check_plan(plan, self.limits, rdir, csvs))
+        if plan.edits:
+            make_dir(rdir)
+            lines = prepare_copy(plan, self.base_code(), rdir, self.limits)
+            rnd.update(code=f"{rdir.name}/llm.py", diff=f"{rdir.name}/llm.py.diff",
+                       base=str(self.base_code()))
+        else:
+            lines = check_plan(plan, self.limits, rdir, csvs)
+            rnd.pop("code", None)
+        plan.text = plan_text(plan, rdir, lines)
         rnd["entries"] = [{"name": e.name, "question": e.question, "args": e.args, "runs": e.n_runs,
                            "command": shown(plan.command(e, rdir))} for e in plan.entries]
         rnd["status"] = "runs"
@@ -2599,6 +2738,8 @@ class Loop:
             self.save()
             _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
+        if plan.edits:
+            check_copy(plan, rdir)
         outcome = run_plan(plan, rdir, self.fd)
         if outcome.rc == 130:
             rnd["status"] = "runs interrupted"
@@ -2645,7 +2786,9 @@ class Loop:
             rdir / step_file(len(self.steps), self.steps[-1]["title"])
         if plan_file.is_file():  # the chain of this round is done already: its runs are known
             plan = read_plan(plan_file, limits=self.limits)
-            print(plan_text(plan, rdir, check_plan(plan, self.limits, rdir, self.earlier)))
+            print(plan_text(plan, rdir, check_plan(plan, self.limits, rdir, self.earlier))
+                  if not plan.edits else f"then: the plan's {_count(len(plan.edits), 'code edit')} "
+                  f"applied to {rdir}/llm.py, checked and run in the sandbox (not in a dry run)")
         else:
             print(f"then: the block of runs in {plan_file} (written by the last step), checked "
                   f"with llm.py's sweep planner and budgeted ({self.limits.max_runs} runs, "
