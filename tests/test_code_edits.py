@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+import report
 import simple_llm as ce
+import simple_llm
 from simple_llm import EditError, Edit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -639,3 +641,102 @@ def test_a_patched_copy_finds_no_api_key(workdir, monkeypatch):
 def test_zz_nothing_written_outside_the_round_folder(untouched_project):
     """Last in the file: the user's llm.py and every project file are as they were."""
     assert project_files() == untouched_project
+
+
+# --------------------------------------------------------------------------------------------------
+# Wired into simple_llm's runs and loop (the loopback provider server, the real SDKs)
+
+from fake_providers import answer  # noqa: E402
+from test_simple_llm import (GEMINI_KEY, KIMI_KEY, _no_dotenv, assert_no_keys,  # noqa: E402,F401
+                             fake, httpserver_listen_address, work)
+
+TINY = ["--preset", "smoke", "--max-steps", "2", "--eval-every", "2", "--eval-steps", "1",
+        "--noise-std", "0.1", "--lb-weight", "0.01", "--seeds", "42"]
+
+
+def code_plan(runs) -> str:
+    """The shipped example code plan (prose, SEARCH/REPLACE fences) with tiny runs of its own."""
+    text = EXAMPLE.read_text()
+    head = text[:text.index("```json")]
+    return head + "```json\n" + json.dumps({"runs": runs}) + "\n```\n"
+
+
+def test_code_plan_without_allow_code_edits_is_refused_and_yes_never_runs_code(tmp_path, capsys):
+    plan = tmp_path / "plan.md"
+    plan.write_text(code_plan([{"name": "z", "args": ["--zero-experts", "2", *TINY]}]))
+    before = sha(ROOT / "llm.py")
+    rc = simple_llm.main(["runs", str(plan), "--run", "--yes", "--out-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "this run does not allow code edits" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() and sha(ROOT / "llm.py") == before
+    assert simple_llm.code_edit_rules(simple_llm.Limits()) == ""
+    assert "SEARCH" in simple_llm.code_edit_rules(simple_llm.Limits(allow_code_edits=True))
+
+
+def test_the_accumulation_rule_reads_report_verdicts():
+    word = lambda w: {"e": {"verdicts": [{"word": w}]}}  # noqa: E731
+    assert simple_llm.better(word("better"))
+    assert not simple_llm.better(word("worse")) and not simple_llm.better(word(
+        "no detectable difference")) and not simple_llm.better({"e": {"error": "no verdict"}})
+
+
+# round 2's edit matches only the round-1 copy and breaks its syntax: refused, which proves
+# round 2 started from that copy without training anything more
+ROUND2 = """Next: more zero experts.
+
+llm.py
+```python
+<<<<<<< SEARCH
+        self.zero_experts = cfg.zero_experts  # identity experts: ids E .. E + Z - 1
+=======
+        self.zero_experts = cfg.zero_experts  # identity experts: ids E .. E + Z - 1
+evaluate = None
+>>>>>>> REPLACE
+```
+
+```json
+{"runs": [{"name": "again", "args": ["--zero-experts", "4"]}]}
+```
+"""
+
+
+@pytest.mark.timeout(240)
+def test_loop_runs_a_code_plan_end_to_end_and_the_next_round_starts_from_its_copy(
+        fake, work, capfd, monkeypatch):
+    before = sha(ROOT / "llm.py")
+    real = simple_llm.verdicts
+
+    def constructed(csv_path):  # smoke scale gives no verdict: a "better" summary stands for it
+        out = real(csv_path)
+        better = report.Verdict("zero_experts", "2 vs 0", "val_loss", -0.1, -0.2, -0.05, False, 3,
+                                0.01, 0.05, "better")
+        return {**out, "verdicts": [better._asdict()]}
+    monkeypatch.setattr(simple_llm, "verdicts", constructed)
+    plan1 = code_plan([{"name": "zero2", "question": "Do 2 zero experts train?",
+                        "args": ["--zero-experts", "2", *TINY]}])
+    fake.then("gemini", lambda: answer("gemini", "review one"), lambda: answer("gemini", plan1),
+              lambda: answer("gemini", "review two"), lambda: answer("gemini", ROUND2))
+    rc = simple_llm.main(["loop", "idea.md", "--rounds", "2", "--yes", "--allow-code-edits",
+                          "--repairs", "0", "--out-dir", "L"])
+    out, err = capfd.readouterr()
+    r1, r2 = work / "L" / "round1", work / "L" / "round2"
+    assert "allows edits to llm.py" in fake.calls[3].prompt  # step 4 got the form and the rules
+    diff = (r1 / "llm.py.diff").read_text()
+    assert diff.startswith("--- a/llm.py") and "+    zero_experts: int = param(0" in diff
+    assert diff in out  # shown with the confirmation
+    assert (r1 / "checks" / "default-check" / "copy" / "train" / "default.csv").is_file()
+    assert (r1 / "checks" / "smoke-check" / "entry1" / "smoke.csv").is_file()
+    rows = list(csv.DictReader(open(r1 / "zero2.csv")))
+    assert rows and all(r["status"] == "ok" for r in rows)
+    state = json.loads((work / "L" / "loop_state.json").read_text())
+    assert state["round"]["1"]["status"] == "done" and state["code"] == "round1/llm.py"
+    ledger = (work / "L" / "ledger.md").read_text()
+    assert "[round1/llm.py.diff](round1/llm.py.diff)" in ledger and "better" in ledger
+    assert "diff -u llm.py L/round1/llm.py" in ledger
+    # round 2: its prompt carries the copy's code; its edit applies to the copy only
+    assert "zero_experts" in fake.calls[7].prompt and "zero_experts" not in fake.calls[3].prompt
+    assert rc == 2 and "round 2" in err and "Traceback" not in err
+    assert "does not parse" in err and "matches nothing" not in err  # applied to the copy
+    assert not (r2 / "checks").exists() and not list(r2.glob("*.csv"))
+    assert sha(ROOT / "llm.py") == before
+    assert_no_keys(out, err, folder=work / "L")
