@@ -5,6 +5,7 @@
     python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: every prompt
     python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU
     python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/  # chain, runs, verdicts
+    python simple_llm.py runs tests/example_code_plan.md --allow-code-edits  # a code plan's diff
 
 Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in .env (see .env.example).
 The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) ->
@@ -1450,9 +1451,9 @@ def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
     import pandas as pd
     llm, seen = _project_module("llm"), collections.defaultdict(list)
     names = {f.name for f in dataclasses.fields(llm.MoEModelConfig) if f.init}
-    for csv in dict.fromkeys(map(Path, csvs)):
+    for path in dict.fromkeys(map(Path, csvs)):
         try:
-            df = pd.read_csv(csv)
+            df = pd.read_csv(path)
             rows = df[df["status"].astype(str).str.strip().eq("ok")]
             triples = zip(rows["tokens_per_s"], rows["config_json"], rows["device"])
         except (OSError, ValueError, KeyError):
@@ -2441,7 +2442,7 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
     where = kind or "NO SANDBOX (--no-sandbox): network and files are open to it"
     return (f"patched code runs in: {where}; after you confirm, its default behaviour and each "
             f"entry at smoke scale are checked there first; each entry may run at most "
-            f"{_mins(limits.max_total_minutes)} (the flags of a copy are not budgeted ahead)")
+            f"{limits.max_total_minutes:g} min (a copy's new flags are not budgeted ahead)")
 
 
 def check_copy(plan: Plan, folder: Path) -> None:
@@ -2475,7 +2476,8 @@ def run_patched(plan: Plan, e: PlanEntry, out_dir, limit: float) -> tuple[int, s
 
 
 def better(verdicts_of_round: dict) -> bool:
-    """Whether any entry of a round has a "better" verdict on the primary metric (report.summary)."""
+    """Whether any entry of a round has a "better" verdict on the primary metric
+    (report.summary)."""
     return any(v.get("word") == "better" for res in verdicts_of_round.values()
                for v in res.get("verdicts", []))
 
@@ -2563,8 +2565,8 @@ def _save_loop(out: Path, state: dict) -> None:
           f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the "
           "last reports, the plan's runs train, report.py gives the verdicts. Rerun the same "
           "command to continue.", "",
-          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "", _code_line(state, out),
-          ""]
+          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "",
+          _code_line(state, out), ""]
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
         md += [f"## Round {k}: {rnd['status']}", "", "- Results read: "
                                                      f"{rnd.get('results_from') or 'none'}"]
