@@ -1606,7 +1606,7 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
         sys.stdout.flush()
         limit = plan.limit_s or 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
-        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.edits
+        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.code != DEFAULT_CODE
                     else _run_child(plan.command(e, out_dir), lock_fd, limit))
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
@@ -2718,7 +2718,7 @@ class Loop:
     def checked_plan(self, rnd: dict, rdir: Path) -> Plan:
         plan = read_plan(self.out / rnd["plan"], limits=self.limits)
         csvs = sorted(self.out.glob("round*/*.csv")) + self.earlier
-        if plan.edits:
+        if plan.edits or self.state.get("code"):  # a winning copy stays the base, edits or not
             make_dir(rdir)
             lines = prepare_copy(plan, self.base_code(), rdir, self.limits)
             rnd.update(code=f"{rdir.name}/llm.py", diff=f"{rdir.name}/llm.py.diff",
@@ -2740,7 +2740,7 @@ class Loop:
             self.save()
             _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
-        if plan.edits:
+        if plan.code != DEFAULT_CODE:
             check_copy(plan, rdir)
         outcome = run_plan(plan, rdir, self.fd)
         if outcome.rc == 130:
