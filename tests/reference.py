@@ -1,10 +1,10 @@
-"""The original's implementation, as plain code: the tests' oracle and the benchmark's "original" side.
+"""The original's implementation, as plain code: the tests' oracle and the benchmark's "original".
 
-What the original did and llm.py does differently: a Python loop over experts with a boolean mask and a
-host sync per expert, torch's own dropout, cross-entropy on materialised logits, Muon one matrix at a time
-(Newton-Schulz in bf16, compiled as its @torch.compile decorator did), torch's default AdamW, gradients set
-to None, and fp16 autocast with a GradScaler on CUDA whatever the GPU (fp32 elsewhere: that autocast only
-touched CUDA ops). `python llm.py --bench` loads this file from the project's tests/ folder.
+What the original did and llm.py does differently: a Python loop over experts with a boolean mask
+and a host sync per expert, torch's own dropout, cross-entropy on materialised logits, Muon one
+matrix at a time (Newton-Schulz in bf16, compiled as its @torch.compile decorator did), torch's
+default AdamW, gradients set to None, and fp16 autocast with a GradScaler on CUDA whatever the GPU
+(fp32 elsewhere: that autocast only touched CUDA ops). `python llm.py --bench` loads this file.
 """
 import math
 from dataclasses import replace
@@ -16,7 +16,7 @@ import llm
 
 
 class LoopMoE(llm.MixtureOfExperts):
-    """The original's dispatch: for each expert a boolean mask, `if mask.any()` (a host sync), its tokens."""
+    """The original dispatch: per expert a boolean mask, `if mask.any()` (a host sync)."""
 
     def forward(self, x) -> llm.MoEOut:  # x (B, T, C)
         B, T, C = x.shape
@@ -69,7 +69,7 @@ class OriginalLLM(llm.MoEMinimalLLM):
 
 
 def newton_schulz(G, steps=5, dtype=torch.bfloat16):
-    """The original's zeropower_via_newtonschulz5 on one matrix (a, b, c = 3.4445, -4.7750, 2.0315)."""
+    """The original's zeropower_via_newtonschulz5 on one matrix."""
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.to(dtype)
     if G.size(-2) > G.size(-1):
@@ -83,7 +83,7 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16):
 
 
 def compiled_or_eager(fn):
-    """fn compiled on first use, as the original's decorator; eager (one warning) where compiling fails."""
+    """fn compiled on first use, as the original's decorator; eager (one warning) if that fails."""
     state = {"fn": None}
 
     def call(*args, **kwargs):
@@ -104,7 +104,8 @@ class OriginalMuon(torch.optim.Optimizer):
     """The original's Muon: one matrix at a time (a stacked (E, out, in) weight is E matrices)."""
 
     def __init__(self, params, lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, ns=newton_schulz):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps))
         self.ns = ns
 
     @torch.no_grad()
