@@ -1136,6 +1136,7 @@ class Plan:
     diff: str = ""  # shown with the confirmation when there are edits
     no_sandbox: bool = False  # --no-sandbox: patched code runs without one where none can be made
     limit_s: float = 0.0  # wall-clock seconds per entry of patched code (0: from its budget)
+    patched: bool = False  # code is a copy made by prepare_copy: runs only in the sandbox
     text: str = ""  # what the user confirms (plan_text)
 
     @property
@@ -1606,7 +1607,7 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
         sys.stdout.flush()
         limit = plan.limit_s or 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
-        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.code != DEFAULT_CODE
+        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.patched
                     else _run_child(plan.command(e, out_dir), lock_fd, limit))
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
@@ -2435,7 +2436,7 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
     diff = unified_diff(original, patched)
     _write(copy, patched)
     _write(diff_file, diff)
-    plan.code, plan.no_sandbox = copy, kind is None
+    plan.code, plan.no_sandbox, plan.patched = copy, kind is None, True
     plan.limit_s = 60 * limits.max_total_minutes
     plan.diff = (f"code: {_count(len(plan.edits), 'edit')} to {base}, applied to the copy {copy} "
                  f"(diff saved as {diff_file}):\n{clean(diff)}")
@@ -2740,7 +2741,7 @@ class Loop:
             self.save()
             _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
-        if plan.code != DEFAULT_CODE:
+        if plan.patched:
             check_copy(plan, rdir)
         outcome = run_plan(plan, rdir, self.fd)
         if outcome.rc == 130:
