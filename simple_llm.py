@@ -1,71 +1,694 @@
-"""Ask Gemini or Kimi from the command line, and turn a research idea into a reviewed experiment plan and its runs.
+"""Ask Gemini or Kimi from the command line; turn a research idea into checked, budgeted runs.
 
     python simple_llm.py kimi "Summarise mixture-of-experts routing in five bullets"
-    python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: shows every prompt
-    python simple_llm.py chain research_prompt.md --out-dir plans/ --resume
-    python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU (smoke preset)
-    python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/   # chain -> runs -> report, twice
+    python simple_llm.py models                                  # the model ids your keys can call
+    python simple_llm.py chain research_prompt.md --dry-run     # no key, no network: every prompt
+    python simple_llm.py runs tests/example_plan.md --run --yes  # a plan's runs, offline on CPU
+    python simple_llm.py loop research_prompt.md --rounds 2 --out-dir loop/  # chain, runs, verdicts
+    python simple_llm.py runs tests/example_code_plan.md --allow-code-edits  # a code plan's diff
 
-Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in a .env file (see .env.example).
-The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) -> Final_Plan
-(gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them. The prompts carry the
-last sweep's report ({results}); the final plan ends in a ```json block of llm.py runs, which `runs` checks
-with llm.py's own parser and runs, and `loop` repeats chain -> runs -> report for --rounds rounds.
+Keys come from GEMINI_API_KEY and NOVITA_API_KEY, in the environment or in .env (see .env.example).
+The chain runs Research_Plan (kimi) -> Critical_Review (gemini) -> Critique_Analysis (kimi) ->
+Final_Plan (gemini), saves each answer as step{N}_{title}.md and writes chain_run.json beside them.
+The final plan ends in a block of llm.py runs, which `runs` checks with llm.py's own sweep planner,
+budgets and runs; `loop` repeats chain -> runs -> verdicts, keeping a ledger every round's prompts
+carry.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import base64
+import collections
+import contextlib
+import csv
 import dataclasses
+import difflib
+import glob
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import secrets
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import typing
+import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
 
-# ------------------------------------------------------------------------------------------------------------
-# Constants and defaults
+# --------------------------------------------------------------------------------------------------
+# Constants, errors, text safety, environment and files
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CODE = HERE / "llm.py"
 DEFAULT_SYSTEM = HERE / "research_system_prompt.md"
 MANIFEST = "chain_run.json"
 
-# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit too.
+# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit
+# too.
 DEFAULT_MAX_TOKENS = 16384
-DEFAULT_TIMEOUT = 300.0  # seconds for the connection and between streamed chunks: Gemini thinks before it writes
+DEFAULT_TIMEOUT = 300.0  # seconds to connect and between chunks: a thinking model is silent a while
 DEFAULT_RETRIES = 4
+DEFAULT_DEADLINE = 1800.0  # seconds for one answer, retries included: a drip-fed stream ends here
+DEFAULT_MAX_ANSWER = 200_000  # characters: 16384 tokens of English are about 65,000
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is treated as a hard failure
-# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is over 1M
-# tokens, the largest context of either model (Gemini's): it is refused here instead of uploaded and rejected.
+# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is
+# over 1M tokens, the largest context of either model (Gemini's): it is refused here instead of
+# uploaded and rejected.
 MAX_PROMPT_CHARS = 8_000_000
+MAX_CODE_CHARS = 400_000  # llm.py goes to the planner whole up to this size (about 100k tokens)
 
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
     key_env: str  # environment variable holding the API key
-    model: str  # default model id
+    model: str  # default model id (checked against the provider's documentation: see the README)
     model_env: str  # environment variable overriding the model id
     base_env: str  # environment variable overriding the endpoint (proxy, gateway, local server)
     base_url: str | None  # None = the SDK's own default
 
 
 PROVIDERS = {
-    "gemini": Provider("GEMINI_API_KEY", "gemini-2.5-pro", "GEMINI_MODEL", "GEMINI_BASE_URL", None),
-    "kimi": Provider("NOVITA_API_KEY", "moonshotai/kimi-k2-0905", "KIMI_MODEL", "NOVITA_BASE_URL",
+    "gemini": Provider("GEMINI_API_KEY", "gemini-3.1-pro-preview", "GEMINI_MODEL",
+                       "GEMINI_BASE_URL",
+                       None),
+    "kimi": Provider("NOVITA_API_KEY", "moonshotai/kimi-k2.5", "KIMI_MODEL", "NOVITA_BASE_URL",
                      "https://api.novita.ai/openai"),
 }
+# The only variables a .env file may set: everything else there is ignored (and named).
+TOOL_VARS = tuple(v for p in PROVIDERS.values() for v in (p.key_env, p.model_env, p.base_env))
+SECRET_NAME = re.compile(r"API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.I)
+
+
+class UserError(Exception):
+    """Something the user can fix (bad input, missing key): shown as one line, exit 2."""
+    exit_code = 2
+    hint = ""  # a second line telling how to go on (the chain's resume command)
+
+
+class PlanError(UserError):
+    """A plan is refused (format, flags, budget, safety, a failed run): the loop sends it back for
+    repair."""
+
+
+class ProviderError(UserError):
+    """The provider refused or failed to answer: shown as one line, exit 1."""
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(clean(redact(message)))
+
+
+class ChainError(ProviderError):
+    """A chain step failed; carries the step so the CLI can say how to resume."""
+
+    def __init__(self, message: str, step: int, out_dir: Path):
+        super().__init__(message)
+        self.step, self.out_dir = step, out_dir
+
+
+_SECRETS: dict[str, re.Pattern] = {}  # key -> one pattern for the key and its obvious encodings
+
+
+def add_secret(key: str) -> None:
+    """Redact `key` from now on: as is, split by whitespace, base64 (any alignment), URL-encoded."""
+    if len(key) < 4 or key in _SECRETS:
+        return
+    raw = key.encode()
+    forms = {key, urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key)}
+    for shift in range(3):  # a key inside a longer base64 text starts at one of three bit offsets
+        enc = base64.b64encode(b"\0" * shift + raw).decode()
+        core = enc[-(-4 * shift // 3):(shift + len(raw)) * 8 // 6]
+        forms |= {core, core.replace("+", "-").replace("/", "_")} if len(core) >= 6 else set()
+    spaced = r"\s*".join(map(re.escape, key))  # a key cut by a line break or spaces still matches
+    forms = sorted(forms, key=len, reverse=True)
+    _SECRETS[key] = re.compile("|".join([spaced] + [re.escape(f) for f in forms]))
+
+
+def redact(text: str) -> str:
+    """SDK errors and answers can echo request details: no key value ever leaves this process."""
+    for pattern in _SECRETS.values():
+        text = pattern.sub("***", text)
+    return text
+
+
+# Terminal control: escape sequences (CSI, OSC such as OSC 52's clipboard, others), C0 and C1
+# controls but newline and tab, bidirectional controls, zero-width and other format characters,
+# line/paragraph separators, the BOM and tag characters. Removing every ESC and C1 byte is what
+# makes it safe; the sequences go first only so that their harmless remainders do not litter the
+# text.
+_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ "
+                      r"-/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                     "\u2060-\u206f"
+                     "\ud800-\udfff\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
+
+
+def clean(text: str) -> str:
+    """Text from a provider made safe for a terminal, a file that is shown, or the next prompt."""
+    return _UNSAFE.sub("", _ESCAPES.sub("", text.replace("\r\n", "\n")))
+
+
+class Redactor:
+    """Cleans and redacts text that arrives in pieces: a key split across two chunks is caught
+    because the tail of each piece waits for the next one (or for flush() at the end)."""
+
+    HOLD = 256  # characters held back: more than any key in any of its encodings
+
+    def __init__(self):
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text = redact(self.held + clean(text))
+        cut = max(len(text) - (self.HOLD if _SECRETS else 0), 0)
+        self.held = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> str:
+        text, self.held = redact(self.held), ""
+        return text
+
+
+def _note(text: str) -> None:
+    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not
+    stop the work."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except BrokenPipeError:
+        _silence(sys.stderr)
+
+
+def _silence(stream) -> None:
+    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail
+    again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    text = " ".join(clean(redact(str(text))).split())  # redacted before the cut: a cut key escapes
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+_DOTENV_NAMES: set[str] = set()  # names a .env file held: never passed to a child
+
+
+def load_env() -> None:
+    """Read the tool's own variables (keys, base URLs, model ids) from .env in the current
+    directory, else beside this script; variables already set win. Any other name in it is ignored,
+    and named on stderr. SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a
+    real .env never leaks in)."""
+    if not os.environ.get("SIMPLE_LLM_NO_DOTENV"):
+        from dotenv import dotenv_values
+        for candidate in (Path.cwd() / ".env", HERE / ".env"):
+            if candidate.is_file():
+                values = dotenv_values(candidate)
+                _DOTENV_NAMES.update(values)
+                for name, value in values.items():
+                    if name in TOOL_VARS and value is not None and name not in os.environ:
+                        os.environ[name] = value
+                ignored = sorted(set(values) - set(TOOL_VARS))
+                if ignored:
+                    _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives "
+                          f"this tool only {', '.join(TOOL_VARS)})")
+                break
+    for p in PROVIDERS.values():
+        add_secret(os.environ.get(p.key_env, "").strip())
+
+
+def api_key(name: str) -> str:
+    var = PROVIDERS[name].key_env
+    key = os.environ.get(var, "").strip()
+    if not key:
+        raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then "
+                        "rerun")
+    add_secret(key)
+    return key
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of every llm.py this tool starts: this process's, without API keys or
+    anything a .env named, without any variable that looks like a secret or holds a key's value;
+    `extra` on top."""
+    keys = {os.environ.get(p.key_env, "").strip() for p in PROVIDERS.values()} | set(_SECRETS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in TOOL_VARS and k not in _DOTENV_NAMES and not SECRET_NAME.search(k)
+           and not any(key and key in v for key in keys)}
+    return {**env, **(extra or {})}
+
+
+def _read_text(path, what: str) -> str:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} file {path}: {e}") from None
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: a planted file or symlink is never written
+    through), then rename it over `path` (which replaces a symlink there, never following it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder in the way, no permission
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from e
+
+
+def make_dir(path: Path, flag: str = "--out-dir") -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocked = isinstance(e, (FileExistsError, NotADirectoryError))
+        why = "a file is in the way" if blocked else e.strerror
+        raise UserError(f"cannot create {flag} {path} ({why}); choose another folder") from None
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot replace {path} ({e.strerror or e})") from e
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: Path):
+    """An exclusive lock on out_dir, yielding its file descriptor (passed to each llm.py, so a
+    killed tool's llm.py still holds it). The lock file is opened without following a symlink and
+    never truncated."""
+    import fcntl
+    path = Path(out_dir) / ".runs.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise UserError(f"cannot open the lock {path} ({e.strerror}; a symlink there is never "
+                        "followed); remove it and rerun") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another runs/loop (or an llm.py it started) is still writing in "
+                        f"{out_dir}; wait for it "
+                        "to finish, or use another --out-dir") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
+
+# --------------------------------------------------------------------------------------------------
+# Providers: one streaming function each, one retry helper, one list call each
+
+
+@dataclasses.dataclass
+class Settings:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    deadline: float = DEFAULT_DEADLINE
+    max_answer: int = DEFAULT_MAX_ANSWER
+
+
+@dataclasses.dataclass
+class Reply:
+    text: str
+    model_id: str  # the model asked for
+    finish_reason: str | None
+    usage: dict
+    answered_by: str | None = None  # the model the provider says answered
+    # reasoning streamed, never kept (reasoning_content, Gemini's thoughts)
+    reasoning_chars: int = 0
+    seconds: float = 0.0
+
+    @property
+    def cut(self) -> bool:
+        return self.finish_reason in ("length", "MAX_TOKENS")
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        details = self.usage.get("completion_tokens_details") or {}
+        return self.usage.get("thoughts_token_count", details.get("reasoning_tokens"))
+
+
+class Stream:
+    """One answer in progress: its text (cleaned, redacted, shown as it comes), the reasoning it
+    skips, the model that says it answers, the size cap and the deadline."""
+
+    def __init__(self, name: str, s: Settings, show):
+        self.name, self.s, self.show = name, s, show
+        self.parts: list[str] = []
+        self.redactor, self.reasoning, self.answered_by = Redactor(), 0, None
+        self.size, self.ends = 0, time.monotonic() + s.deadline
+
+    def start(self) -> None:
+        self.parts, self.size = [], 0  # a retry starts again (only before any text: see _transient)
+
+    def text(self, piece: str) -> None:
+        self.check()
+        self.size += len(piece)
+        if self.size > self.s.max_answer:
+            raise ProviderError(f"{self.name}: the answer passed the cap of {self.s.max_answer:,} "
+                                "characters (--max-answer-chars); stopped there, and the part "
+                                "received is kept")
+        piece = self.redactor.feed(piece)
+        self.parts.append(piece)
+        self.show(piece)
+
+    def thought(self, piece: str | None) -> None:
+        self.check()
+        self.reasoning += len(piece or "")
+
+    def model(self, model_id) -> None:
+        if model_id:
+            self.answered_by = clean(str(model_id)).removeprefix("models/")[:200]
+
+    def check(self) -> None:
+        if time.monotonic() > self.ends:
+            raise ProviderError(f"{self.name}: no complete answer within the --deadline of "
+                                f"{self.s.deadline:g} s; the part received is kept")
+
+    def finish(self) -> str:
+        tail = self.redactor.flush()
+        self.parts.append(tail)
+        self.show(tail)
+        return "".join(self.parts)
+
+    @property
+    def received(self) -> str:
+        return "".join(self.parts)
+
+
+def _rejected(name: str, status: int, detail: str) -> ProviderError:
+    return ProviderError(f"{name} rejected the key in {PROVIDERS[name].key_env} (HTTP {status}: "
+                         f"{_one_line(detail, 160)}); check the key in .env or the environment")
+
+
+_GONE = re.compile(r"model.{0,80}(not.found|does not exist|not "
+                   r"exist|deprecat|retired|decommission|no longer|"
+                   r"not supported|unknown)|(deprecat|retired|decommission)", re.I | re.S)
+
+
+def _model_gone(name: str, model_id: str, status: int, detail: str) -> ProviderError | None:
+    """A retired or unknown model: one line naming it and how to pick another; None if not that."""
+    if status != 404 and not (status in (400, 410) and _GONE.search(detail)):
+        return None
+    p = PROVIDERS[name]
+    return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: "
+                         f"{_one_line(detail, 160)}); it may be retired: list the ones your key "
+                         f"can call with `python simple_llm.py models {name}`, then pick one with "
+                         f"--model {name}=ID or {p.model_env}")
+
+
+class _Retry(Exception):
+    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any
+    text)."""
+
+    def __init__(self, problem: str, failure: str, tail: str, wait: float | None = None):
+        self.problem = problem  # short, for the "retrying" line
+        self.failure, self.tail = failure, tail  # no retry left: "{failure} {attempts}{tail}"
+        self.wait = wait  # seconds the server asked for, if it did
+
+
+def _transient(name: str, stream: Stream | None, problem: str, failure: str, fix: str) -> Exception:
+    if stream is not None and stream.size:  # the answer had started: no retry can pick it up again
+        return ProviderError(f"{name}: the answer broke off after {stream.size:,} characters: "
+                             f"{failure}; try again")
+    return _Retry(problem, failure, f"; {fix}")
+
+
+def _malformed(name: str, e: Exception) -> ProviderError:
+    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try "
+                         "again, or rerun with --debug to see it")
+
+
+def _with_retries(name: str, s: Settings, attempt, stream: Stream | None = None):
+    """The one retry loop for both providers: the server's Retry-After is honoured up to
+    MAX_SERVER_WAIT, otherwise the waits double from 1 s (at most 30 s), each retry prints a line,
+    and none passes --deadline."""
+    for made in range(1, s.retries + 2):
+        try:
+            return attempt()
+        except _Retry as r:
+            failure = f"{name}: {r.failure} {_attempts(made, s.retries)}{r.tail}"
+            # NaN, negative: not asked
+            asked = r.wait if r.wait is not None and r.wait >= 0 else None
+            if asked is not None and asked > MAX_SERVER_WAIT:
+                raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer "
+                                    f"than the {MAX_SERVER_WAIT:.0f} s this script waits, so try "
+                                    "again later"
+                                    ) from None
+            backoff = min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
+            wait = asked if asked is not None else backoff
+            if made > s.retries or (stream and time.monotonic() + wait > stream.ends):
+                raise ProviderError(failure) from None
+            _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of "
+                  f"{s.retries + 1})")
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _attempts(made: int, retries: int) -> str:
+    return "(retries are off)" if retries == 0 else f"after {_count(made, 'attempt')}"
+
+
+def _server_wait(headers, details) -> float | None:
+    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the
+    error body."""
+    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            return float(headers.get(header)) / scale
+        except (TypeError, ValueError, AttributeError):
+            pass
+    error = details.get("error", details) if isinstance(details, dict) else {}
+    for item in (error.get("details") or []) if isinstance(error, dict) else []:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+            with contextlib.suppress(ValueError):
+                return float(str(item.get("retryDelay", "")).rstrip("s"))
+    return None
+
+
+def _kimi_client(s: Settings):
+    import openai
+    base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
+    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the
+    # shared loop retries instead, as for Gemini.
+    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0)
+    return client, base
+
+
+def _kimi_errors(e: Exception, base: str, model_id: str, s: Settings, stream) -> Exception:
+    """An openai SDK exception as this tool's error (or a _Retry)."""
+    import openai
+    if isinstance(e, openai.APIStatusError):  # always before the stream starts
+        detail = _openai_detail(e)
+        if e.status_code in (401, 403):
+            return _rejected("kimi", e.status_code, detail)
+        failure = f"HTTP {e.status_code} from {base}"
+        if e.status_code not in RETRY_STATUS:
+            return _model_gone("kimi", model_id, e.status_code, detail) or \
+                ProviderError(f"kimi: {failure}: {detail}")
+        wait = _server_wait(e.response.headers, e.body)
+        return _Retry(f"HTTP {e.status_code}", failure, f": {detail}", wait)
+    if isinstance(e, openai.APITimeoutError):
+        return _transient("kimi", stream, "timed out", f"no data for {s.timeout:g} s from {base}",
+                          "raise --timeout or try later")
+    if isinstance(e, openai.APIConnectionError):
+        return _transient("kimi", stream, "connection failed",
+                          f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})",
+                          "check the network or NOVITA_BASE_URL")
+    if isinstance(e, openai.APIError):  # an error event inside the stream
+        return ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}")
+    return _malformed("kimi", e)  # json.JSONDecodeError: a chunk that is not JSON
+
+
+def _openai_detail(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and body.get("message"):
+            return _one_line(body["message"])
+    return _one_line(getattr(e, "message", e))
+
+
+def _stream_kimi(prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
+    import openai
+    client, base = _kimi_client(s)
+
+    def attempt() -> Reply:
+        stream.start()
+        finish, usage = None, {}
+        try:
+            chunks = client.chat.completions.create(
+                model=model_id, messages=[{"role": "user", "content": prompt}],
+                max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True})
+            for chunk in chunks:
+                stream.model(chunk.model)
+                if chunk.usage:  # the last chunk: no choices, only the token counts
+                    usage = chunk.usage.model_dump(exclude_none=True)
+                for choice in chunk.choices[:1]:
+                    delta = choice.delta
+                    stream.thought(getattr(delta, "reasoning_content", None) if delta else None)
+                    if delta and delta.content:
+                        stream.text(delta.content)
+                    finish = choice.finish_reason or finish
+            return _finished("kimi", stream, model_id, finish, usage)
+        except (openai.APIError, json.JSONDecodeError) as e:
+            cause = e if isinstance(e, ValueError) else None
+            raise _kimi_errors(e, base, model_id, s, stream) from cause
+    return _with_retries("kimi", s, attempt, stream)
+
+
+def _finished(name: str, stream: Stream, model_id: str, finish, usage: dict) -> Reply:
+    if finish is None:  # every complete answer ends with a finish reason: a clean EOF was cut off
+        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish "
+                            "reason); try again")
+    text = stream.finish()
+    if not text.strip():
+        raise ProviderError(f"{name}: the answer was empty (finish reason {finish})")
+    return Reply(text, model_id, finish, usage, stream.answered_by, stream.reasoning)
+
+
+def _gemini_client(s: Settings):
+    from google import genai
+    from google.genai import types
+    base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
+    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does
+    # it instead.
+    http = types.HttpOptions(timeout=int(s.timeout * 1000),
+                             retry_options=types.HttpRetryOptions(attempts=1))
+    if base:
+        http.base_url = base
+    return genai.Client(api_key=api_key("gemini"), http_options=http), base or "the Gemini API"
+
+
+def _gemini_errors(e: Exception, where: str, model_id: str, s: Settings, stream) -> Exception:
+    """A google-genai (or httpx2) exception as this tool's error (or a _Retry)."""
+    import httpx2
+    from google.genai import errors
+    if isinstance(e, errors.APIError):
+        detail = _one_line(e.message or e.details)
+        if e.code in (401, 403) or (e.code == 400 and "API_KEY_INVALID" in str(e.details)):
+            return _rejected("gemini", e.code, detail)
+        gone = _model_gone("gemini", model_id, 404 if e.status == "NOT_FOUND" else e.code, detail)
+        problem = f"HTTP {e.code} {e.status or ''}".strip()
+        if gone or (stream and stream.size) or e.code not in RETRY_STATUS:
+            return gone or ProviderError(f"gemini: {problem} from {where}: {detail}")
+        return _Retry(problem, f"{problem} from {where}", f": {detail}",
+                      _server_wait(getattr(e.response, "headers", None), e.details))
+    if isinstance(e, httpx2.TimeoutException):
+        return _transient("gemini", stream, "timed out", f"no data for {s.timeout:g} s from "
+                          f"{where}",
+                          "raise --timeout or try later")
+    if isinstance(e, httpx2.TransportError):
+        failure = _transient("gemini", stream, "connection failed",
+                             f"connection to {where} failed ({_one_line(e, 120)})",
+                             "check the network or GEMINI_BASE_URL")
+        network = isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError))
+        if isinstance(failure, _Retry) and not network:  # e.g. a malformed URL
+            failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")
+        return failure
+    return _malformed("gemini", e)  # not JSON, or not a response
+
+
+def _gemini_catch():
+    import httpx2
+    import pydantic
+    from google.genai import errors
+    return (errors.APIError, httpx2.TransportError, errors.UnknownApiResponseError,
+            pydantic.ValidationError)
+
+
+def _stream_gemini(prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
+    from google.genai import types
+    client, where = _gemini_client(s)
+    config = types.GenerateContentConfig(max_output_tokens=s.max_tokens,
+                                         thinking_config=types.ThinkingConfig(thinking_budget=-1))
+
+    def attempt() -> Reply:
+        stream.start()
+        finish, usage = None, {}
+        try:
+            chunks = client.models.generate_content_stream(model=model_id, contents=prompt,
+                                                           config=config)
+            for chunk in chunks:
+                stream.model(chunk.model_version)
+                if chunk.usage_metadata:
+                    usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
+                feedback = chunk.prompt_feedback
+                if feedback and feedback.block_reason:
+                    reason = getattr(feedback.block_reason, "value", feedback.block_reason)
+                    raise ProviderError(f"gemini refused the prompt ({reason}); rephrase it")
+                for cand in (chunk.candidates or [])[:1]:
+                    for part in (cand.content.parts or []) if cand.content else []:
+                        if part.thought:  # thought summaries are not the answer
+                            stream.thought(part.text)
+                        elif part.text:
+                            stream.text(part.text)
+                    if cand.finish_reason:
+                        finish = getattr(cand.finish_reason, "value", str(cand.finish_reason))
+            return _finished("gemini", stream, model_id, finish, usage)
+        except _gemini_catch() as e:
+            raise _gemini_errors(e, where, model_id, s, stream) from (None if _is_http(e) else e)
+    return _with_retries("gemini", s, attempt, stream)
+
+
+def _is_http(e: Exception) -> bool:
+    return not isinstance(e, _gemini_catch()[2:])
+
+
+STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
+
+
+def list_models(name: str, s: Settings) -> list[str]:
+    """The model ids the key can call, through each SDK's own list call (Gemini: those that generate
+    text)."""
+    if name == "kimi":
+        client, base = _kimi_client(s)
+        import openai
+
+        def attempt():
+            try:
+                return [m.id for m in client.models.list()]
+            except (openai.APIError, json.JSONDecodeError) as e:
+                raise _kimi_errors(e, base, "(list)", s, None) from None
+    else:
+        client, where = _gemini_client(s)
+
+        def attempt():
+            try:
+                return [m.name.removeprefix("models/") for m in client.models.list() if m.name and
+                        (m.supported_actions is None or "generateContent" in m.supported_actions)]
+            except _gemini_catch() as e:
+                raise _gemini_errors(e, where, "(list)", s, None) from None
+    return sorted({clean(str(m)) for m in _with_retries(name, s, attempt)})
+
+
+# --------------------------------------------------------------------------------------------------
+# Chain: the steps, their variables, the calls, the saved files and chain_run.json
 
 # The built-in chain. --steps FILE.json replaces it with a list of the same shape.
 DEFAULT_STEPS = [
@@ -83,9 +706,10 @@ The current code (llm.py):
 
 {code_content}
 
-Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to compare
-(name the llm.py settings or code changes for each), seeds, metrics, expected run time, and the total number
-of runs. Build on what the last experiment found. Keep to the constraints above."""},
+Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to
+compare (name the llm.py settings or code changes for each), seeds, metrics, expected run time, and
+the total number of runs. Build on what the last experiment found. Keep to the constraints above.
+"""},
     {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
 
 The researcher's idea:
@@ -104,9 +728,10 @@ A proposed research plan:
 
 {step1_result}
 
-Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few seeds to
-separate the effects, metrics that cannot show the claimed effect, steps the code does not support, results
-it ignores or misreads, and anything that breaks the constraints. For each problem, suggest a concrete fix."""},
+Review this plan critically in at most 600 words. Look for unfair comparisons, confounds, too few
+seeds to separate the effects, metrics that cannot show the claimed effect, steps the code does not
+support, results it ignores or misreads, and anything that breaks the constraints. For each problem,
+suggest a concrete fix."""},
     {"title": "Critique_Analysis", "model": "kimi", "prompt": """{system_prompt}
 
 The original plan:
@@ -117,9 +742,9 @@ A critical review of it:
 
 {step2_result}
 
-Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would cost in
-runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping from the original
-plan and push back on criticism that does not hold."""},
+Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would
+cost in runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping
+from the original plan and push back on criticism that does not hold."""},
     {"title": "Final_Plan", "model": "gemini", "prompt": """{system_prompt}
 
 The researcher's idea:
@@ -146,338 +771,19 @@ The analysis of that review:
 
 {step3_result}
 
-Write the final research plan in at most 1000 words: goals and questions, the exact conditions and the
-llm.py settings or code changes for each, seeds, metrics and how results will be compared fairly, the time per
-run and in total, and the total number of experiments, stated at the start.
+Write the final research plan in at most 1000 words: goals and questions, the exact conditions and
+the llm.py settings or code changes for each, seeds, metrics and how results will be compared
+fairly, the time per run and in total, and the total number of experiments, stated at the start.
 
-{plan_format}"""},
+{code_edit_rules}{plan_format}"""},
 ]
-
-
-class UserError(Exception):
-    """Something the user can fix (bad input, missing key): shown as one line, exit 2."""
-    exit_code = 2
-    hint = ""  # a second line telling how to go on (the chain's resume command)
-
-
-class ProviderError(UserError):
-    """The provider refused or failed to answer: shown as one line, exit 1."""
-    exit_code = 1
-
-    def __init__(self, message: str):
-        super().__init__(redact(message))
-
-
-class ChainError(ProviderError):
-    """A chain step failed; carries the step so the CLI can say how to resume."""
-
-    def __init__(self, message: str, step: int, out_dir: Path):
-        super().__init__(message)
-        self.step, self.out_dir = step, out_dir
-
-
-_SECRETS: set[str] = set()
-
-
-def redact(text: str) -> str:
-    """SDK errors can echo request details: no key value ever leaves this process."""
-    for secret in _SECRETS:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _note(text: str) -> None:
-    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not stop the work."""
-    try:
-        print(text, file=sys.stderr, flush=True)
-    except BrokenPipeError:
-        _silence(sys.stderr)
-
-
-def _silence(stream) -> None:
-    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        pass
-
-
-class Redactor:
-    """Redacts keys from text that arrives in pieces: a server may echo a key split across two chunks, so the
-    last (longest key - 1) characters wait for the next piece, or for flush() at the end."""
-
-    def __init__(self):
-        self.held = ""
-
-    def feed(self, text: str) -> str:
-        text = redact(self.held + text)
-        cut = max(len(text) - max(map(len, _SECRETS), default=1) + 1, 0)
-        self.held = text[cut:]
-        return text[:cut]
-
-    def flush(self) -> str:
-        text, self.held = redact(self.held), ""
-        return text
-
-
-def load_env() -> None:
-    """Read .env from the current directory, else from beside this script; set variables always win.
-
-    SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a real .env never leaks in).
-    """
-    if not os.environ.get("SIMPLE_LLM_NO_DOTENV"):
-        from dotenv import load_dotenv
-        for candidate in (Path.cwd() / ".env", HERE / ".env"):
-            if candidate.is_file():
-                load_dotenv(candidate, override=False)
-                break
-    for p in PROVIDERS.values():
-        if len(os.environ.get(p.key_env, "")) >= 4:
-            _SECRETS.add(os.environ[p.key_env])
-
-
-def api_key(name: str) -> str:
-    var = PROVIDERS[name].key_env
-    key = os.environ.get(var, "").strip()
-    if not key:
-        raise UserError(f"{var} is not set: add it to .env (copy .env.example) or export it, then rerun")
-    _SECRETS.add(key)
-    return key
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Provider calls: one streaming function per provider, both behind SimpleLLM.call_model
-
-
-@dataclasses.dataclass
-class Settings:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    timeout: float = DEFAULT_TIMEOUT
-    retries: int = DEFAULT_RETRIES
-
-
-@dataclasses.dataclass
-class Reply:
-    text: str
-    model_id: str
-    finish_reason: str | None
-    usage: dict
-    seconds: float = 0.0
-
-    @property
-    def cut(self) -> bool:
-        return self.finish_reason in ("length", "MAX_TOKENS")
-
-
-def _one_line(text: object, limit: int = 300) -> str:
-    text = " ".join(redact(str(text)).split())  # redacted before the cut: a cut key would no longer match
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _rejected(name: str, status: int, detail: str) -> ProviderError:
-    return ProviderError(f"{name} rejected the key in {PROVIDERS[name].key_env} (HTTP {status}: "
-                         f"{_one_line(detail, 160)}); check the key in .env or the environment")
-
-
-class _Retry(Exception):
-    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any text)."""
-
-    def __init__(self, problem: str, failure: str, tail: str, wait: float | None = None):
-        self.problem = problem  # short, for the "retrying" line
-        self.failure, self.tail = failure, tail  # the error if no retry is left: "{failure} {attempts}{tail}"
-        self.wait = wait  # seconds the server asked for, if it did
-
-
-def _transient(name: str, parts: list[str], problem: str, failure: str, fix: str) -> Exception:
-    if parts:  # the answer had started: a stream cut off mid-answer, which no retry can pick up again
-        return ProviderError(f"{name}: the answer broke off after {len(''.join(parts)):,} characters: {failure}; "
-                             "try again")
-    return _Retry(problem, failure, f"; {fix}")
-
-
-def _malformed(name: str, e: Exception) -> ProviderError:
-    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try again, or rerun "
-                         "with --debug to see it")
-
-
-def _attempts(made: int, retries: int) -> str:
-    if retries == 0:
-        return "(retries are off)"
-    return f"after {made} attempt{'s' if made != 1 else ''}"
-
-
-def _with_retries(name: str, s: Settings, attempt) -> Reply:
-    """The one retry loop for both providers: the server's Retry-After is honoured up to MAX_SERVER_WAIT,
-    otherwise the waits double from 1 s (at most 30 s), and each retry prints a line."""
-    for made in range(1, s.retries + 2):
-        try:
-            return attempt()
-        except _Retry as r:
-            failure = f"{name}: {r.failure} {_attempts(made, s.retries)}{r.tail}"
-            asked = r.wait if r.wait is not None and r.wait >= 0 else None  # NaN or negative: as if not asked
-            if asked is not None and asked > MAX_SERVER_WAIT:
-                raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer than the "
-                                    f"{MAX_SERVER_WAIT:.0f} s this script waits, so try again later") from None
-            if made > s.retries:
-                raise ProviderError(failure) from None
-            wait = asked if asked is not None else min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
-            _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of {s.retries + 1})")
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def _stream_kimi(prompt: str, model_id: str, s: Settings, emit) -> Reply:
-    import openai
-    base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
-    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the shared loop
-    # retries instead, as for Gemini.
-    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0)
-
-    def attempt() -> Reply:
-        parts: list[str] = []
-        finish, usage = None, {}
-        try:
-            stream = client.chat.completions.create(
-                model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=s.max_tokens,
-                stream=True, stream_options={"include_usage": True})
-            for chunk in stream:
-                if chunk.usage:  # the last chunk: no choices, only the token counts
-                    usage = chunk.usage.model_dump(exclude_none=True)
-                if not chunk.choices:
-                    continue
-                choice = chunk.choices[0]
-                if choice.delta and choice.delta.content:
-                    parts.append(choice.delta.content)
-                    emit(choice.delta.content)
-                finish = choice.finish_reason or finish
-            return _finished("kimi", parts, model_id, finish, usage)
-        except openai.APIStatusError as e:  # always before the stream starts
-            detail = _openai_detail(e)
-            if e.status_code in (401, 403):
-                raise _rejected("kimi", e.status_code, detail) from None
-            failure = f"HTTP {e.status_code} from {base}"
-            if e.status_code not in RETRY_STATUS:
-                raise ProviderError(f"kimi: {failure}: {detail}") from None
-            raise _Retry(f"HTTP {e.status_code}", failure, f": {detail}", _server_wait(e.response.headers, e.body))
-        except openai.APITimeoutError:
-            raise _transient("kimi", parts, "timed out", f"no data for {s.timeout:g} s from {base}",
-                             "raise --timeout or try later") from None
-        except openai.APIConnectionError as e:
-            raise _transient("kimi", parts, "connection failed",
-                             f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})",
-                             "check the network or NOVITA_BASE_URL") from None
-        except openai.APIError as e:  # an error event inside the stream
-            raise ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}") from None
-        except json.JSONDecodeError as e:  # a chunk that is not JSON
-            raise _malformed("kimi", e) from e
-    return _with_retries("kimi", s, attempt)
-
-
-def _openai_detail(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        if isinstance(body, dict) and body.get("message"):
-            return _one_line(body["message"])
-    return _one_line(getattr(e, "message", e))
-
-
-def _finished(name: str, parts: list[str], model_id: str, finish, usage: dict) -> Reply:
-    text = "".join(parts)
-    if finish is None:  # every complete answer ends with a finish reason; a clean EOF without one was cut off
-        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish reason); "
-                            "try again")
-    if not text.strip():
-        raise ProviderError(f"{name}: the answer was empty (finish reason {finish})")
-    return Reply(text, model_id, finish, usage)
-
-
-def _server_wait(headers, details) -> float | None:
-    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the error body."""
-    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            return float(headers.get(header)) / scale
-        except (TypeError, ValueError, AttributeError):
-            pass
-    error = details.get("error", details) if isinstance(details, dict) else {}
-    for item in (error.get("details") or []) if isinstance(error, dict) else []:
-        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
-            try:
-                return float(str(item.get("retryDelay", "")).rstrip("s"))
-            except ValueError:
-                pass
-    return None
-
-
-def _stream_gemini(prompt: str, model_id: str, s: Settings, emit) -> Reply:
-    import httpx2
-    import pydantic
-    from google import genai
-    from google.genai import errors, types
-    base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
-    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does it instead.
-    http = types.HttpOptions(timeout=int(s.timeout * 1000), retry_options=types.HttpRetryOptions(attempts=1))
-    if base:
-        http.base_url = base
-    client = genai.Client(api_key=api_key("gemini"), http_options=http)
-    config = types.GenerateContentConfig(max_output_tokens=s.max_tokens,
-                                         thinking_config=types.ThinkingConfig(thinking_budget=-1))
-    where = base or "the Gemini API"
-
-    def attempt() -> Reply:
-        parts: list[str] = []
-        finish, usage = None, {}
-        try:
-            for chunk in client.models.generate_content_stream(model=model_id, contents=prompt, config=config):
-                if chunk.usage_metadata:
-                    usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
-                feedback = chunk.prompt_feedback
-                if feedback and feedback.block_reason:
-                    reason = getattr(feedback.block_reason, "value", feedback.block_reason)
-                    raise ProviderError(f"gemini refused the prompt ({reason}); rephrase it")
-                for cand in (chunk.candidates or [])[:1]:
-                    for part in (cand.content.parts or []) if cand.content else []:
-                        if part.text and not part.thought:  # thought summaries are not the answer
-                            parts.append(part.text)
-                            emit(part.text)
-                    if cand.finish_reason:
-                        finish = getattr(cand.finish_reason, "value", str(cand.finish_reason))
-            return _finished("gemini", parts, model_id, finish, usage)
-        except errors.APIError as e:
-            detail = _one_line(e.message or e.details)
-            if e.code in (401, 403) or (e.code == 400 and "API_KEY_INVALID" in str(e.details)):
-                raise _rejected("gemini", e.code, detail) from None
-            problem = f"HTTP {e.code} {e.status or ''}".strip()
-            if parts or e.code not in RETRY_STATUS:
-                raise ProviderError(f"gemini: {problem} from {where}: {detail}") from None
-            raise _Retry(problem, f"{problem} from {where}", f": {detail}",
-                         _server_wait(getattr(e.response, "headers", None), e.details)) from None
-        except httpx2.TimeoutException:
-            raise _transient("gemini", parts, "timed out", f"no data for {s.timeout:g} s from {where}",
-                             "raise --timeout or try later") from None
-        except httpx2.TransportError as e:
-            failure = _transient("gemini", parts, "connection failed",
-                                 f"connection to {where} failed ({_one_line(e, 120)})",
-                                 "check the network or GEMINI_BASE_URL")
-            if isinstance(failure, _Retry) and not isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError)):
-                failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")  # e.g. a malformed URL
-            raise failure from None
-        except (errors.UnknownApiResponseError, pydantic.ValidationError) as e:  # not JSON, or not a response
-            raise _malformed("gemini", e) from e
-    return _with_retries("gemini", s, attempt)
-
-
-STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Variables and chain
 
 _PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def safe_name(title: str) -> str:
-    """A step title as a file-name part: letters, digits, - and _ only, so no path separators and no '..'."""
+    """Plan or step text as a file-name part: letters, digits, - and _ only, so no path separators
+    and no '..'."""
     return re.sub(r"[^a-z0-9_-]+", "_", title.lower()).strip("_-")[:60] or "step"
 
 
@@ -489,23 +795,68 @@ def placeholders(text: str) -> list[str]:
     return [m.group(2) for m in _PLACEHOLDER.finditer(text) if m.group(2)]
 
 
+def substitute(text: str, variables: dict, strict: bool = True) -> str:
+    """Replace each {name} by its variable in one pass: braces inside the values are left as they
+    are. {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with
+    strict=False)."""
+    def fill(m: re.Match) -> str:
+        if m.group(1):
+            return "{" + m.group(1) + "}"
+        if m.group(2) in variables:
+            return variables[m.group(2)]
+        if strict:
+            raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or "
+                            "fix the prompt (write {{name}} for literal braces)")
+        return m.group(0)
+    return _PLACEHOLDER.sub(fill, text)
+
+
+def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
+    """A code file, whole, in a fence that grows past any backtick run inside it."""
+    path = Path(path)
+    code = _read_text(path, "code")
+    if len(code) > limit:
+        raise UserError(f"code file {path} is {len(code):,} characters, more than the {limit:,} "
+                        "sent whole to the planner; pass a shorter one with --code")
+    fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
+    return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
+
+
+def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} "
+                        f"tokens), far more than any model's context (1M tokens at most); {fix}")
+
+
+def check_steps(steps) -> None:
+    if not isinstance(steps, list) or not steps:
+        raise UserError("steps must be a non-empty list of {\"title\", \"model\", \"prompt\"} "
+                        "objects")
+    for n, step in enumerate(steps, 1):
+        if not isinstance(step, dict) or not all(isinstance(step.get(k), str) and step[k].strip()
+                                                 for k in ("title", "model", "prompt")):
+            raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and "
+                            "\"prompt\"")
+        if step["model"] not in PROVIDERS:
+            raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose "
+                            f"one of {', '.join(PROVIDERS)}")
+
+
 class SimpleLLM:
-    """Calls the models and runs chains. `variables` fills {name} placeholders in step prompts."""
+    """Calls the models: the settings, the model id of each provider, and where answers show."""
 
     def __init__(self, *, max_tokens: int = DEFAULT_MAX_TOKENS, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, models: dict[str, str] | None = None, out=None):
+                 retries: int = DEFAULT_RETRIES, deadline: float = DEFAULT_DEADLINE,
+                 max_answer: int = DEFAULT_MAX_ANSWER, models: dict[str, str] | None = None,
+                 out=None):
         load_env()
-        self.variables: dict[str, str] = {}
-        self.settings = Settings(max_tokens, timeout, retries)
+        self.settings = Settings(max_tokens, timeout, retries, deadline, max_answer)
         self.models = {n: os.environ.get(p.model_env) or p.model for n, p in PROVIDERS.items()}
         self.models.update(models or {})
         self.out = out or sys.stdout
-        self.out_closed = False  # the reader of `out` went away (`| head`): answers are still returned and saved
-        self.last_reply: Reply | None = None
-        self._streamed: list[str] = []  # text of the answer in progress (keys redacted), kept if the call fails
-        self._redactor = Redactor()
-        self.interrupted_step = 0  # the chain step a Ctrl-C stopped, for the resume hint
-        self.results_file, self.use_results = None, True  # where {results} comes from (see load_results)
+        # the reader of `out` went away (`| head`): answers are still returned and saved
+        self.out_closed = False
+        self.stream: Stream | None = None  # the answer in progress, kept when a call fails
 
     def _show(self, text: str) -> None:
         if not text or self.out_closed:
@@ -517,273 +868,241 @@ class SimpleLLM:
             self.out_closed = True
             _silence(self.out)
 
-    def _emit(self, text: str) -> None:
-        text = self._redactor.feed(text)  # before it is shown, saved or passed to the next step
-        self._streamed.append(text)
-        self._show(text)
-
     def reply(self, name: str, prompt: str) -> Reply:
-        """Stream one answer to `out` and return it with its finish reason and token usage."""
+        """Stream one answer to `out` and return it with its finish reason, token usage and
+        answering model."""
         if name not in PROVIDERS:
             raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
         check_prompt_size(prompt)
-        start, self._streamed, self._redactor = time.perf_counter(), [], Redactor()
-        r = None
+        start, r = time.perf_counter(), None
+        self.stream = Stream(name, self.settings, self._show)
         try:
-            r = STREAMERS[name](prompt, self.models[name], self.settings, self._emit)
+            r = STREAMERS[name](prompt, self.models[name], self.settings, self.stream)
         finally:
-            self._streamed.append(self._redactor.flush())
-            self._show(self._streamed[-1])
-            if r is not None or "".join(self._streamed):  # an error message then starts on a line of its own
+            if r is None:
+                self.stream.finish()
+            # an error message then starts on a line of its own
+            if r is not None or self.stream.received:
                 self._show("\n")
-        r.text = redact(r.text)
         r.seconds = round(time.perf_counter() - start, 2)
         if r.cut:
-            _note(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens}); the answer "
+            _note(f"warning: {name} stopped at the --max-tokens limit "
+                  f"({self.settings.max_tokens}); the answer "
                   "is cut short. Raise --max-tokens to get all of it")
-        self.last_reply = r
+        if r.answered_by and r.answered_by != r.model_id:
+            _note(f"warning: {name} answered with model {r.answered_by}, not {r.model_id} as asked "
+                  "(the provider rerouted the request; --model or the env variable picks another)")
         return r
 
     def call_model(self, name: str, prompt: str) -> str:
         return self.reply(name, prompt).text
 
-    def substitute_vars(self, text: str, strict: bool = True) -> str:
-        """Replace each {name} by its variable in one pass: braces inside the values are left as they are.
 
-        {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with strict=False).
-        """
-        def fill(m: re.Match) -> str:
-            if m.group(1):
-                return "{" + m.group(1) + "}"
-            if m.group(2) in self.variables:
-                return self.variables[m.group(2)]
-            if strict:
-                raise UserError(f"unknown variable {{{m.group(2)}}}: pass --var {m.group(2)}=VALUE or fix the "
-                                "prompt (write {{name}} for literal braces)")
-            return m.group(0)
-        return _PLACEHOLDER.sub(fill, text)
+def _step_entry(n: int, step: dict, prompt: str, model_id: str) -> dict:
+    return {"step": n, "title": step["title"], "model": step["model"], "model_id": model_id,
+            "prompt_chars": len(prompt),
+            "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
+            "output": step_file(n, step["title"])}
 
-    def read_markdown_file(self, path) -> str:
-        return _read_text(path, "prompt")
 
-    def read_code_file(self, path, lean: bool = False) -> str:
-        """The file in a fenced block; the fence grows past any backtick run inside the code.
-        lean: leave out the sections a planner does not need (see lean_code)."""
-        path = Path(path)
-        code = _read_text(path, "code")
-        code = lean_code(code) if lean else code
-        fence = "`" * max([3] + [len(run) + 1 for run in re.findall(r"`{3,}", code)])
-        return f"{fence}{'python' if path.suffix == '.py' else ''}\n{code.rstrip()}\n{fence}"
+def _reply_record(r: Reply) -> dict:
+    return {"seconds": r.seconds, "usage": r.usage, "finish_reason": r.finish_reason, "cut": r.cut,
+            "answered_by": r.answered_by, "reasoning_tokens": r.reasoning_tokens,
+            "reasoning_chars": r.reasoning_chars}
 
-    def run_chain(self, steps: list[dict], user_input: str | None = None, *, out_dir=".", resume: bool = False,
-                  dry_run: bool = False) -> list[str]:
-        """Run the steps in order, saving each answer as step{N}_{title}.md; return the answers.
 
-        Everything that can be checked is checked before the first request: step shapes, every {name}, the
-        keys, the prompt sizes, and that --out-dir can be written. With resume, saved answers for a leading run
-        of steps are reused instead of asked again.
-        """
+class Chain:
+    """The steps of one chain in one folder: fills the prompts, asks, saves step{N}_{title}.md and
+    chain_run.json.
+
+    Everything that can be checked is checked before the first request: step shapes, every {name},
+    the keys, the prompt sizes, and that the folder can be written. With resume, saved answers for a
+    leading run of steps are reused instead of asked again."""
+
+    def __init__(self, llm: SimpleLLM, steps: list[dict], variables: dict, out_dir, results=None):
         check_steps(steps)
-        if user_input is not None:
-            self.variables["user_input"] = user_input
-        used = {name for step in steps for name in placeholders(step["prompt"])}
-        for name, load in (("code_content", lambda: self.read_code_file(DEFAULT_CODE, lean=True)),
-                           ("system_prompt", lambda: self.read_markdown_file(DEFAULT_SYSTEM)),
-                           ("results", lambda: load_results(self.results_file, self.use_results,
-                                                            write=not dry_run)[0]),
-                           ("plan_format", plan_format)):
+        self.llm, self.steps, self.variables, self.out = llm, steps, dict(variables), Path(out_dir)
+        self.results = results  # () -> {results} text, loaded only if a step uses it
+        self.manifest: dict = {}
+        self.interrupted_step = 0  # the step a Ctrl-C stopped, for the resume hint
+
+    def run(self, resume: bool = False, dry_run: bool = False) -> list[str]:
+        self._fill_defaults(dry_run)
+        saved = self._saved(resume)
+        if dry_run:
+            return self.dry_run(saved)
+        for name in {step["model"] for step in self.steps[len(saved):]}:
+            api_key(name)  # a missing key stops the chain before it spends anything
+        for n, (step, prompt) in enumerate(zip(self.steps, self.render(saved, lambda n, s: "")), 1):
+            # answers still to come count as empty here; reply() checks the real prompt
+            if n > len(saved):
+                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
+                                  "shorten the input, code or --var values it is made from")
+        old = self._old_manifest() if resume else {}
+        self.manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         "status": "running", "settings": dataclasses.asdict(self.llm.settings),
+                         "steps": [], **({"repairs": old["repairs"]} if old.get("repairs") else {})}
+        make_dir(self.out)  # found now, not when the first paid answer cannot be saved
+        self.save()  # and that the folder can be written
+        results = []
+        for n, step in enumerate(self.steps, 1):
+            prompt = substitute(step["prompt"], self.variables)
+            entry = _step_entry(n, step, prompt, self.llm.models[step["model"]])
+            if n <= len(saved):
+                text = saved[n - 1]
+                self._reuse(n, entry, old)
+            else:
+                text = self._ask(n, step, prompt, entry)
+            self.variables[f"step{n}_result"] = text
+            results.append(text)
+        self.manifest["status"] = "complete"
+        self.save()
+        return results
+
+    def save(self) -> None:
+        _write(self.out / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
+
+    def _fill_defaults(self, dry_run: bool) -> None:
+        used = {name for step in self.steps for name in placeholders(step["prompt"])}
+        for name, load in (("code_content", lambda: fenced_code(DEFAULT_CODE)),
+                           ("system_prompt", lambda: _read_text(DEFAULT_SYSTEM, "prompt")),
+                           ("results", lambda: self.results(not dry_run) if self.results
+                            else NO_RESULTS),
+                           ("plan_format", plan_format), ("code_edit_rules", lambda: "")):
             if name in used and name not in self.variables:
                 self.variables[name] = load()
-        for n, step in enumerate(steps, 1):
+        for n, step in enumerate(self.steps, 1):
             earlier = {f"step{k}_result" for k in range(1, n)}
-            unknown = sorted({v for v in placeholders(step["prompt"])} - set(self.variables) - earlier)
+            unknown = sorted(set(placeholders(step["prompt"])) - set(self.variables) - earlier)
             if unknown:
                 names = ", ".join("{" + v + "}" for v in unknown)
-                raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or earlier step "
-                                f"defines: pass --var NAME=VALUE or fix the prompt")
+                raise UserError(f"step {n} ({step['title']}) uses {names}, which no variable or "
+                                "earlier step defines: pass --var NAME=VALUE or fix the prompt")
         if "user_input" in self.variables and "user_input" not in used:
             _note("warning: no step uses {user_input}, so the input file is not sent")
         elif "user_input" in used and not self.variables["user_input"].strip():
-            _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea to work on")
+            _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea "
+                  "to work on")
 
-        out_dir = Path(out_dir)
+    def _old_manifest(self) -> dict:
         try:
-            old = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8")) if resume else {}
+            return json.loads((self.out / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            old = {}
-        saved: list[str] = []
-        for n, step in enumerate(steps, 1):  # only a leading run: a redone step makes later ones stale
-            path = out_dir / step_file(n, step["title"])
+            return {}
+
+    def _saved(self, resume: bool) -> list[str]:
+        saved = []
+        # only a leading run: a redone step makes later ones stale
+        for n, step in enumerate(self.steps, 1):
+            path = self.out / step_file(n, step["title"])
             text = _read_text(path, "saved step") if resume and path.is_file() else ""
             if not text.strip():
                 break
-            saved.append(redact(text))  # a file from an older version may hold an echoed key
-        if dry_run:
-            return self._dry_run(steps, saved, out_dir)
-        for name in {step["model"] for step in steps[len(saved):]}:
-            api_key(name)  # a missing key stops the chain before it spends anything
-        for n, (step, prompt) in enumerate(zip(steps, self._render(steps, saved, lambda n, step: "")), 1):
-            if n > len(saved):  # answers still to come count as empty here; reply() checks the real prompt
-                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
-                                  "shorten the input, code or --var values it is made from")
-        manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "status": "running",
-                    "settings": dataclasses.asdict(self.settings), "steps": []}
-        make_dir(out_dir)  # found now, not when the first paid answer cannot be saved
-        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # and that the folder can be written
-        results: list[str] = []
-        for n, step in enumerate(steps, 1):
-            prompt = self.substitute_vars(step["prompt"])
-            entry = {"step": n, "title": step["title"], "model": step["model"],
-                     "model_id": self.models[step["model"]], "prompt_chars": len(prompt),
-                     "prompt_sha256": hashlib.sha256(prompt.encode()).hexdigest()[:16],
-                     "output": step_file(n, step["title"])}
-            if n <= len(saved):
-                text = saved[n - 1]
-                before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
-                if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
-                    _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing it "
-                          "anyway (delete the file to ask again)")
-                # The saved answer's own prompt, model and usage stay on record, so the next --resume warns too.
-                entry = {**entry, **before, "reused": True}
-                _note(f"== step {n}/{len(steps)}: {step['title']} reused from {entry['output']} (--resume)")
-            else:
-                _note(f"\n== step {n}/{len(steps)}: {step['title']} ({step['model']}, {entry['model_id']}, "
-                      f"{len(prompt):,} prompt characters)")
-                partial = out_dir / entry["output"].replace(".md", ".partial.md")
-                self._streamed = []
-                try:
-                    _remove(out_dir / entry["output"])  # an older answer must not pass for this one
-                    r = self.reply(step["model"], prompt)
-                    _write(out_dir / entry["output"], r.text)
-                except (Exception, KeyboardInterrupt) as e:
-                    interrupted = isinstance(e, KeyboardInterrupt)
-                    entry.update(output=None, error="interrupted" if interrupted else redact(_one_line(e)))
-                    manifest["status"] = "interrupted" if interrupted else "failed"
-                    manifest["steps"].append(entry)
-                    try:  # best effort: the folder itself may be what failed
-                        if "".join(self._streamed).strip():  # paid for: keep it, but never as a finished step
-                            _write(partial, "".join(self._streamed))
-                            entry["partial"] = partial.name
-                        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-                    except UserError:
-                        pass
-                    if interrupted:
-                        self.interrupted_step = n
-                        raise
-                    why = e if isinstance(e, UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
-                    raise ChainError(f"step {n} ({step['title']}, {step['model']}) failed: {why}", n, out_dir) \
-                        from e
-                text = r.text
-                partial.unlink(missing_ok=True)
-                entry.update(seconds=r.seconds, usage=r.usage, finish_reason=r.finish_reason, cut=r.cut)
-            self.variables[f"step{n}_result"] = text
-            results.append(text)
-            manifest["steps"].append(entry)
-            _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        manifest["status"] = "complete"
-        _write(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        return results
+            # a file from elsewhere may hold an echoed key or escapes
+            saved.append(clean(redact(text)))
+        return saved
 
-    def _render(self, steps: list[dict], saved: list[str], unknown) -> list[str]:
-        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to come."""
-        values = dict(self.variables)
-        for n, step in enumerate(steps, 1):
-            self.variables[f"step{n}_result"] = saved[n - 1] if n <= len(saved) else unknown(n, step)
+    def _reuse(self, n: int, entry: dict, old: dict) -> None:
+        before = next((e for e in old.get("steps", []) if e.get("output") == entry["output"]), {})
+        if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
+            _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing "
+                  "it anyway (delete the file to ask again)")
+        # The saved answer's own prompt, model and usage stay on record, so the next --resume warns
+        # too.
+        self.manifest["steps"].append({**entry, **before, "reused": True})
+        self.save()
+        _note(f"== step {n}/{len(self.steps)}: {entry['title']} reused from {entry['output']} "
+              "(--resume)")
+
+    def _ask(self, n: int, step: dict, prompt: str, entry: dict) -> str:
+        _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, "
+              f"{entry['model_id']}, {len(prompt):,} prompt characters)")
+        self.manifest["steps"].append(entry)
+        r = self.ask_into(step["model"], prompt, entry, f"step {n} ({step['title']}, "
+                                                        f"{step['model']})", n)
+        return r.text
+
+    def ask_into(self, model: str, prompt: str, entry: dict, label: str, n: int) -> Reply:
+        """Ask, save the answer as entry["output"] and record it; on failure keep what arrived as
+        .partial.md."""
+        path = self.out / entry["output"]
+        partial = path.with_name(path.name.replace(".md", ".partial.md"))
+        self.llm.stream = None
         try:
-            return [self.substitute_vars(step["prompt"]) for step in steps]
-        finally:
-            self.variables = values
+            _remove(path)  # an older answer must not pass for this one
+            r = self.llm.reply(model, prompt)
+            _write(path, r.text)
+        except (Exception, KeyboardInterrupt) as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            entry.update(output=None, error="interrupted" if interrupted else _one_line(e))
+            self.manifest["status"] = "interrupted" if interrupted else "failed"
+            # best effort: the folder itself may be what failed
+            with contextlib.suppress(UserError):
+                got = self.llm.stream.received if self.llm.stream else ""
+                if got.strip():  # paid for: keep it, but never as a finished step
+                    _write(partial, got)
+                    entry["partial"] = partial.name
+                self.save()
+            if interrupted:
+                self.interrupted_step = n
+                raise
+            why = e if isinstance(e,
+                                  UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
+            raise ChainError(f"{label} failed: {why}", n, self.out) from e
+        partial.unlink(missing_ok=True)
+        entry.update(_reply_record(r))
+        self.save()
+        return r
 
-    def _dry_run(self, steps: list[dict], saved: list[str], out_dir: Path) -> list[str]:
-        rendered = self._render(steps, saved, lambda n, step: f"<output of step {n} ({step['title']})>")
-        for n, (step, prompt) in enumerate(zip(steps, rendered), 1):
+    def render(self, saved: list[str], unknown) -> list[str]:
+        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to
+        come."""
+        values = dict(self.variables)
+        for n, step in enumerate(self.steps, 1):
+            values[f"step{n}_result"] = saved[n - 1] if n <= len(saved) else unknown(n, step)
+        return [substitute(step["prompt"], values) for step in self.steps]
+
+    def dry_run(self, saved: list[str]) -> list[str]:
+        rendered = self.render(saved, lambda n, step: f"<output of step {n} ({step['title']})>")
+        for n, (step, prompt) in enumerate(zip(self.steps, rendered), 1):
             note = "reused from disk (--resume)" if n <= len(saved) else "would be sent"
-            self._show(redact(f"==== step {n}/{len(steps)}: {step['title']} -> {step['model']} "
-                              f"({self.models[step['model']]}), {len(prompt):,} characters (~{len(prompt) // 4:,} "
-                              f"tokens), {note}, saved as {out_dir / step_file(n, step['title'])}\n{prompt}\n\n"))
-        _note(f"dry run: {_count(len(steps), 'step')}, {sum(map(len, rendered)):,} prompt characters; nothing was "
-              "sent")
+            self.llm._show(redact(f"==== step {n}/{len(self.steps)}: {step['title']} -> "
+                                  f"{step['model']} "
+                                  f"({self.llm.models[step['model']]}), {len(prompt):,} characters "
+                                  f"(~{len(prompt) // 4:,} tokens), {note}, saved as "
+                                  f"{self.out / step_file(n, step['title'])}\n{prompt}\n\n"))
+        _note(f"dry run: {_count(len(self.steps), 'step')}, {sum(map(len, rendered)):,} prompt "
+              "characters; nothing was sent")
         return rendered
 
+# --------------------------------------------------------------------------------------------------
+# Plans: read the way models write them, checked against what llm.py will do, budgeted, confirmed,
+# run
 
-def check_steps(steps) -> None:
-    if not isinstance(steps, list) or not steps:
-        raise UserError("steps must be a non-empty list of {\"title\", \"model\", \"prompt\"} objects")
-    for n, step in enumerate(steps, 1):
-        if not isinstance(step, dict) or not all(isinstance(step.get(k), str) and step[k].strip()
-                                                 for k in ("title", "model", "prompt")):
-            raise UserError(f"step {n} needs non-empty string fields \"title\", \"model\" and \"prompt\"")
-        if step["model"] not in PROVIDERS:
-            raise UserError(f"step {n} ({step['title']}): unknown model {step['model']!r}; choose one of "
-                            f"{', '.join(PROVIDERS)}")
-
-
-def check_prompt_size(prompt: str, what: str = "the prompt", fix: str = "shorten it") -> None:
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise UserError(f"{what} is {len(prompt):,} characters (about {len(prompt) // 4:,} tokens), far more than "
-                        f"any model's context (1M tokens at most); {fix}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
-
-
-def _read_text(path, what: str) -> str:
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{what} file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {what} file {path}: {e}") from None
-
-
-def _write(path: Path, text: str) -> None:
-    """Write-then-rename, so an interrupted write never leaves a file that looks like a finished step."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a folder in the way, no permission
-        raise UserError(f"cannot write {path} ({e.strerror or e})") from e
-
-
-def make_dir(path: Path, flag: str = "--out-dir") -> None:
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
-        raise UserError(f"cannot create {flag} {path} ({why}); choose another folder") from None
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot replace {path} ({e.strerror or e})") from e
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Closing the loop: the last results in the prompts, a plan's runs checked and run, rounds of both
-
-DEFAULT_MAX_RUNS = 36
-DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"  # report.DEFAULT_CSV, named without importing it
+DEFAULT_MAX_RUNS = 36  # runs per round (the research constraints)
+DEFAULT_MAX_RUN_MINUTES = 10.0  # training minutes per run (the research constraints: 2-10)
+DEFAULT_MAX_TOTAL_MINUTES = 180.0  # training minutes per plan
+DEFAULT_REPAIRS = 2
+DRY_RUN_TIMEOUT = 300.0  # seconds for llm.py's --dry-run --json (with a few timed steps)
+TIME_STEPS = 3  # training steps timed per new model shape when no earlier run measured it
+# report.DEFAULT_CSV, named without importing it
+DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"
 DEFAULT_LOOP_DIR = "research_loop"
-# llm.py flags the runs command sets itself (where output goes) or that make llm.py another kind of command.
-TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device", "dry_run",
-              "help")
-# llm.py sections (by title prefix) a planner does not need: corpus loading and caching, device and compilation
-# plumbing, the benchmark, CSV and resume plumbing. Config, model, optimiser, training and evaluation stay.
-PLANNER_SKIPS = ("Data", "Runtime", "Benchmark", "Sweep")
+# llm.py flags the tool sets itself (where output goes) or that make llm.py another kind of command.
+TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device",
+              "dry_run",
+              "json", "time_steps", "help")
+ENTRY_KEYS = ("name", "question", "args")
+MAX_ENTRIES, MAX_ARGS, MAX_ARG_CHARS, MAX_NAME, MAX_QUESTION = 12, 120, 200, 60, 300
 NO_RESULTS = "No results exist yet: this is the first experiment on this question."
 LOOP_STATE = "loop_state.json"
 LEDGER = "ledger.md"
-_SECTION = re.compile(r"(?m)^(# -{20,}\n# (.+)\n)")
-_JSON_BLOCK = re.compile(r"(?ms)^[ \t]*(`{3,}|~{3,})[ \t]*json[ \t]*\n(.*?)^[ \t]*\1[ \t]*$")
-_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse reads these as values, not options
-# Control and bidirectional-override characters: in a plan they could redraw the terminal line that shows the
-# command the user is asked to confirm (carriage return, ANSI escapes), or hide a NUL that breaks the call.
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_FENCE = re.compile(r"(?m)^[ \t]*(`{3,}|~{3,})([^\n`]*)$\n?")
+# argparse reads these as values
+_NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)
+SHAPE = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
+         "max_seq_len",
+         "use_amp")
 
 
 def _project_module(name: str):
@@ -794,23 +1113,585 @@ def _project_module(name: str):
     return importlib.import_module(name)
 
 
-def lean_code(code: str) -> str:
-    """The code with each PLANNER_SKIPS section cut to a one-line note naming what it defines, so a chain sends
-    the model, training and config without the data and CSV plumbing. Unknown section titles are kept whole."""
-    pieces = _SECTION.split(code)  # [head, rule+title, title, body, rule+title, title, body, ...]
-    out = [pieces[0]]
-    for header, title, body in zip(pieces[1::3], pieces[2::3], pieces[3::3]):
-        if title.startswith(PLANNER_SKIPS):
-            names = ", ".join(re.findall(r"(?m)^(?:def|class) (\w+)", body))
-            body = f"# ({len(body.splitlines())} lines left out of the planner's context: {names})\n\n\n"
-        out += [header, body]
-    return "".join(out)
+@dataclasses.dataclass
+class PlanEntry:
+    name: str  # file-name safe
+    question: str
+    args: list[str]
+    n_runs: int = 0
+    # per run: config, flops_per_token, ...
+    runs: list[dict] = dataclasses.field(default_factory=list)
+    minutes: list = dataclasses.field(default_factory=list)  # per run: estimated training minutes
+
+    def csv(self, out_dir) -> Path:
+        return Path(out_dir) / f"{self.name}.csv"
+
+
+@dataclasses.dataclass
+class Plan:
+    entries: list[PlanEntry]
+    source: Path
+    edits: list = dataclasses.field(default_factory=list)  # code edits (issue 19); empty when none
+    code: Path = DEFAULT_CODE  # the llm.py the entries run: the user's, or a round's patched copy
+    diff: str = ""  # shown with the confirmation when there are edits
+    no_sandbox: bool = False  # --no-sandbox: patched code runs without one where none can be made
+    limit_s: float = 0.0  # wall-clock seconds per entry of patched code (0: from its budget)
+    patched: bool = False  # code is a copy made by prepare_copy: runs only in the sandbox
+    text: str = ""  # what the user confirms (plan_text)
+
+    @property
+    def total(self) -> int:
+        return sum(e.n_runs for e in self.entries)
+
+    def command(self, e: PlanEntry, out_dir) -> list[str]:
+        return [sys.executable, str(self.code), *e.args, "--out", str(e.csv(out_dir))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_runs: int = DEFAULT_MAX_RUNS
+    max_run_minutes: float = DEFAULT_MAX_RUN_MINUTES
+    max_total_minutes: float = DEFAULT_MAX_TOTAL_MINUTES
+    # tokenizers / datasets the user allows beyond the defaults, bytes and random
+    allow_data: tuple = ()
+    allow_code_edits: bool = False
+    no_sandbox: bool = False
+
+
+def _blocks(text: str):
+    """(line, body, closed) of every fenced block, any label or none."""
+    pos = 0
+    while m := _FENCE.search(text, pos):
+        fence = m.group(1)
+        closing = re.compile(rf"(?m)^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        close = closing.search(text, m.end())
+        line = text.count("\n", 0, m.start()) + 1
+        if not close:
+            yield line, text[m.end():], False
+            return
+        yield line, text[m.end():close.start()], True
+        pos = close.end()
+
+
+def _is_runs(data) -> bool:
+    return (isinstance(data, dict) and "runs" in data) or \
+        (isinstance(data, list) and bool(data) and all(isinstance(e, dict) for e in data))
+
+
+def find_runs(text: str, where: str, example=None):
+    """The one block of runs in an answer, parsed with json5 (comments, trailing commas, single
+    quotes)."""
+    import json5
+    found, bad = [], []
+    for line, body, closed in _blocks(text):
+        if not body.strip().startswith(("{", "[")):
+            continue
+        if not closed:
+            raise PlanError(f"{where}: the answer was cut inside the block that starts on line "
+                            f"{line}; ask again "
+                            "(a higher --max-tokens) or finish the block by hand")
+        try:
+            data = json5.loads(body)
+        except ValueError as e:
+            bad.append((line, "cut?" if "end of input" in str(e).lower() else _one_line(e, 120)))
+            continue
+        if _is_runs(data):
+            found.append((line, data))
+    if len(found) > 1:
+        # a copy of the prompt's example is no plan
+        found = [f for f in found if f[1] != example] or found[:1]
+    if len(found) > 1:
+        raise PlanError(f"{where}: the answer has {len(found)} blocks of runs (lines "
+                        f"{', '.join(str(f[0]) for f in found)}); keep exactly one, the runs to do "
+                        "now")
+    if found:
+        return found[0][1]
+    if bad:
+        raise PlanError(f"{where}: the block on line {bad[0][0]} is not valid JSON ({bad[0][1]}); "
+                        "fix it")
+    raise PlanError(f"{where} has no block of runs: end the answer with one fenced block "
+                    '{"runs": [{"name": ..., "question": ..., "args": [...]}]}')
+
+
+def _args(value, label: str) -> list[str]:
+    """args as models write them: a list (numbers, nested lists, "--flag value" items) or one
+    shell-like string (split with shlex, never run by a shell)."""
+    if isinstance(value, str):
+        try:
+            return shlex.split(value)
+        except ValueError as e:
+            raise PlanError(f"{label}: its args string cannot be split ({e}); write args as a list"
+                            ) from None
+    if not isinstance(value, list):
+        raise PlanError(f'{label}: "args" must be a list of llm.py arguments (or one string)')
+    out = []
+    for item in value:
+        if isinstance(item, list):
+            out += _args(item, label)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            out.append(repr(item) if isinstance(item, float) else str(item))
+        elif isinstance(item, str) and item.startswith("--") and len(item.split()) > 1:
+            out += _args(item, label)  # "--seeds 42 43"
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise PlanError(f'{label}: "args" holds {json.dumps(item)[:40]}, which is no llm.py '
+                            f'argument')
+    return out
+
+
+def read_plan(path, example=None, limits: Limits = Limits()) -> Plan:
+    """A plan's entries from a markdown file (a chain's final step); PlanError for anything it does
+    not mean."""
+    text = _read_text(path, "plan")
+    data = find_runs(text, str(path), example if example is not None else plan_example())
+    if isinstance(data, dict) and set(data) - {"runs"}:
+        raise PlanError(f"{path}: unknown key {sorted(set(data) - {'runs'})[0]!r} beside \"runs\"; "
+                        "put everything llm.py should do in an entry's args and remove it")
+    runs = data["runs"] if isinstance(data, dict) else data
+    if not isinstance(runs, list) or not runs or len(runs) > MAX_ENTRIES:
+        raise PlanError(f'{path}: "runs" must be a list of 1 to {MAX_ENTRIES} entries')
+    entries, seen = [], {}
+    for i, e in enumerate(runs, 1):
+        entries.append(_entry(e, f"{path}: entry {i}", seen, i))
+    return Plan(entries, Path(path), edits=code_edits(text, limits))
+
+
+def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].strip():
+        raise PlanError(f'{label} needs a "name" (text)')
+    label += f" ({e['name'][:MAX_NAME]})"
+    unknown = sorted(set(e) - set(ENTRY_KEYS))
+    if unknown:
+        raise PlanError(f"{label}: unknown key {unknown[0]!r} (an entry has only name, question "
+                        "and args); put what it says into args, e.g. \"--seeds 42 43\", and remove "
+                        "it")
+    question, args = e.get("question") or "", _args(e.get("args", []), label)
+    if not isinstance(question, str):
+        raise PlanError(f'{label}: "question" must be text')
+    for what, text, limit in [("name", e["name"], MAX_NAME), ("question", question,
+                                                              MAX_QUESTION)] + \
+            [("args", a, MAX_ARG_CHARS) for a in args]:
+        if clean(text) != text:
+            raise PlanError(f"{label}: its {what} contains control characters ({text[:60]!r}), "
+                            f"which could "
+                            "disguise the command shown before you confirm; remove them")
+        if len(text) > limit:
+            raise PlanError(f"{label}: its {what} is {len(text)} characters, more than {limit}; "
+                            "shorten it")
+    if len(args) > MAX_ARGS:
+        raise PlanError(f"{label}: {len(args)} args, more than {MAX_ARGS}; split the entry")
+    name = safe_name(e["name"])
+    # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key
+    # for both
+    files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
+    if files in seen:
+        raise PlanError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; "
+                        "rename one")
+    seen[files] = i
+    return PlanEntry(name, question.strip(), args)
+
+
+def code_edit_rules(limits: Limits) -> str:
+    """Step 4's {code_edit_rules}: the edit form and its rules, only with --allow-code-edits."""
+    return CODE_EDIT_RULES if limits.allow_code_edits else ""
+
+
+def code_edits(answer: str, limits: Limits) -> list:
+    """The answer's SEARCH/REPLACE edits to llm.py (none: []); PlanError when it has some and the
+    run does not allow them, or they cannot be read."""
+    if not limits.allow_code_edits:
+        if any(HEAD.match(line) for line in answer.splitlines()):
+            raise PlanError("this run does not allow code edits; express the idea with flags or "
+                            "rerun with --allow-code-edits")
+        return []
+    try:
+        return parse_edits(answer)
+    except EditError as e:
+        raise edit_refusal(e) from None
+
+
+def llm_flags() -> dict[str, tuple[str, object]]:
+    """llm.py's options: flag -> (config field or dest, nargs). argparse has no public list of a
+    parser's actions, so this reads `_actions`; it only words messages and the prompt: plan_sweep
+    decides what is valid."""
+    return {s: (a.dest, a.nargs) for a in _project_module("llm").build_parser()._actions
+            for s in a.option_strings}
+
+
+def _flag_hint(key: str, flags: dict) -> str:
+    """The nearest real flag: a config field's name (--load-balancing-weight) maps to its flag
+    (--lb-weight)."""
+    by_dest = {dest: f for f, (dest, _) in flags.items() if f.startswith("--")}
+    name = key.lstrip("-").replace("-", "_")
+    near = [by_dest[name]] if name in by_dest else difflib.get_close_matches(key,
+                                                                             list(by_dest.values()),
+                                                                             1, 0.6)
+    return f"; did you mean {near[0]}?" if near else "; see `python llm.py --help`"
+
+
+def check_flags(label: str, args: list[str], flags: dict) -> None:
+    """Refuse what llm.py would misread or what the tool owns: unknown or ambiguous flags (with the
+    nearest real one), tool-owned flags however spelled (exact, an abbreviation, --flag=value),
+    '--', bare extra values."""
+    current = None
+    for tok in args:
+        if tok == "--":
+            raise PlanError(f"{label}: '--' is not allowed in args (it would hide the tool's own "
+                            "flags)")
+        if tok.startswith("-") and not _NEGATIVE_NUMBER.match(tok):
+            key, eq, _ = tok.partition("=")
+            key = key if key.startswith("--") else key[:2]  # short options bundle: -hh is -h -h
+            hits = [key] if key in flags else [f for f in flags if f.startswith(key)
+                                               and key.startswith("--")]
+            if len(hits) > 1:
+                raise PlanError(f"{label}: {key} could be {' or '.join(sorted(hits)[:3])}; write "
+                                "the whole flag")
+            if not hits:
+                raise PlanError(f"{label}: llm.py has no flag {key}{_flag_hint(key, flags)}")
+            dest, nargs = flags[hits[0]]
+            if dest in TOOL_OWNED:
+                raise PlanError(f"{label}: {tok} (--{dest.replace('_', '-')}) is chosen by the "
+                                "tool, not the plan; remove it")
+            current = [hits[0], nargs, 1 if eq else 0]
+        elif current is None:
+            raise PlanError(f"{label}: the value {tok!r} comes before any flag; name its flag")
+        else:
+            flag, nargs, n = current
+            if nargs == 0 or (nargs in (None, "?") and n >= 1):
+                takes = "no value" if nargs == 0 else "one value"
+                raise PlanError(f"{label}: the value {tok!r} after {flag} belongs to no flag "
+                                f"({flag} takes "
+                                f"{takes}); remove it or name its flag")
+            current[2] += 1
+
+def _allowed(llm, limits: Limits) -> tuple[set, set, set]:
+    """Tokenizers, datasets and data files a plan may use: the defaults, bytes, random, the presets'
+    corpus and what the user allows with --allow-data; never what the plan says."""
+    defaults = {f.name: f.default for f in dataclasses.fields(llm.MoEModelConfig)}
+    presets = list(llm.PRESETS.values())
+    tokenizers = {defaults["tokenizer"], "bytes", *(p["tokenizer"] for p in presets
+                                                    if "tokenizer" in p)}
+    datasets = {defaults["dataset"], "random", *(p["dataset"] for p in presets if "dataset" in p)}
+    files = {os.path.realpath(f) for p in presets for f in p.get("data_files", ())}
+    return tokenizers | set(limits.allow_data), datasets | set(limits.allow_data), files
+
+
+def _check_config(label: str, cfg, allowed) -> None:
+    """What llm.py will load for one resolved config: files inside the folder the tool runs in
+    (symlinks followed), tokenizer and dataset from the allowlist (a hub id or a folder could carry
+    code)."""
+    tokenizers, datasets, files = allowed
+    root = os.path.realpath(Path.cwd())
+    for f in cfg.data_files:
+        real = os.path.realpath(f)
+        if real not in files and os.path.commonpath([root, real]) != root:
+            raise PlanError(f"{label}: data file {f} is {real}, outside the folder the tool runs "
+                            f"in ({root}); a "
+                            "plan may only name files under it (copy the file here)")
+    if cfg.tokenizer not in tokenizers:
+        raise PlanError(f"{label}: tokenizer {cfg.tokenizer!r} is not allowed (allowed: "
+                        f"{', '.join(sorted(tokenizers))}); a plan cannot choose what gets loaded: "
+                        "the user adds one with --allow-data NAME")
+    if not cfg.data_files and cfg.dataset not in datasets:
+        raise PlanError(f"{label}: dataset {cfg.dataset!r} is not allowed (allowed: "
+                        f"{', '.join(sorted(datasets))}); a plan cannot choose what gets loaded: "
+                        "the user adds one with --allow-data NAME")
+
+
+def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
+    """Validate every entry with llm.py's own sweep planner and its resolved configs, count the runs
+    before any is expanded, estimate time and memory, refuse what is over a limit; return the budget
+    lines."""
+    llm = _project_module("llm")
+    flags, allowed, total = llm_flags(), _allowed(llm, limits), 0
+    for i, e in enumerate(plan.entries, 1):
+        label = f"entry {i} ({e.name})"
+        check_flags(label, e.args, flags)
+        try:
+            sweep = llm.plan_sweep([*e.args, "--out", str(e.csv(out_dir))])
+        except llm.UserError as err:
+            raise PlanError(f"{label}: llm.py refuses its args: {_one_line(err)}") from None
+        e.n_runs, total = sweep.n_runs, total + sweep.n_runs
+        if total > limits.max_runs:
+            raise PlanError(f"{label} brings the plan to {total} runs, more than --max-runs "
+                            f"{limits.max_runs}; shrink the plan or raise --max-runs")
+        e.runs = []
+        for n, cfg in enumerate(sweep.configs(), 1):
+            _check_config(label, cfg, allowed)
+            est = llm.estimate(cfg)
+            memory = est.memory_gb + cfg.max_tokens * 8 / 1e9  # + the token array (int64 at most)
+            if memory > _ram_gb():
+                raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more "
+                                f"than this machine's {_ram_gb():.1f} GB; use a smaller model, "
+                                "batch or --max-tokens")
+            e.runs.append({"config": dataclasses.asdict(cfg),
+                           "flops_per_token": est.flops_per_token,
+                           "train_tokens": est.train_tokens, "memory_gb": memory})
+    return budget(plan, limits, out_dir, csvs)
+
+
+def _ram_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def _shape(c: dict) -> tuple:
+    """What throughput depends on; the vocabulary as llm.py will resolve it (a CSV records it
+    resolved)."""
+    llm = _project_module("llm")
+    cfg = llm.MoEModelConfig(**{f.name: c[f.name] for f in dataclasses.fields(llm.MoEModelConfig)
+                                if f.init and f.name in c})
+    return tuple(getattr(cfg, k) for k in SHAPE) + (llm.vocab_guess(cfg),)
+
+
+def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
+    """Model shape -> (median training FLOP/s of earlier ok runs, their device), from CSVs."""
+    import pandas as pd
+    llm, seen = _project_module("llm"), collections.defaultdict(list)
+    names = {f.name for f in dataclasses.fields(llm.MoEModelConfig) if f.init}
+    for path in dict.fromkeys(map(Path, csvs)):
+        try:
+            df = pd.read_csv(path)
+            rows = df[df["status"].astype(str).str.strip().eq("ok")]
+            triples = zip(rows["tokens_per_s"], rows["config_json"], rows["device"])
+        except (OSError, ValueError, KeyError):
+            continue
+        for tps, cfg_json, device in triples:
+            with contextlib.suppress(TypeError, ValueError, llm.UserError):
+                cfg = llm.MoEModelConfig(**{k: v for k, v in json.loads(cfg_json).items()
+                                            if k in names})
+                if float(tps) > 0:
+                    seen[_shape(json.loads(cfg_json))].append(
+                        (float(tps) * llm.estimate(cfg).flops_per_token, str(device)))
+    return {k: (statistics.median(v[0] for v in vs), vs[-1][1]) for k, vs in seen.items()}
+
+
+def llm_dry_run(code: Path, args: list[str], label: str, time_steps: int = 0) -> dict:
+    """`llm.py ARGS --dry-run --json [--time-steps K]` in a child: no shell, no stdin, no keys,
+    offline, a timeout."""
+    cmd = [sys.executable, str(code), *args, "--dry-run", "--json"] + \
+        (["--time-steps", str(time_steps)] if time_steps else [])
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           timeout=DRY_RUN_TIMEOUT,
+                           env=child_env({"HF_HUB_OFFLINE": "1"}))
+    except subprocess.TimeoutExpired:
+        raise PlanError(f"{label}: llm.py's dry run took more than {DRY_RUN_TIMEOUT:g} s and was "
+                        "stopped; make the model smaller") from None
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()] or ["no message"]
+    if r.returncode:
+        raise PlanError(f"{label}: llm.py refuses its args: "
+                        f"{_one_line(lines[-1].split('error:', 1)[-1])}")
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        raise PlanError(f"{label}: llm.py's dry run printed no JSON ({_one_line(r.stdout, 120)})"
+                        ) from None
+
+
+def _speeds(plan: Plan, out_dir, csvs) -> tuple[dict, bool]:
+    """FLOP/s per model shape: earlier ok runs, else a few timed steps (once per entry in need)."""
+    speed, timed = measured_speed(csvs), False
+    for i, e in enumerate(plan.entries, 1):
+        if all(_shape(r["config"]) in speed for r in e.runs):
+            continue
+        label, timed = f"entry {i} ({e.name})", True
+        out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], label, TIME_STEPS)
+        for r in out.get("runs", []):
+            _check_run_id(label, r.get("run_id", ""))
+            if r.get("tokens_per_s"):
+                flops = r["tokens_per_s"] * r["flops_per_token"]
+                speed[_shape(r["config"])] = (flops, "this device")
+    return speed, timed
+
+
+def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
+    """Minutes per run, per entry and in total: FLOPs per token x tokens / the FLOP/s measured on
+    this device; peak memory from llm.estimate. Refuses what is over a limit."""
+    speed, timed = _speeds(plan, out_dir, csvs)
+    lines, devices = [], set()
+    for i, e in enumerate(plan.entries, 1):
+        e.minutes = []
+        for n, r in enumerate(e.runs, 1):
+            flops, device = speed.get(_shape(r["config"]), (0.0, ""))
+            if flops <= 0:
+                raise PlanError(f"entry {i} ({e.name}): no speed could be measured for run {n}")
+            devices.add(device)
+            e.minutes.append(r["flops_per_token"] * r["train_tokens"] / flops / 60)
+            if e.minutes[-1] > limits.max_run_minutes:
+                raise PlanError(f"entry {i} ({e.name}): run {n} needs about {e.minutes[-1]:.1f} "
+                                "min of training, more than --max-run-minutes "
+                                f"{limits.max_run_minutes:g}; use fewer --max-steps or a smaller "
+                                "model (or raise the limit)")
+        memory = max((r["memory_gb"] for r in e.runs), default=0.0)
+        lines.append(f"budget: {i}. {e.name}: {_count(e.n_runs, 'run')} x ~{_mins(max(e.minutes))} "
+                     f"min at most = {_mins(sum(e.minutes))} min, peak memory ~{memory:.2f} GB")
+    total = sum(sum(e.minutes) for e in plan.entries)
+    if total > limits.max_total_minutes:
+        worst = max(plan.entries, key=lambda e: sum(e.minutes))
+        raise PlanError(f"the plan needs about {total:.0f} min of training, more than "
+                        f"--max-total-minutes {limits.max_total_minutes:g} (the largest: "
+                        f"{worst.name}, {sum(worst.minutes):.0f} min); shrink it or raise the "
+                        "limit")
+    how = f" ({TIME_STEPS} steps timed just now)" if timed else ""
+    lines.append(f"budget: total ~{_mins(total)} min of training for {_count(plan.total, 'run')} "
+                 f"(limits: {limits.max_run_minutes:g} min a run, {limits.max_total_minutes:g} min "
+                 f"in all, {limits.max_runs} runs), from the speed measured on "
+                 f"{', '.join(sorted(devices))}{how}; evaluation and start-up come on top")
+    return "\n".join(lines)
+
+
+def _mins(minutes: float) -> str:
+    return f"{minutes:.1f}" if minutes >= 1 else f"{minutes:.2f}"
+
+
+def _check_run_id(label: str, run_id: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", str(run_id)):
+        raise PlanError(f"{label}: llm.py would name a run {str(run_id)[:40]!r}, which is no safe "
+                        "file name")
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as the user would type it: `python` when that is this interpreter, llm.py relative
+    if near."""
+    exe = "python" if shutil.which("python") == sys.executable else cmd[0]
+    script = os.path.relpath(cmd[1])
+    return shlex.join([exe, cmd[1] if script.startswith("..") else script, *cmd[2:]])
+
+
+def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
+    """What the user confirms: every entry, every command, the diff of any code edit, and the
+    budget."""
+    lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, "
+             f"{_count(plan.total, 'run')}, results in {out_dir}"]
+    for i, e in enumerate(plan.entries, 1):
+        question = f": {e.question}" if e.question else ""
+        lines += [f"  {i}. {e.name} ({_count(e.n_runs, 'run')}){question}",
+                  f"     {shown(plan.command(e, out_dir))}"]
+    return "\n".join(lines + ([plan.diff] if plan.diff else []) + [budget_lines])
+
+
+def confirm(text: str, question: str, yes: bool) -> bool:
+    """A typed yes. The commands are shown where the question is asked even when stdout goes
+    elsewhere."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():  # checked up front by the commands too; this is the last guard
+        raise UserError("nothing was run: there is no terminal to ask; add --yes to run without "
+                        "asking")
+    if not sys.stdout.isatty():
+        print(text, file=sys.stderr)
+    print(f"{question} Type yes to start: ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() == "yes"
+
+
+def _need_consent(args, what: str) -> None:
+    if not args.yes and not sys.stdin.isatty():
+        raise UserError(f"{what} trains without asking only with --yes, and there is no terminal "
+                        "to ask: add --yes (nothing was sent or run)")
+
+
+class RunOutcome(collections.namedtuple("RunOutcome", "rc entry tail")):
+    """llm.py's exit code (0: every entry done), the entry that stopped, and its last 40 lines of
+    output."""
+
+
+def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
+    """Run the entries one after another with llm.py's own progress and resume; stop at the first
+    failure. Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit (its budget)."""
+    make_dir(out_dir)
+    for i, e in enumerate(plan.entries, 1):
+        _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
+        sys.stdout.flush()
+        limit = plan.limit_s or 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
+        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.patched
+                    else _run_child(plan.command(e, out_dir), lock_fd, limit))
+        if rc:
+            why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
+            _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are "
+                  f"saved in {e.csv(out_dir)}; rerun the same command to resume")
+            return RunOutcome(rc, e, tail)
+    rp = _project_module("report")
+    _note(f"\ndone: {_count(len(plan.entries), 'entry')}; reports:")
+    for e in plan.entries:
+        _note(f"  {rp.report_paths(e.csv(out_dir))[0]}")
+    return RunOutcome(0, None, "")
+
+
+def _run_child(cmd: list[str], lock_fd: int, limit: float) -> tuple[int, str]:
+    """One llm.py, its output passed through as it comes and its last 40 lines kept; killed after
+    `limit` s."""
+    import threading
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            env=child_env(), pass_fds=(lock_fd,))
+    timer, seen = threading.Timer(limit, proc.kill), ""
+    timer.start()
+    try:
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+            text = chunk.decode(errors="replace")
+            seen = (seen + text)[-20_000:]
+            with contextlib.suppress(BrokenPipeError):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save what it has
+        try:
+            proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+        rc = 130
+    finally:
+        timer.cancel()
+    tail = [ln.rstrip() for ln in seen.replace("\r", "\n").splitlines() if ln.strip()][-40:]
+    if rc == -9:
+        tail.append(f"(stopped by the tool after {limit:.0f} s, far past its budget)")
+    return rc, clean("\n".join(tail))
+
+
+def plan_example() -> dict:
+    return {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the "
+                                                              "balancing loss is "
+                      "off?", "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1",
+                                       "--seeds", "42", "43", "44"]}]}
+
+
+def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> str:
+    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own
+    parser."""
+    parser = _project_module("llm").build_parser()
+    flags = []
+    for a in parser._actions:  # see llm_flags: argparse has no public list of actions
+        if a.option_strings and a.dest not in TOOL_OWNED and a.help != argparse.SUPPRESS:
+            meta = a.metavar or a.dest.upper()
+            use = " / ".join(a.option_strings) + ("" if a.nargs == 0 else f" {meta} [{meta} ...]"
+                                                  if a.nargs == "+"
+                                                   else f" {meta}")
+            flags.append(f"{use}: {a.help}")
+    owned = ", ".join(s for a in parser._actions if a.dest in TOOL_OWNED for s in a.option_strings)
+    return "\n".join([
+        "After the plan, end your answer with exactly one fenced ```json block that turns it into "
+        "runs:", "",
+        "```json", json.dumps(plan_example()), "```", "",
+        "Each entry is one call of llm.py with `args` as its arguments (a list of strings) and "
+        "gets its own CSV and report; an entry has only name, question and args. Its runs are "
+        "every combination of the values given (a flag with several values, or --grid), and the "
+        "report compares each condition with the baseline (noise 0 / lb weight 0.01, else the "
+        "entry's first condition) paired by seed, so put the conditions to compare in one entry. "
+        "`name` (letters, digits, _ and -) names the entry's files; `question` says what it "
+        f"answers. At most {max_runs} runs over all entries, at most {limits.max_run_minutes:g} "
+        f"minutes of training per run and {limits.max_total_minutes:g} in all (the tool measures "
+        "and refuses more). Data, tokenizer and dataset stay the defaults unless the user allowed "
+        f"others. The tool chooses output and device: never use {owned}. llm.py's flags (a flag "
+        "left out keeps its default):", *flags])
 
 
 def _report_text(md: Path) -> str:
     """A report as prompt context: without its plots, which a model cannot see."""
-    text = _read_text(md, "results")
-    return re.sub(r"(?ms)^## Plots\n.*?(?=^## |\Z)", "", text).strip()
+    return re.sub(r"(?ms)^## Plots\n.*?(?=^## |\Z)", "", _read_text(md, "results")).strip()
 
 
 def _csv_of(md: Path) -> Path:
@@ -819,14 +1700,15 @@ def _csv_of(md: Path) -> Path:
     return md.with_name(DEFAULT_CSV_NAME if stem == "experiment" else stem + ".csv")
 
 
-def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path], Path | None]:
-    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and the report.
+def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path],
+                                                                               Path | None]:
+    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and
+    the report.
 
-    path: a report, or a results CSV whose report is built first. None: the report of the default CSV in the
-    current folder, rebuilt if the CSV is newer. A line on stderr says which file. Nothing found, or
-    enabled=False: a sentence saying that no results exist yet. write=False (a dry run): a report that needs
-    building is built in a temporary folder and not kept.
-    """
+    path: a report, or a results CSV whose report is built first. None: the report of the default
+    CSV in the current folder, rebuilt if the CSV is newer. Nothing found, or enabled=False: a
+    sentence saying that no results exist yet. write=False (a dry run): a report that needs building
+    is built in a temporary folder."""
     if not enabled:
         _note("results: left out (--no-results)")
         return NO_RESULTS, [], None
@@ -839,510 +1721,1100 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
         rp = _project_module("report")
         csv = given or Path(DEFAULT_CSV_NAME)
         md = rp.report_paths(csv)[0]
-        if csv.is_file() and (given or not md.is_file() or md.stat().st_mtime < csv.stat().st_mtime):
+        if csv.is_file() and (given or not md.is_file()
+                              or md.stat().st_mtime < csv.stat().st_mtime):
             try:
                 if not write:
                     with tempfile.TemporaryDirectory() as tmp:
                         shutil.copy(csv, Path(tmp) / csv.name)
                         text = _report_text(rp.write_report(Path(tmp) / csv.name))
-                    _note(f"results: the report of {csv}, built for this dry run only (nothing written)")
+                    _note(f"results: the report of {csv}, built for this dry run only (nothing "
+                          "written)")
                     return f"From {md.name}:\n\n{text}", [csv], md
                 md = rp.write_report(csv)
                 _note(f"results: wrote the report {md} from {csv}")
             except (OSError, ValueError) as e:
                 if given:
-                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}") from None
+                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}"
+                                    ) from None
                 _note(f"warning: no report built from {csv}: {_one_line(e)}")
     if not md.is_file():
-        _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no results exist "
-              "yet (--results FILE gives some)")
+        _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no "
+              "results exist yet (--results FILE gives some)")
         return NO_RESULTS, [], None
     _note(f"results: {md} (--results FILE for another, --no-results for none)")
     return f"From {md.name}:\n\n{_report_text(md)}", [csv] if csv.is_file() else [], md
 
 
-def llm_parser():
-    return _project_module("llm").build_parser()
-
-
-def _invocation(action) -> str:
-    """`--flag METAVAR [METAVAR ...]` as argparse's usage line writes it."""
-    flags = " / ".join(action.option_strings)
-    if action.nargs == 0:
-        return flags
-    meta = action.metavar or ("{" + ",".join(map(str, action.choices)) + "}" if action.choices else
-                              action.dest.upper())
-    return f"{flags} {meta} [{meta} ...]" if action.nargs == "+" else f"{flags} {meta}"
-
-
-def plan_format(max_runs: int = DEFAULT_MAX_RUNS) -> str:
-    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own parser."""
-    parser = llm_parser()
-    flags = [f"{_invocation(a)}: {a.help}" for a in parser._actions
-             if a.option_strings and a.dest not in TOOL_OWNED and a.help != argparse.SUPPRESS]
-    owned = ", ".join(s for a in parser._actions if a.dest in TOOL_OWNED for s in a.option_strings)
-    example = {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the balancing "
-                         "loss is off?", "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1",
-                                                  "--seeds", "42", "43", "44"]}]}
-    return "\n".join([
-        "After the plan, end your answer with exactly one fenced ```json block that turns it into runs:", "",
-        "```json", json.dumps(example), "```", "",
-        "Each entry is one call of llm.py with `args` as its arguments (a list of strings, one per token) and gets "
-        "its own CSV and report. Its runs are every combination of --noise-std, --lb-weight, --seeds and each "
-        "--grid, and the report compares each condition with the baseline noise 0 / lb weight 0.01 (else the "
-        "entry's first condition) paired by seed, so put the conditions to compare in one entry. `name` "
-        "(letters, digits, _ and -) names the entry's files; `question` says what it answers. "
-        f"At most {max_runs} runs over all entries. The tool chooses output and device: never use {owned}. "
-        "llm.py's flags (a flag left out keeps its default):", *flags])
-
-
-@dataclasses.dataclass
-class PlanEntry:
-    name: str  # file-name safe
-    question: str
-    args: list[str]
-    runs: list[dict] = dataclasses.field(default_factory=list)  # each run's config, from llm.py's dry run
-
-    def csv(self, out_dir) -> Path:
-        return Path(out_dir) / f"{self.name}.csv"
-
-    def command(self, out_dir) -> list[str]:
-        return [sys.executable, str(DEFAULT_CODE), *self.args, "--out", str(self.csv(out_dir))]
-
-
-def read_plan(path) -> list[PlanEntry]:
-    """The entries of the last ```json block of a markdown file; one-line UserError for anything malformed."""
-    blocks = _JSON_BLOCK.findall(_read_text(path, "plan"))
-    if not blocks:
-        raise UserError(f"{path} has no ```json block with the runs: the final plan ends with one "
-                        '({"runs": [{"name": ..., "question": ..., "args": [...]}]})')
-    try:
-        data = json.loads(blocks[-1][1])
-    except ValueError as e:
-        raise UserError(f"{path}: the ```json block is not valid JSON ({e}); fix it by hand") from None
-    runs = data.get("runs") if isinstance(data, dict) else None
-    if not isinstance(runs, list) or not runs:
-        raise UserError(f'{path}: the ```json block needs {{"runs": [...]}} with at least one entry')
-    entries, seen = [], {}
-    for i, e in enumerate(runs, 1):
-        label = f"{path}: entry {i}"
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].strip():
-            raise UserError(f'{label} needs a "name" (text)')
-        label += f" ({e['name']})"
-        args = e.get("args", [])
-        # numbers are accepted as their text (models write 0 for "0"); anything else is not an argument
-        if not isinstance(args, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
-                                                 for a in args):
-            raise UserError(f'{label}: "args" must be a list of strings, one per llm.py argument')
-        question, args = str(e.get("question") or "").strip(), [str(a) for a in args]
-        for what, text in [("name", e["name"]), ("question", question)] + [("args", a) for a in args]:
-            if _UNSAFE_TEXT.search(text):
-                raise UserError(f"{label}: its {what} contains control characters ({text!r}), which could disguise "
-                                "the command shown before you confirm; remove them")
-        name = safe_name(e["name"])
-        # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key for both
-        files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
-        if files in seen:
-            raise UserError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; rename one")
-        seen[files] = i
-        entries.append(PlanEntry(name, question, args))
-    return entries
-
-
-def _check_flags(label: str, args: list[str], parser) -> None:
-    """Refuse tool-owned flags however they are spelled: exact, a unique prefix (argparse's abbreviations) or
-    --flag=value; unknown flags are left for llm.py's parser to name."""
-    options = {s: a.dest for a in parser._actions for s in a.option_strings}
-    for tok in args:
-        if tok == "--":
-            raise UserError(f"{label}: '--' is not allowed in args (it would hide the tool's own flags)")
-        if not tok.startswith("-") or _NEGATIVE_NUMBER.match(tok):
-            path = Path(tok)
-            if tok.startswith("~") or path.is_absolute() or ".." in path.parts:
-                raise UserError(f"{label}: {tok} points outside the current folder; a plan may only name files "
-                                "under it (copy the file here)")
-            continue
-        key = tok.split("=", 1)[0]
-        if not key.startswith("--"):  # short options bundle: -hh is -h -h
-            key = key[:2]
-        hits = [key] if key in options else [s for s in options if s.startswith(key) and key.startswith("--")]
-        owned = sorted({options[h] for h in hits} & set(TOOL_OWNED))
-        if owned:
-            what = "--" + owned[0].replace("_", "-")
-            raise UserError(f"{label}: {tok} ({what}) is chosen by the tool, not the plan; remove it")
-
-
-def _llm_dry_run(label: str, args: list[str]) -> list[dict]:
-    """Each run's config, from `llm.py ARGS --dry-run` (llm.py's own parser and checks; no shell)."""
-    r = subprocess.run([sys.executable, str(DEFAULT_CODE), *args, "--dry-run"], capture_output=True, text=True,
-                       stdin=subprocess.DEVNULL)
-    if r.returncode:
-        lines = [ln for ln in r.stderr.splitlines() if "error:" in ln] or r.stderr.splitlines() or ["no message"]
-        raise UserError(f"{label}: llm.py refuses its args: {_one_line(lines[-1].split('error:', 1)[-1])}")
-    head = re.search(r"(?m)^dry run: (\d+) runs", r.stdout)
-    configs = [json.loads(m) for m in re.findall(r"(?m)^run \d+/\d+: (\{.*\})$", r.stdout)]
-    if not head or len(configs) != int(head.group(1)):
-        raise UserError(f"{label}: cannot read llm.py's dry run output: {_one_line(r.stdout, 160)}")
-    return configs
-
-
-def check_plan(entries: list[PlanEntry], max_runs: int) -> int:
-    """Validate every entry with llm.py's parser before anything runs; fill in each entry's runs; return the
-    total number of runs."""
-    parser, total = llm_parser(), 0
-    for i, e in enumerate(entries, 1):
-        label = f"entry {i} ({e.name})"
-        _check_flags(label, e.args, parser)
-        e.runs = _llm_dry_run(label, e.args)
-        total += len(e.runs)
-        if total > max_runs:
-            raise UserError(f"{label} brings the plan to {total} runs, more than --max-runs {max_runs}; shrink the "
-                            "plan or raise --max-runs")
-    return total
-
-
-def shown(cmd: list[str]) -> str:
-    """A command as the user would type it: `python` when that is this interpreter, llm.py relative if near."""
-    exe = "python" if shutil.which("python") == sys.executable else cmd[0]
-    script = os.path.relpath(cmd[1])
-    return shlex.join([exe, cmd[1] if script.startswith("..") else script, *cmd[2:]])
-
-
-def _shape(c: dict) -> tuple:
-    return tuple(c.get(k) for k in ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k",
-                                    "batch_size", "max_seq_len", "tokenizer", "use_amp"))
-
-
-def estimate_time(entries: list[PlanEntry], csvs: list[Path]) -> str:
-    """Training time from each run's tokens and the median tokens/s of earlier ok runs of the same model shape
-    (of any shape when none matches, said so)."""
-    rp, seen = _project_module("report"), []
-    for csv in dict.fromkeys(csvs):
-        try:
-            df = rp._read_results(csv)
-        except (OSError, ValueError):
-            continue
-        ok = df[df["status"].astype(str).str.strip().eq("ok")]
-        for tps, cfg, dev in zip(ok["tokens_per_s"], ok["config_json"], ok["device"]):
-            try:
-                seen.append((float(tps), _shape(json.loads(cfg)), str(dev), csv.name))
-            except (TypeError, ValueError):
-                pass
-    seen = [s for s in seen if s[0] > 0]
-    if not seen:
-        return "time: no estimate (no earlier results CSV with finished runs; --results CSV gives one)"
-    seconds, used, other = 0.0, set(), 0
-    for c in (c for e in entries for c in e.runs):
-        tokens = c["max_steps"] * c["batch_size"] * c["max_seq_len"] * c["gradient_accumulation_steps"]
-        same = [i for i, s in enumerate(seen) if s[1] == _shape(c)]
-        other += not same
-        same = same or range(len(seen))
-        used.update(same)
-        seconds += tokens / statistics.median(seen[i][0] for i in same)
-    devices = ", ".join(dict.fromkeys(seen[i][2] for i in sorted(used)))
-    files = ", ".join(dict.fromkeys(seen[i][3] for i in sorted(used)))
-    rough = f"; {other} run(s) have a model shape no earlier run had, so theirs is rough" if other else ""
-    return (f"time: about {seconds / 60:.1f} min of training, from the tokens/s of {len(used)} earlier "
-            f"run(s) in {files} on {devices}; evaluation, data loading and start-up come on top{rough}")
-
-
-def confirm(question: str, yes: bool) -> bool:
-    if yes:
-        return True
-    if not sys.stdin.isatty():  # checked up front by the commands too; this is the last guard
-        raise UserError("nothing was run: there is no terminal to ask; add --yes to run without asking")
-    print(f"{question} Type yes to start: ", end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().strip().lower() == "yes"
-
-
-def _need_consent(args, what: str) -> None:
-    if not args.yes and not sys.stdin.isatty():
-        raise UserError(f"{what} trains without asking only with --yes, and there is no terminal to ask: add --yes "
-                        "(nothing was sent or run)")
-
-
-def show_plan(entries: list[PlanEntry], out_dir, source) -> None:
-    total = sum(len(e.runs) for e in entries)
-    print(f"plan {source}: {_count(len(entries), 'entry')}, {_count(total, 'run')}, results in "
-          f"{out_dir}")
-    for i, e in enumerate(entries, 1):
-        print(f"  {i}. {e.name} ({_count(len(e.runs), 'run')})"
-              + (f": {e.question}" if e.question else ""))
-        print(f"     {shown(e.command(out_dir))}")
-
-
-def _lock_out_dir(out_dir):
-    """An exclusive lock on out_dir for the whole run, shared with each llm.py it starts (pass_fds): a second
-    `runs`/`loop` on the same folder is refused while this one, or an llm.py it left running, still writes."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one at a time is up to the user
-        return None
-    lock = open(Path(out_dir) / ".runs.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise UserError(f"another runs/loop (or an llm.py it started) is still writing in {out_dir}; wait for it "
-                        "to finish, or use another --out-dir") from None
-    return lock
-
-
-def run_plan(entries: list[PlanEntry], out_dir) -> int:
-    """Run the entries one after another with llm.py's own progress and resume; stop at the first failure."""
-    make_dir(out_dir)
-    lock = _lock_out_dir(out_dir)
-    try:
-        return _run_entries(entries, out_dir, () if lock is None else (lock.fileno(),))
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-def _run_entries(entries: list[PlanEntry], out_dir, pass_fds) -> int:
-    rp = _project_module("report")
-    for i, e in enumerate(entries, 1):
-        _note(f"\n== entry {i}/{len(entries)}: {e.name} ({_count(len(e.runs), 'run')})")
-        sys.stdout.flush()
-        proc = subprocess.Popen(e.command(out_dir), pass_fds=pass_fds)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save what it has
-            try:
-                proc.wait(timeout=60)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-            rc = 130
-        if rc:
-            why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
-            _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are saved in "
-                  f"{e.csv(out_dir)}; rerun the same command to resume")
-            return rc
-    _note(f"\ndone: {_count(len(entries), 'entry')}; reports:")
-    for e in entries:
-        _note(f"  {rp.report_paths(e.csv(out_dir))[0]}")
-    return 0
+def limits_of(args) -> Limits:
+    return Limits(args.max_runs, args.max_run_minutes, args.max_total_minutes,
+                  tuple(args.allow_data),
+                  args.allow_code_edits, args.no_sandbox)
 
 
 def _runs_command(args) -> int:
     if args.run:
         _need_consent(args, "runs --run")
-    entries = read_plan(args.plan)
-    total = check_plan(entries, args.max_runs)
+    limits = limits_of(args)
+    plan = read_plan(args.plan, limits=limits)
     earlier = Path(args.results or DEFAULT_CSV_NAME)
     if args.results and not earlier.is_file():
         raise UserError(f"--results {earlier}: file not found")
-    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside it
-    csvs = [e.csv(args.out_dir) for e in entries] + [earlier if earlier.suffix == ".csv" else _csv_of(earlier)]
-    show_plan(entries, args.out_dir, args.plan)
-    print(estimate_time(entries, csvs))
+    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside
+    # it
+    csvs = sorted(Path(args.out_dir).glob("*.csv")) + [earlier if earlier.suffix == ".csv"
+                                                       else _csv_of(earlier)]
+    if plan.edits:
+        make_dir(args.out_dir)  # the copy and its diff go there
+        lines = prepare_copy(plan, DEFAULT_CODE, Path(args.out_dir), limits)
+    else:
+        lines = check_plan(plan, limits, args.out_dir, csvs)
+    text = plan_text(plan, args.out_dir, lines)
+    print(text)
     if not args.run:
         _note("nothing was run; add --run to run them")
         return 0
     created = not Path(args.out_dir).exists()
     make_dir(args.out_dir)  # before asking: a folder that cannot be used fails now
-    if not confirm(f"Run these {total} runs?", args.yes):
-        if created:
-            Path(args.out_dir).rmdir()  # leave nothing behind
-        _note("not confirmed: nothing was run")
-        return 1
-    return run_plan(entries, args.out_dir)
+    with out_dir_lock(args.out_dir) as fd:
+        if confirm(text, f"Run these {plan.total or ''} runs?".replace("  ", " "), args.yes):
+            if plan.edits:
+                check_copy(plan, Path(args.out_dir))
+            return run_plan(plan, args.out_dir, fd).rc
+    _note("not confirmed: nothing was run")
+    if created:  # leave nothing behind
+        (Path(args.out_dir) / ".runs.lock").unlink()
+        Path(args.out_dir).rmdir()
+    return 1
 
 
-# The loop: per round, chain -> plan -> runs -> findings, in DIR/round{k}; state and ledger after every stage.
+# --------------------------------------------------------------------------------------------------
+# Code edits
 
-def headline(csv: Path) -> list[str]:
-    """A sweep's findings in a few lines, from report.py's statistics: the best condition and every paired
-    difference from the baseline with its interval and Holm-corrected p."""
+PROTECTED_TITLE = "# Evaluation (protected)"
+EDIT_FILE = "llm.py"
+TAIL_LINES = 40  # lines of a failed run's output quoted in its refusal
+RULE = re.compile(r"^# -{20,}\s*$")  # the rule line that opens every llm.py section
+# aider's markers, 5 to 9 characters as aider tolerates; anything else like one is refused.
+HEAD = re.compile(r"^\s*<{5,9}\s*SEARCH\s*>?\s*$", re.IGNORECASE)
+DIVIDER = re.compile(r"^\s*={5,9}\s*$")
+UPDATED = re.compile(r"^\s*>{5,9}\s*REPLACE\s*<?\s*$", re.IGNORECASE)
+# A line of < or > with an edit word, or 5+ of them alone: meant as a marker ("<<<< SEARCH").
+NEAR_MISS = re.compile(r"^\s*(?:[<>]{2,}\s*(?:SEARCH|REPLACE|ORIGINAL|UPDATED)\b|[<>]{5,}\s*$)"
+                       r"|^\s*(?:SEARCH|REPLACE)\s*[<>]{2,}", re.IGNORECASE)
+FENCE = re.compile(r"^\s*(?:`{3,}|~{3,})([^`]*)$")  # an opener's info: ```python, ```python llm.py
+UNIFIED_DIFF = re.compile(r"^(?:\+\+\+|---) (?:[ab]/)?\S*llm\.py\b")
+SANDBOX_SECRET = re.compile(r"API_KEY|_TOKEN$|_SECRET$", re.IGNORECASE)
+
+
+class EditError(Exception):
+    """A code edit refused: one line saying which edit and what to do (simple_llm: a repairable
+    refusal)."""
+
+
+class Edit(typing.NamedTuple):
+    search: str  # exact text of llm.py to replace (whole lines, each ending in a newline)
+    replace: str  # what replaces it (may be empty: a deletion)
+    index: int  # 1-based number of the block in the answer, for messages
+
+
+def _file_name(line: str) -> str | None:
+    """The file a line names: alone (`llm.py`, **llm.py**, ### llm.py, llm.py:, File: llm.py), else
+    the one .py file a short line mentions ("Changes to `llm.py`:")."""
+    text = line.strip().strip("*`'\"").strip()
+    text = re.sub(r"^#+\s*", "", text)
+    text = re.sub(r"^(?:file(?:name)?|path)\s*:\s*", "", text, flags=re.IGNORECASE)
+    text = text.strip("*`'\":").strip()
+    if re.fullmatch(r"[\w./\\-]+\.[A-Za-z0-9]+", text):
+        return text[2:] if text.startswith("./") else text
+    named = set(re.findall(r"[\w./-]*\w\.py\b", line)) if len(line) <= 120 else set()
+    return named.pop().removeprefix("./") if len(named) == 1 else None
+
+
+def _name_before(lines: list[str], head: int) -> str | None:
+    """The file named just before the SEARCH marker at lines[head]: inside the fence (its first
+    line, or the opener's ```python llm.py) or on the line before the fence."""
+    i = head - 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    if i < 0:
+        return None
+    fence = FENCE.match(lines[i])
+    if not fence:
+        return _file_name(lines[i]) if not UPDATED.match(lines[i]) else None
+    named = [t for t in fence.group(1).replace(":", " ").split() if "." in t]
+    if named:
+        return _file_name(named[0])
+    i -= 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    return _file_name(lines[i]) if i >= 0 else None
+
+
+def _marker_error(line: str, n: int) -> EditError:
+    return EditError(f"line {n} of the answer looks like an edit marker but is not one "
+                     f"({line.strip()[:40]!r}): write <<<<<<< SEARCH, ======= and >>>>>>> REPLACE, "
+                     f"7 characters each, on lines of their own")
+
+
+def _read_block(lines: list[str], i: int, index: int, indent: str) -> tuple[Edit, int]:
+    """The SEARCH/REPLACE section whose marker is lines[i]: its Edit and the line after its REPLACE
+    marker."""
+    parts, j = ([], []), i + 1
+    side = 0
+    while True:
+        if j == len(lines):
+            raise EditError(f"the answer was cut inside an edit block (edit {index}): ask for the "
+                            f"plan again, or shorten it so the answer ends")
+        line = lines[j]
+        if HEAD.match(line):
+            raise EditError(f"edit {index} has no {'=======' if side == 0 else '>>>>>>> REPLACE'} "
+                            f"before the next <<<<<<< SEARCH: close each block with >>>>>>> "
+                            f"REPLACE")
+        if DIVIDER.match(line):
+            if side == 1:
+                raise EditError(f"edit {index} has two ======= lines: one SEARCH part, one "
+                                f"=======, one REPLACE part per block")
+            side = 1
+        elif UPDATED.match(line):
+            if side == 0:
+                raise EditError(f"edit {index} has a SEARCH with no =======: write <<<<<<< SEARCH, "
+                                f"the old lines, =======, the new lines, >>>>>>> REPLACE")
+            break
+        else:
+            if indent and line.startswith(indent):  # a block indented in a list item: as the marker
+                line = line[len(indent):]
+            parts[side].append(line + "\n")
+        j += 1
+    search, replace = "".join(parts[0]), "".join(parts[1])
+    if not search.strip():
+        raise EditError(f"edit {index} has an empty SEARCH: quote the lines of llm.py the change "
+                        f"goes next to (new files and appends are not supported)")
+    return Edit(search, replace, index), j + 1
+
+
+def parse_edits(answer: str) -> list[Edit]:
+    """aider's SEARCH/REPLACE edits to llm.py in a model's answer, in order ([] when there are
+    none).
+
+    The file name stands on its own line before the fence (`llm.py`, **llm.py**, ### llm.py) or as
+    the fence's first line; a block with no name of its own belongs to the file of the block before
+    it, as in aider. Markers of 5-9 characters are accepted, as aider does. Refused (EditError
+    naming the edit): another file, no name at all, a SEARCH with no =======, an empty SEARCH, a
+    block the answer ends inside, a marker-like line that is not a marker, a unified diff of llm.py
+    instead of blocks."""
+    lines = answer.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    edits, i, current = [], 0, None
+    while i < len(lines):
+        line = lines[i]
+        if HEAD.match(line):
+            index = len(edits) + 1
+            name = _name_before(lines, i) or current
+            if name is None:
+                raise EditError(f"edit {index} names no file: put {EDIT_FILE} on its own line just "
+                                f"before the fence that holds the block")
+            if name != EDIT_FILE:
+                raise EditError(f"edit {index} changes {name}: only {EDIT_FILE} may be edited (the "
+                                f"copy in the round folder); express the rest with {EDIT_FILE} "
+                                f"flags")
+            indent = line[:len(line) - len(line.lstrip())]
+            edit, i = _read_block(lines, i, index, indent)
+            edits.append(edit)
+            current = name
+            continue
+        if UPDATED.match(line) or NEAR_MISS.match(line):
+            raise _marker_error(line, i + 1)
+        if UNIFIED_DIFF.match(line):
+            raise EditError(f"line {i + 1} of the answer starts a unified diff: write each change "
+                            f"to {EDIT_FILE} as a <<<<<<< SEARCH / ======= / >>>>>>> REPLACE block "
+                            f"instead")
+        i += 1
+    return edits
+
+
+def _first_line(edit: Edit) -> str:
+    first = next((ln for ln in edit.search.splitlines() if ln.strip()), "")
+    return first.strip()[:60]
+
+
+def apply_edits(code: str, edits: list[Edit]) -> str:
+    """code with each edit applied in order; each SEARCH must match the text (as edited so far)
+    exactly once, else EditError naming the edit and its first line."""
+    for edit in edits:
+        n = code.count(edit.search)
+        if n != 1:
+            what = "matches nothing in" if n == 0 else f"matches {n} places in"
+            hint = ("copy the lines exactly as llm.py has them, indentation included" if n == 0 else
+                    "quote more surrounding lines so it matches once")
+            raise EditError(f"edit {edit.index}'s SEARCH (starting {_first_line(edit)!r}) {what} "
+                            f"llm.py: {hint}")
+        code = code.replace(edit.search, edit.replace, 1)
+    return code
+
+
+def unified_diff(original: str, patched: str) -> str:
+    """The change as a unified diff, a/llm.py -> b/llm.py ('' when the texts are equal)."""
+    def lines(text):
+        return (text if text.endswith("\n") or not text else text + "\n").splitlines(keepends=True)
+    return "".join(difflib.unified_diff(lines(original), lines(patched), "a/llm.py", "b/llm.py"))
+
+
+def protected_section(code: str, what: str = "the patched llm.py") -> tuple[int, int]:
+    """(first line, line after the last), 0-based, of the one `# Evaluation (protected)` section:
+    from the rule line above its title to the next rule line (or the end). EditError when there is
+    none or more."""
+    lines = code.splitlines()
+    titles = [i for i, ln in enumerate(lines) if ln.strip() == PROTECTED_TITLE]
+    if len(titles) != 1:
+        raise EditError(f"{what} has {len(titles) or 'no'} {PROTECTED_TITLE!r} section"
+                        f"{'s' if titles else ''}: it must keep exactly one, unchanged")
+    t = titles[0]
+    if lines[t] != PROTECTED_TITLE or t == 0 or not RULE.match(lines[t - 1]):
+        raise EditError(f"{what}'s {PROTECTED_TITLE!r} title is not a section title (a rule line "
+                        f"above it, at the start of the line): it must stay as it was")
+    end = next((i for i in range(t + 1, len(lines)) if RULE.match(lines[i])), len(lines))
+    return t - 1, end
+
+
+def _section_text(code: str, span: tuple[int, int]) -> str:
+    return "".join(code.splitlines(keepends=True)[span[0]:span[1]])
+
+
+def _bound_at_module_level(stmts) -> typing.Iterator[tuple[str, ast.AST]]:
+    """(name, node) for every module-level binding in stmts (def/class bodies are other scopes)."""
+    for stmt in stmts:
+        nodes = [stmt]
+        while nodes:
+            node = nodes.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                yield node.name, node
+                nodes.extend(node.decorator_list)  # decorators run in module scope; bodies do not
+                continue
+            if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp,
+                                 ast.GeneratorExp)):
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for alias in node.names:
+                    yield (alias.asname or alias.name.split(".")[0]), node
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                yield node.id, node
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                yield node.name, node
+            nodes.extend(ast.iter_child_nodes(node))
+
+
+def _root_name(node) -> str | None:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+RISKY_CALLS = {"exec", "eval", "compile", "__import__", "globals", "vars", "setattr", "delattr"}
+RISKY_MODULES = {"builtins", "ctypes", "gc", "importlib", "inspect"}
+RISKY_ATTRS = {"__dict__", "__globals__", "__code__", "__builtins__", "f_globals", "f_locals"}
+
+
+def _flat_targets(targets) -> typing.Iterator[ast.AST]:
+    for t in targets:
+        if isinstance(t, (ast.Tuple, ast.List)):
+            yield from _flat_targets(t.elts)
+        else:
+            yield t.value if isinstance(t, ast.Starred) else t
+
+
+def _lock_findings(tree: ast.Module, span: tuple[int, int], protected: set[str]):
+    """(key, line, what) for each thing outside the protected section (lines span, 0-based) that
+    could change what the section computes: a module-level binding of one of its names, a global
+    statement for one, an assignment into one of its names or into an imported module
+    (monkeypatching torch, np, math...), reflection (setattr, globals, __dict__, sys.modules, exec)
+    and risky imports."""
+    stmts = [s for s in tree.body if not span[0] < s.lineno <= span[1]]
+    modules = {n for n, node in _bound_at_module_level(tree.body)
+               if isinstance(node, (ast.Import, ast.ImportFrom))}
+    for name, node in _bound_at_module_level(stmts):
+        if name in protected:
+            yield ("bind", name), node.lineno, f"rebinds {name}"
+    for node in (n for s in stmts for n in ast.walk(s)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, (ast.Global, ast.Nonlocal)):
+            for name in set(node.names) & protected:
+                yield ("global", name), line, f"declares global {name}"
+        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
+                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in _flat_targets(targets):
+            root = _root_name(t) if isinstance(t, (ast.Attribute, ast.Subscript)) else None
+            if root in protected or root in modules:
+                yield ("patch", ast.unparse(t)), line, f"assigns {ast.unparse(t)}"
+        func = node.func if isinstance(node, ast.Call) else None
+        if isinstance(func, ast.Name) and func.id in RISKY_CALLS:
+            yield ("call", ast.unparse(node)), line, f"calls {func.id}()"
+        if isinstance(node, ast.Attribute) and (
+                node.attr in RISKY_ATTRS or node.attr == "modules" and _root_name(node) == "sys"):
+            yield ("attr", ast.unparse(node)), line, f"uses {ast.unparse(node)}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names])
+            for name in names:
+                if name.split(".")[0] in RISKY_MODULES or any(a.name == "*" for a in node.names):
+                    yield ("import", ast.unparse(node)), line, f"has {ast.unparse(node)}"
+
+
+def _parse(code: str, what: str) -> ast.Module:
+    try:
+        return ast.parse(code)
+    except SyntaxError as e:
+        raise EditError(f"{what} does not parse: line {e.lineno}: {e.msg}") from None
+
+
+def check_protected(original: str, patched: str, edits: list[Edit]) -> None:
+    """Refuse (EditError) a change that could alter how the evaluation measures: an edit whose
+    SEARCH overlaps the protected section of the original, a copy whose section text differs or that
+    has no such section or two, or a copy that rebinds, outside the section, a name the section
+    defines, or patches an imported module or uses reflection the original does not (checked on the
+    AST; see _lock_findings). A determined obfuscation can still get past an AST check: the diff is
+    shown."""
+    span = protected_section(original, "the base llm.py")
+    lines = original.splitlines(keepends=True)
+    lo, hi = sum(map(len, lines[:span[0]])), sum(map(len, lines[:span[1]]))
+    for edit in edits:
+        start = original.find(edit.search)
+        while start >= 0:
+            if start < hi and start + len(edit.search) > lo:
+                raise EditError(f"edit {edit.index} (SEARCH starting {_first_line(edit)!r}) "
+                                f"touches the {PROTECTED_TITLE!r} section: the validation split "
+                                f"and the metrics may not change; edit the model, data or training "
+                                f"code instead")
+            start = original.find(edit.search, start + 1)
+    new_span = protected_section(patched)
+    if _section_text(patched, new_span) != _section_text(original, span):
+        raise EditError(f"the patched llm.py's {PROTECTED_TITLE!r} section differs from the "
+                        f"original's (an edit next to it changed it): leave that section's text "
+                        f"exactly as it is")
+    section = _parse(_section_text(original, span), "the base llm.py's protected section")
+    protected = {name for name, _ in _bound_at_module_level(section.body)}
+    old_tree, new_tree = _parse(original, "the base llm.py"), _parse(patched, "the patched llm.py")
+    before = collections.Counter(k for k, _, _ in _lock_findings(old_tree, span, protected))
+    for key, line, what in _lock_findings(new_tree, new_span, protected):
+        if before[key] > 0:
+            before[key] -= 1
+            continue
+        raise EditError(f"the patched llm.py {what} at line {line}: code outside "
+                        f"{PROTECTED_TITLE!r} may not rebind its names, patch modules or use "
+                        f"reflection; give new code new names")
+
+
+def _project() -> Path:
+    """The folder of the user's llm.py and report.py (this file sits beside them)."""
+    return Path(__file__).resolve().parent
+
+
+def _sandbox_prefix(kind: str, writable: Path) -> list[str]:
+    if kind == "bwrap":
+        w = str(writable)
+        hide = [a for env in (_project() / ".env", Path.cwd() / ".env") if env.is_file()
+                for a in ("--ro-bind", "/dev/null", str(env))]
+        # A fresh /dev plus the NVIDIA nodes only (not --dev-bind /dev /dev: every host device).
+        gpus = [a for p in sorted(glob.glob("/dev/nvidia*")) for a in ("--dev-bind", p, p)]
+        return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/",
+                "/", "--dev", "/dev", *gpus, "--proc", "/proc", *hide, "--bind", w, w, "--chdir", w,
+                "--"]
+    # new user, network and PID namespaces; the PID namespace dies with unshare (--kill-child)
+    return ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child",
+            "--"]
+
+
+def sandbox_kind() -> str | None:
+    """"bwrap" (no network, writes confined), "unshare" (no network only), or None: each is probed
+    by running `true` inside it, so a disabled user namespace (AppArmor, containers) reads as
+    absent."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as tmp:
+        for kind in ("bwrap", "unshare"):
+            if shutil.which(kind) is None:
+                continue
+            try:
+                probe = subprocess.run(_sandbox_prefix(kind, Path(tmp)) + ["true"], cwd=tmp,
+                                       timeout=20, stdin=subprocess.DEVNULL, capture_output=True)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if probe.returncode == 0:
+                return kind
+    return None
+
+
+def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict,
+              no_sandbox: bool = False, capture: bool = True) -> subprocess.CompletedProcess:
+    """Run cmd (an argument list, never a shell) in the best sandbox here, cwd = writable.
+
+    Always: stdin closed, exactly `env` (the caller strips it; a name like *_API_KEY is refused here
+    too), a new session killed as a whole after `timeout` seconds (EditError). bwrap: no network
+    (its own loopback), PID/IPC namespaces, the whole file system read-only except `writable`, .env
+    files hidden. unshare: no network (loopback down), own PID namespace, but writes are NOT
+    confined: the process can write wherever the user can. Neither limits CPU or memory (only the
+    timeout does) nor hides files from reading. With no sandbox: EditError, unless no_sandbox (then
+    only the points under "Always"). capture=False lets the output through to this process's
+    stdout/stderr (long runs)."""
+    secret = sorted(k for k in env if SANDBOX_SECRET.search(k))
+    if secret:
+        raise EditError(f"refusing to start patched code with secrets in its environment "
+                        f"({', '.join(secret)})")
+    kind = sandbox_kind()
+    if kind is None and not no_sandbox:
+        raise EditError("no sandbox can be made here (neither bubblewrap nor `unshare -rn` runs: "
+                        "user namespaces may be disabled); code edits need one, or pass "
+                        "--no-sandbox")
+    writable = Path(writable).resolve()
+    full = (_sandbox_prefix(kind, writable) if kind else []) + [str(c) for c in cmd]
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(full, cwd=writable, env=env, stdin=subprocess.DEVNULL, stdout=pipe,
+                            stderr=pipe, start_new_session=True, text=True, errors="replace")
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:  # the timeout, or Ctrl-C: the whole group goes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+        script = next((Path(str(c)).name for c in cmd if str(c).endswith(".py")),
+                      Path(str(cmd[0])).name)
+        raise EditError(f"{script} ran past its {timeout:g} s limit and was "
+                        f"stopped.{_tail(out, err)}") from None
+    return subprocess.CompletedProcess(full, proc.returncode, out, err)
+
+
+def _tail(out: str | None, err: str | None) -> str:
+    """The last TAIL_LINES lines of a run's output (progress bars' carriage returns kept to their
+    last state), as a block to append to a refusal."""
+    lines = []
+    for text in (out or "", err or ""):
+        lines += [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
+    lines = lines[-TAIL_LINES:]
+    return f"\nLast {len(lines)} lines of its output:\n" + "\n".join(lines)
+
+
+SMOKE_STEPS = ["--max-steps", "3", "--eval-every", "3"]
+DEFAULT_RUN = ["--preset", "smoke", *SMOKE_STEPS, "--seeds", "42", "--noise-std", "0.1",
+               "--lb-weight", "0.01", "--device", "cpu"]
+
+
+def sandbox_env(env: dict, workdir: Path, project: Path | None = None, report: bool = True) -> dict:
+    """env plus what a patched llm.py in a round folder needs: the shipped smoke corpus, `import
+    report` from the project (report=False: no report.py on the path, so llm.py skips its report),
+    the hub offline, temporary and cache files (datasets' too: a read-only HF_HOME would stop
+    load_dataset) inside workdir, no bytecode written."""
+    project = Path(project or _project()).resolve()
+    tmp = Path(workdir).resolve() / "tmp"
+    (tmp / "mpl").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    return {**env, "LLM_SAMPLE_CORPUS": str(project / "data_cache" / "sample_corpus.txt"),
+            **({"PYTHONPATH": str(project)} if report else {}), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "MPLCONFIGDIR": str(tmp / "mpl"),
+            "XDG_CACHE_HOME": str(tmp / "cache"), "HF_DATASETS_CACHE": str(tmp / "hf_datasets"),
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _run_llm(code: Path, args: list[str], folder: Path, env: dict, timeout: float, what: str,
+             fresh: bool = True, report: bool = True) -> subprocess.CompletedProcess:
+    """code (an llm.py) with args in the sandbox, cwd and writable = folder; EditError when it
+    fails. report=False: report.py is not importable, so the run writes no report (2-3 s saved)."""
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = sandboxed([sys.executable, str(Path(code).resolve()), *args], writable=folder,
+                     timeout=timeout, env=sandbox_env(env, folder, report=report))
+    if proc.returncode != 0:
+        raise EditError(f"{what} failed (exit {proc.returncode}): python llm.py {' '.join(args)}"
+                        f"{_tail(proc.stdout, proc.stderr)}")
+    return proc
+
+
+def _csv_rows(path: Path, what: str, proc) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error) as e:
+        raise EditError(f"{what} wrote no readable CSV "
+                        f"({e}){_tail(proc.stdout, proc.stderr)}") from None
+    if not rows:
+        raise EditError(f"{what} wrote no result row{_tail(proc.stdout, proc.stderr)}")
+    return rows
+
+
+def _val_loss(rows: list[dict], what: str, proc) -> float:
+    try:
+        loss = float(rows[-1]["val_loss"])
+    except (KeyError, ValueError):
+        loss = math.nan
+    if len(rows) != 1 or not math.isfinite(loss):
+        raise EditError(f"{what} gave {len(rows)} rows, val_loss {rows[-1].get('val_loss')!r} "
+                        f"(expected one finite value){_tail(proc.stdout, proc.stderr)}")
+    return loss
+
+
+def _default_plan(code: Path, folder: Path, env: dict, timeout: float, what: str,
+                  keep: bool = False) -> dict:
+    """What `llm.py --dry-run --json` (no flags) would run: the defaults of every field and axis.
+    keep: save it as folder/plan.json and reuse that file when it is there (the original's, by
+    content hash)."""
+    saved = folder / "plan.json"
+    if keep and saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8"))
+    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what, report=False)
+    try:
+        plan = json.loads(proc.stdout)
+        plan = {"n_runs": plan["n_runs"], "axes": plan["axes"],
+                "configs": [r["config"] for r in plan["runs"]]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise EditError(f"{what}: --dry-run --json printed no plan "
+                        f"({e}){_tail(proc.stdout, proc.stderr)}")
+    if keep:
+        saved.write_text(json.dumps(plan), encoding="utf-8")
+    return plan
+
+
+def _compare_defaults(want: dict, got: dict) -> None:
+    if (got["n_runs"], got["axes"]) != (want["n_runs"], want["axes"]):
+        raise EditError(f"the patched llm.py's default sweep differs: {got['n_runs']} runs over "
+                        f"{got['axes']} instead of {want['n_runs']} over {want['axes']}; keep the "
+                        f"defaults")
+    for w, g in zip(want["configs"], got["configs"]):
+        for key, value in w.items():
+            if key not in g or g[key] != value:
+                raise EditError(f"the patched llm.py changes the default of config field {key} "
+                                f"from {value!r} to {g.get(key, '(removed)')!r}: keep every "
+                                f"default and pass the new value in the runs' args, or add a new "
+                                f"flag whose default keeps the old behaviour")
+
+
+def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict,
+                            timeout: float) -> None:
+    """Refuse (EditError) a copy whose defaults differ from the original's: its `--dry-run --json`
+    plan with no flags must resolve every original config field to the same value, and both must
+    train `--preset smoke` for 3 steps with seed 42 to the same val_loss (to 1e-6), on CPU in the
+    sandbox.
+
+    Outputs go under workdir/default-check/; the original's, keyed by its content hash, are kept and
+    reused by later checks of the same original. timeout: seconds per run."""
+    base = Path(workdir) / "default-check"
+    sha = hashlib.sha256(Path(original).read_bytes()).hexdigest()[:12]
+    orig_dir, copy_dir = base / f"original-{sha}", base / "copy"
+    orig_dir.mkdir(parents=True, exist_ok=True)
+    if not (orig_dir / "llm.py").is_file():  # run from here: no report.py beside it to import
+        shutil.copyfile(original, orig_dir / "llm.py")
+    original = orig_dir / "llm.py"
+    want = _default_plan(original, orig_dir / "dry", env, timeout, "the original llm.py's dry run",
+                         keep=True)
+    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run")
+    _compare_defaults(want, got)
+    losses, cache = [], orig_dir / "train" / "data_cache"
+    for code, folder, what in ((original, orig_dir / "train", "the original llm.py's smoke run"),
+                               (copy, copy_dir / "train", "the patched llm.py's smoke run")):
+        done = folder / "default.csv"
+        if code == original and done.is_file():  # this original's run, made by an earlier check
+            proc = subprocess.CompletedProcess([], 0, "", "")
+        else:  # the copy reads the tokens the original cached, as its real runs will
+            args = [*DEFAULT_RUN, "--out", done.name]
+            args += ["--cache-dir", str(cache)] if code == copy else []
+            proc = _run_llm(code, args, folder, env, timeout, what, report=False)
+        losses.append(_val_loss(_csv_rows(done, what, proc), what, proc))
+    if abs(losses[0] - losses[1]) > 1e-6:
+        raise EditError(f"the patched llm.py changes the default behaviour: val_loss "
+                        f"{losses[1]:.7f} vs the original's {losses[0]:.7f} (python llm.py "
+                        f"{' '.join(DEFAULT_RUN)}); put the new behaviour behind a new flag whose "
+                        f"default keeps the old one{_tail(proc.stdout, proc.stderr)}")
+
+
+# Flags whose values the smoke check sets itself: output, length, device, data (the shipped corpus).
+SMOKE_OWNED = {"--out", "--fresh", "--preset", "--max-steps", "--eval-every", "--eval-steps",
+               "--log-every", "--device", "--compile", "--no-compile", "--dataset",
+               "--dataset-config", "--data-files", "--tokenizer", "--num-documents", "--max-tokens",
+               "--cache-dir", "--vocab-size", "--batch-size", "--max-seq-len",
+               "--gradient-accumulation-steps"}
+
+
+ROUTING_FLAGS = {"--noise-std": "noise_std", "--lb-weight": "load_balancing_weight",
+                 "--seeds": "seed"}
+
+
+def smoke_args(args: list[str]) -> list[str]:
+    """An entry's llm.py args at smoke scale: its model flags and their sweeps kept (the values a
+    code change branches on), the routing axes (--noise-std, --lb-weight, --seeds, and --grid on
+    them) cut to their first value (0.1, 0.01, 42 when absent), the flags in SMOKE_OWNED (and --grid
+    items naming their fields) dropped, then the smoke preset for 3 steps on CPU."""
+    def field(name: str) -> str:
+        return name.replace("-", "_")
+    grid_routing = {field(v): k for k, v in ROUTING_FLAGS.items()} | {"lb_weight": "--lb-weight",
+                                                                      "seeds": "--seeds"}
+    out, i = [], 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        j = i + 1
+        while j < len(args) and not (eq or re.match(r"--?[A-Za-z]", args[j])):
+            j += 1  # the flag's values
+        values = [value] if eq else args[i + 1:j]
+        grid_field = field(values[0].split("=")[0]) if flag == "--grid" and values else None
+        if flag in SMOKE_OWNED or grid_field and "--" + grid_field.replace("_", "-") in SMOKE_OWNED:
+            pass
+        elif flag in ROUTING_FLAGS and values:
+            out += [flag, values[0].split(",")[0]]
+        elif grid_field in grid_routing:
+            out += [grid_routing[grid_field], values[0].split("=", 1)[-1].split(",")[0]]
+        else:
+            out += args[i:j]
+        i = j
+    for flag, value in (("--noise-std", "0.1"), ("--lb-weight", "0.01"), ("--seeds", "42")):
+        if flag not in out:  # one run, not the default 18-run product
+            out += [flag, value]
+    return out + ["--preset", "smoke", *SMOKE_STEPS, "--device", "cpu"]
+
+
+def smoke_check_entries(copy: Path, entry_args: list[list[str]], workdir: Path, env: dict,
+                        timeout: float) -> None:
+    """Each entry's args (through smoke_args) train a few steps of the copy in the sandbox, under
+    workdir/smoke-check/entry{i}/; a failure is an EditError with the reason and the output's tail.
+    timeout: seconds per entry."""
+    for i, args in enumerate(entry_args, 1):
+        folder = Path(workdir) / "smoke-check" / f"entry{i}"
+        what = f"entry {i}'s smoke run on the patched llm.py"
+        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout, what)
+        rows = _csv_rows(folder / "smoke.csv", what, proc)
+        bad = [r for r in rows if r.get("status") != "ok"]
+        if bad:
+            raise EditError(f"{what} diverged ({len(bad)} of {len(rows)} runs, e.g. val_loss "
+                            f"{bad[0].get('val_loss')}){_tail(proc.stdout, proc.stderr)}")
+
+
+CODE_EDIT_RULES = """
+This run allows edits to llm.py. Put each change in aider's SEARCH/REPLACE form, after the plan
+and before its block of runs: the file name llm.py on its own line, then a fence holding one or
+more sections:
+
+llm.py
+```python
+<<<<<<< SEARCH
+(lines copied exactly from llm.py, indentation included, enough of them to match once)
+=======
+(the lines that replace them)
+>>>>>>> REPLACE
+```
+
+Rules (a plan that breaks one is refused and sent back to you):
+- Only llm.py may be edited; every SEARCH must match exactly once.
+- The section "# Evaluation (protected)" (the validation split and every reported metric) may not
+  be touched, and code outside it may not rebind its names, patch imported modules or use
+  reflection (setattr, globals(), __dict__, sys.modules, exec).
+- Defaults are kept: a new behaviour goes behind a new flag (a new config field) whose default
+  keeps the old behaviour exactly; the patched copy and the original must train the smoke preset
+  to the same loss.
+- Each entry's args then train 3 steps at smoke scale on the patched copy; every entry of the plan
+  runs on the copy, so compare the new flag's values inside one entry (its baseline included).
+"""
+
+
+def edit_refusal(e: EditError) -> PlanError:
+    """A code-edit refusal as the repairable plan refusal; patched runs' output redacted."""
+    return PlanError(redact(clean(str(e))))
+
+
+def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
+    """Nothing runs here: the plan's edits applied to base into folder/llm.py, the lock checked, the
+    diff saved as folder/llm.py.diff; plan.code and plan.diff set. Returns the lines that stand for
+    the budget (patched code is checked and counted in the sandbox only after consent)."""
+    kind = sandbox_kind()
+    if kind is None and not limits.no_sandbox:
+        raise UserError("this plan edits llm.py and no sandbox can be made here (neither "
+                        "bubblewrap nor `unshare -rn` runs); pass --no-sandbox to run it without "
+                        "one")
+    original = _read_text(base, "code")
+    try:
+        patched = apply_edits(original, plan.edits)
+        check_protected(original, patched, plan.edits)
+    except EditError as e:
+        raise edit_refusal(e) from None
+    copy, diff_file = folder / "llm.py", folder / "llm.py.diff"
+    diff = unified_diff(original, patched)
+    _write(copy, patched)
+    _write(diff_file, diff)
+    plan.code, plan.no_sandbox, plan.patched = copy, kind is None, True
+    plan.limit_s = 60 * limits.max_total_minutes
+    plan.diff = (f"code: {_count(len(plan.edits), 'edit')} to {base}, applied to the copy {copy} "
+                 f"(diff saved as {diff_file}):\n{clean(diff)}")
+    where = kind or "NO SANDBOX (--no-sandbox): network and files are open to it"
+    return (f"patched code runs in: {where}; after you confirm, its default behaviour and each "
+            f"entry at smoke scale are checked there first; each entry may run at most "
+            f"{limits.max_total_minutes:g} min (a copy's new flags are not budgeted ahead)")
+
+
+def check_copy(plan: Plan, folder: Path) -> None:
+    """After consent: the copy's default behaviour against the user's llm.py, then each entry at
+    smoke scale, in the sandbox (PlanError, repairable, on failure). The original's smoke run also
+    fills the token cache of the shipped corpus."""
+    env, work, timeout = child_env(), Path(folder) / "checks", max(300.0, plan.limit_s)
+    try:
+        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout)
+        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout)
+    except EditError as e:
+        raise edit_refusal(e) from None
+
+
+def run_patched(plan: Plan, e: PlanEntry, out_dir, limit: float) -> tuple[int, str]:
+    """One entry on the patched copy in the sandbox (writable: out_dir); its exit code and last 40
+    lines of output, redacted."""
+    folder = Path(out_dir).resolve()
+    cmd = [sys.executable, str(Path(plan.code).resolve()), *e.args, "--out", str(e.csv(folder))]
+    try:
+        proc = sandboxed(cmd, writable=folder, timeout=limit, env=sandbox_env(child_env(), folder),
+                         no_sandbox=plan.no_sandbox)
+    except EditError as err:
+        return 124, redact(clean(str(err)))
+    text = redact(clean((proc.stdout or "") + (proc.stderr or "")))
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    lines = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
+    return proc.returncode, "\n".join(lines[-TAIL_LINES:])
+
+
+def better(verdicts_of_round: dict) -> bool:
+    """Whether any entry of a round has a "better" verdict on the primary metric
+    (report.summary)."""
+    return any(v.get("word") == "better" for res in verdicts_of_round.values()
+               for v in res.get("verdicts", []))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loop: rounds of chain -> plan (repaired by the model when refused) -> runs -> verdicts, with a
+# ledger
+
+REPAIR_PROMPT = """
+
+Your answer to the request above was:
+
+<answer>
+{answer}
+</answer>
+
+The tool could not use it: {refusal}
+
+Write the corrected answer in full: the plan, and its one block of runs, fixed as the message
+says."""
+LEDGER_COLUMNS = ("round", "question", "change", "runs", "verdict", "effect [95% CI]", "minutes",
+                  "tokens")
+
+
+def _cell(text: object, limit: int = 120) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def ledger_table(state: dict, upto: int | None = None) -> str:
+    """The ledger: one row per verdict of every finished entry (and per refused plan or failed run),
+    so a person, and the planner, reads what each round asked, changed, ran and found."""
+    rows = []
+    for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
+        if upto is not None and int(k) > upto:
+            continue
+        rows += [[k, "", "(plan refused)", "0", f"refused: {r}", "", "", ""]
+                 for r in rnd.get("refusals", [])]
+        for e in rnd.get("entries", []):
+            res = rnd.get("verdicts", {}).get(e["name"])
+            if res is None:
+                continue
+            base = [k, e.get("question") or e["name"], " ".join(e["args"]),
+                    f"{res.get('n_ok', 0)}/{e['runs']} ok"]
+            cost = [f"{res.get('minutes', 0):.1f}", f"{res.get('tokens', 0):,}"]
+            if "error" in res or not res.get("verdicts"):
+                rows.append(base + [res.get("error") or "no contrast (one condition)", ""] + cost)
+            for v in res.get("verdicts", []):
+                rows.append(base + [f"{v['contrast']}: {v['word']} (n={v['n']}, "
+                                    f"p_adj={v['p_adjusted']:.2g}, "
+                                    f"detectable {v['detectable']:.3g})",
+                                    f"{v['effect']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"]
+                        + cost)
+    if not rows:
+        return ""
+    head = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
+    return "\n".join(head + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
+
+
+def _entry_cost(csv: Path) -> dict:
+    import pandas as pd
+    try:
+        df = pd.read_csv(csv)
+        return {"minutes": float(df["training_time_minutes"].sum()),
+                "tokens": int(df["train_tokens"].sum())}
+    except (OSError, ValueError, KeyError):
+        return {"minutes": 0.0, "tokens": 0}
+
+
+def verdicts(csv: Path) -> dict:
+    """An entry's findings from report.py's primary analysis (its public summary)."""
     rp = _project_module("report")
     try:
-        df = rp._read_results(csv)
-    except (OSError, ValueError) as e:
-        return [f"no findings: {_one_line(e)}"]
-    import pandas as pd
-    cc, table = rp.condition_columns(df), rp.condition_table(df)
-    labels = rp._labels(table, cc)
-    best = table["mean"].idxmin()
-    out = [f"best: {labels[best]}, best val PPL {table['mean'][best]:.2f} (n={int(table['n'][best])}) of "
-           f"{len(table)} condition(s)"]
-    pc = rp.paired_comparisons(df)
-    base = rp._labels(pd.DataFrame([rp.baseline_condition(df)]), cc)[0]
-    for lab, r in zip(rp._labels(pc, cc), pc.itertuples()):
-        if math.isnan(r.p_value):
-            out.append(f"{lab} vs {base}: not tested ({int(r.n_pairs)} paired seed(s))")
-        else:
-            out.append(f"{lab} vs {base}: Δ {r.mean_diff:+.2f} PPL (95% CI {r.ci_low:.2f} to {r.ci_high:.2f}, "
-                       f"p_holm {r.p_holm:.3g}{', significant' if r.significant else ''})")
-    return out
-
-
-def _rows_done(csv: Path) -> int:
-    import csv as csvlib
-    try:
-        with open(csv, newline="", encoding="utf-8") as f:
-            return sum(1 for row in csvlib.DictReader(f) if (row.get("status") or "").strip())
-    except OSError:
-        return 0
-
-
-def _round_results(out: Path, k: int, rnd: dict) -> tuple[str, list[Path]]:
-    """Round k's reports as the next round's {results}: one section per entry, headed by its question."""
-    parts, csvs = [], []
-    for e in rnd.get("entries", []):
-        csv = out / f"round{k}" / f"{e['name']}.csv"
-        md = _project_module("report").report_paths(csv)[0]
-        body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
-        parts.append(f"## Round {k}, entry {e['name']}: {e.get('question') or 'no question given'}\n\n{body}")
-        csvs.append(csv)
-    return "\n\n".join(parts), csvs
+        s = rp.summary(csv)
+        out = {"n_ok": s.n_ok, "verdicts": [v._asdict() for v in s.verdicts],
+               "text": rp.summary_text(s)}
+    except (OSError, ValueError) as e:  # report.ReportError is a ValueError
+        out = {"error": f"no verdict: {_one_line(e, 160)}"}
+    return {**out, **_entry_cost(csv)}
 
 
 def _save_loop(out: Path, state: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     _write(out / LOOP_STATE, json.dumps(state, indent=2) + "\n")
     md = [f"# Research loop: {state['idea']}", "",
-          f"{state['rounds']} round(s) asked. Each round: the chain plans from the last results, the plan's runs "
-          "train, the reports feed the next round. Rerun the same command to continue an unfinished round.", ""]
+          f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the "
+          "last reports, the plan's runs train, report.py gives the verdicts. Rerun the same "
+          "command to continue.", "",
+          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "",
+          _code_line(state, out), ""]
     for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
-        md += [f"## Round {k}: {rnd['status']}", "", f"- Results read: {rnd.get('results_from') or 'none'}"]
+        md += [f"## Round {k}: {rnd['status']}", "", "- Results read: "
+                                                     f"{rnd.get('results_from') or 'none'}"]
         if rnd.get("plan"):
-            md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']})")
+            md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) "
+                      f"({_count(rnd.get('repairs', 0), 'repair')})")
+        if rnd.get("code"):
+            md.append(f"- Code: the plan's edits to {rnd.get('base')} ran as [{rnd['code']}]"
+                      f"({rnd['code']}), diff [{rnd['diff']}]({rnd['diff']})")
         if rnd.get("entries"):
-            done = sum(_rows_done(out / f"round{k}" / f"{e['name']}.csv") for e in rnd["entries"])
-            md += [f"- Runs done: {done} of {sum(e['runs'] for e in rnd['entries'])}", "- Commands:", "", "  ```"]
-            md += [f"  {e['command']}" for e in rnd["entries"]] + ["  ```"]
-        if rnd.get("findings"):
-            md.append("- Findings:")
-            for e in rnd["entries"]:
-                md.append(f"  - **{e['name']}** ({e['question'] or 'no question given'}), "
-                          f"[report](round{k}/{e['name']}_analysis.md):")
-                md += [f"    - {line}" for line in rnd["findings"].get(e["name"], [])]
+            md += ["- Commands:", "", "  ```"] + [f"  {e['command']}"
+                                                  for e in rnd["entries"]] + ["  ```"]
+        for name, res in rnd.get("verdicts", {}).items():
+            md += [f"- **{name}** ([report](round{k}/{name}_analysis.md)):"]
+            md += [f"  {line}" for line in (res.get("text") or res.get("error", "")).splitlines()]
         md.append("")
     _write(out / LEDGER, "\n".join(md))
 
 
-def _chain_inputs(llm: "SimpleLLM", args) -> list[dict]:
-    """The steps, and the variables from the files and --var, as `chain` and `loop` read them."""
-    steps = DEFAULT_STEPS
-    if args.steps:
-        try:
-            steps = json.loads(_read_text(args.steps, "steps"))
-        except ValueError as e:
-            raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
-    llm.variables["user_input"] = llm.read_markdown_file(args.input)
-    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (run_chain does that)
-        llm.variables["code_content"] = llm.read_code_file(args.code)  # "code file X not found" if missing
-    if args.system != str(DEFAULT_SYSTEM):
-        llm.variables["system_prompt"] = _read_text(args.system, "--system")
-    if hasattr(args, "max_runs"):
-        llm.variables["plan_format"] = plan_format(args.max_runs)
-    llm.variables.update(_pairs(args.var, "--var"))  # last, so that --var wins over every other source
-    return steps
+def _code_line(state: dict, out: Path) -> str:
+    """Which llm.py the next round starts from (code that won accumulates; yours is never
+    changed)."""
+    if not state.get("code"):
+        return "Current code: your llm.py (no code edit has won a \"better\" verdict yet)."
+    return (f"Current code: {state['code']} (a code edit that won a \"better\" verdict; your "
+            f"llm.py is unchanged); compare it with yours: `diff -u llm.py {out / state['code']}`")
 
 
-def _loop_command(llm: "SimpleLLM", args) -> int:
-    if not args.dry_run:
-        _need_consent(args, "loop")
-    out = Path(args.out_dir)
+def _round_results(out: Path, k: int, rnd: dict) -> str:
+    """Round k's reports as the next round's {results}: one section per entry, headed by its
+    question."""
+    parts = []
+    for e in rnd.get("entries", []):
+        md = _project_module("report").report_paths(out / f"round{k}" / f"{e['name']}.csv")[0]
+        body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
+        parts.append(f"## Round {k}, entry {e['name']}: "
+                     f"{e.get('question') or 'no question given'}\n\n{body}")
+    return "\n\n".join(parts)
+
+
+def _load_state(out: Path, idea: str) -> dict:
     try:
         state = json.loads((out / LOOP_STATE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         state = {"round": {}}
     except (OSError, ValueError) as e:
-        raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it") from None
+        raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it"
+                        ) from None
     rounds = state.get("round") if isinstance(state, dict) else None
-    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"), str)
+    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"),
+                                                                                  str)
                                                for r in rounds.values()):
         raise UserError(f"{out / LOOP_STATE} is not a loop state of this tool; fix or delete it")
-    if state.get("idea") not in (None, str(args.input)):
-        raise UserError(f"{out} holds a loop over {state['idea']}, not {args.input}; use another --out-dir (or "
-                        "the same idea file)")
-    state.update(idea=str(args.input), rounds=args.rounds)
-    steps = _chain_inputs(llm, args)
-    given = dict(llm.variables)  # --var and the files: the same in every round
-    for k in range(1, args.rounds + 1):
-        rnd = state["round"].setdefault(str(k), {"status": "not started"})
-        if rnd["status"] == "done":
-            _note(f"round {k}: done (see {out / LEDGER})")
-            continue
-        rdir = out / f"round{k}"
-        llm.variables, csvs = dict(given), []
-        if "results" in given:
+    if state.get("idea") not in (None, idea):
+        raise UserError(f"{out} holds a loop over {state['idea']}, not {idea}; use another "
+                        "--out-dir (or the same idea file)")
+    return state
+
+
+class Loop:
+    """The rounds of one loop folder, under its lock: state and ledger saved after each stage."""
+
+    def __init__(self, llm: SimpleLLM, args, steps: list[dict], given: dict, lock_fd: int | None):
+        self.llm, self.args, self.steps, self.given, self.fd = llm, args, steps, given, lock_fd
+        self.out, self.limits, self.earlier = Path(args.out_dir), limits_of(args), []
+        self.state = _load_state(self.out, str(args.input))
+        self.state.update(idea=str(args.input), rounds=args.rounds)
+
+    def save(self) -> None:
+        _save_loop(self.out, self.state)
+
+    def run(self) -> int:
+        for k in range(1, self.args.rounds + 1):
+            rc = self.round(k)
+            if rc is not None:
+                return rc
+        _note(f"\nloop complete: {self.args.rounds} round(s); see {self.out / LEDGER}")
+        return 0
+
+    def variables(self, k: int, rnd: dict) -> dict:
+        values = dict(self.given)
+        if "results" in self.given:
             rnd["results_from"] = "--var results"
-        elif k > 1:
-            llm.variables["results"], csvs = _round_results(out, k - 1, state["round"][str(k - 1)])
-            rnd["results_from"] = f"round {k - 1}'s reports"
+            return values
+        if k > 1:
+            text, rnd["results_from"] = _round_results(self.out, k - 1,
+                                                       self.state["round"][str(k - 1)]), \
+                f"the ledger and round {k - 1}'s reports"
         else:
-            llm.variables["results"], csvs, source = load_results(args.results, not args.no_results,
-                                                                  write=not args.dry_run)
+            text, self.earlier, source = load_results(self.args.results, not self.args.no_results,
+                                                      write=not self.args.dry_run)
             rnd["results_from"] = str(source) if source else None
-        _note(f"\n==== round {k}/{args.rounds} in {rdir}")
-        if args.dry_run:
-            return _loop_dry_run(llm, steps, rdir, args, k)
+        table = ledger_table(self.state, upto=k - 1)
+        if table:
+            text = ("The ledger of this loop, every round so far (do not ask again what it "
+                    f"answers):\n\n{table}\n\n{text}")
+        values["results"] = text
+        if self.state.get("code") and "code_content" not in values:  # the code that won so far
+            values["code_content"] = fenced_code(self.out / self.state["code"])
+        return values
+
+    def base_code(self) -> Path:
+        """The llm.py a round's edits apply to: the last winning copy, else the user's."""
+        return self.out / self.state["code"] if self.state.get("code") else DEFAULT_CODE
+
+    def round(self, k: int) -> int | None:
+        rnd = self.state["round"].setdefault(str(k), {"status": "not started"})
+        if rnd["status"] == "done":
+            _note(f"round {k}: done (see {self.out / LEDGER})")
+            return None
+        rdir = self.out / f"round{k}"
+        chain = Chain(self.llm, self.steps, self.variables(k, rnd), rdir)
+        _note(f"\n==== round {k}/{self.args.rounds} in {rdir}")
+        if self.args.dry_run:
+            return self.dry_run(chain, rdir, k)
         rnd["status"] = "chain"
-        _save_loop(out, state)
+        self.save()
         try:
-            llm.run_chain(steps, out_dir=rdir, resume=True)
+            chain.run(resume=True)
         except ChainError as e:
             rnd["status"] = f"chain failed at step {e.step}"
-            _save_loop(out, state)
+            self.save()
             e.args = (f"round {k}: {e}",)
             e.hint = f"finished steps are saved in {rdir}; rerun the same command to continue"
             raise
         except KeyboardInterrupt:
             rnd["status"] = "chain interrupted"
-            _save_loop(out, state)
+            self.save()
             _note(f"\ninterrupted in round {k}'s chain; rerun the same command to continue")
             return 130
-        rnd["plan"] = f"round{k}/{step_file(len(steps), steps[-1]['title'])}"
-        try:
-            entries = read_plan(out / rnd["plan"])
-            total = check_plan(entries, args.max_runs)
-        except UserError as e:
-            rnd["status"] = f"plan refused: {e}"
-            _save_loop(out, state)
-            raise UserError(f"round {k}: {e}; edit {out / rnd['plan']} and rerun the same command") from None
-        rnd["entries"] = [{"name": e.name, "question": e.question, "args": e.args, "runs": len(e.runs),
-                           "command": shown(e.command(rdir))} for e in entries]
+        rnd.setdefault("plan", f"round{k}/{step_file(len(self.steps), self.steps[-1]['title'])}")
+        while True:
+            try:
+                plan = self.checked_plan(rnd, rdir)
+                rc = self.run_round(k, rnd, plan, rdir)
+                if rc is not None:
+                    return rc
+                break
+            except PlanError as e:
+                self.repair_or_stop(chain, k, rnd, e)
+        rnd["verdicts"] = {e.name: verdicts(e.csv(rdir)) for e in plan.entries}
+        if plan.edits and better(rnd["verdicts"]):  # code that wins accumulates
+            self.state["code"] = f"round{k}/llm.py"
+        rnd["status"] = "done"
+        self.save()
+        _note(f"round {k} done: verdicts in {self.out / LEDGER}")
+        return None
+
+    def checked_plan(self, rnd: dict, rdir: Path) -> Plan:
+        plan = read_plan(self.out / rnd["plan"], limits=self.limits)
+        csvs = sorted(self.out.glob("round*/*.csv")) + self.earlier
+        if plan.edits or self.state.get("code"):  # a winning copy stays the base, edits or not
+            make_dir(rdir)
+            lines = prepare_copy(plan, self.base_code(), rdir, self.limits)
+            rnd.update(code=f"{rdir.name}/llm.py", diff=f"{rdir.name}/llm.py.diff",
+                       base=str(self.base_code()))
+        else:
+            lines = check_plan(plan, self.limits, rdir, csvs)
+            rnd.pop("code", None)
+        plan.text = plan_text(plan, rdir, lines)
+        rnd["entries"] = [{"name": e.name, "question": e.question, "args": e.args, "runs": e.n_runs,
+                           "command": shown(plan.command(e, rdir))} for e in plan.entries]
         rnd["status"] = "runs"
-        _save_loop(out, state)
-        show_plan(entries, rdir, out / rnd["plan"])
-        print(estimate_time(entries, [e.csv(rdir) for e in entries] + csvs))
-        if not confirm(f"Round {k}: run these {total} runs?", args.yes):
+        self.save()
+        return plan
+
+    def run_round(self, k: int, rnd: dict, plan: Plan, rdir: Path) -> int | None:
+        print(plan.text)
+        if not confirm(plan.text, f"Round {k}: run these {plan.total} runs?", self.args.yes):
             rnd["status"] = "runs not confirmed"
-            _save_loop(out, state)
+            self.save()
             _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
-        rc = run_plan(entries, rdir)
-        if rc:
-            rnd["status"] = "runs interrupted" if rc == 130 else f"a run failed (llm.py exit code {rc})"
-            _save_loop(out, state)
-            return rc
-        rnd["findings"] = {e.name: headline(e.csv(rdir)) for e in entries}
-        rnd["status"] = "done"
-        _save_loop(out, state)
-        _note(f"round {k} done: findings in {out / LEDGER}")
-    _note(f"\nloop complete: {args.rounds} round(s); see {out / LEDGER}")
-    return 0
+        if plan.patched:
+            check_copy(plan, rdir)
+        outcome = run_plan(plan, rdir, self.fd)
+        if outcome.rc == 130:
+            rnd["status"] = "runs interrupted"
+            self.save()
+            return 130
+        if outcome.rc:
+            i = plan.entries.index(outcome.entry) + 1
+            e = PlanError(f"entry {i} ({outcome.entry.name}): a run failed (llm.py exit code "
+                          f"{outcome.rc}); the last lines of its output:\n{outcome.tail}")
+            e.status = f"a run failed (llm.py exit code {outcome.rc})"
+            raise e
+        return None
+
+    def repair_or_stop(self, chain: Chain, k: int, rnd: dict, e: PlanError) -> None:
+        """Send the final step its answer and the refusal, at most --repairs times a round; then
+        stop."""
+        first = str(e).splitlines()[0]
+        rnd.setdefault("refusals", []).append(first)
+        rnd["status"] = getattr(e, "status", None) or f"plan refused: {first}"
+        self.save()
+        done = rnd.get("repairs", 0)
+        if done >= self.args.repairs:
+            raise UserError(f"round {k}: {first}; edit {self.out / rnd['plan']} and rerun the same "
+                            "command"
+                            + (f" ({_count(done, 'repair')} tried)" if done else "")) from None
+        n, step = len(self.steps), self.steps[-1]
+        _note(f"round {k}: refused ({first}); asking {step['model']} for a corrected plan "
+              f"({done + 1} of {self.args.repairs})")
+        prompt = substitute(step["prompt"], chain.variables) + REPAIR_PROMPT.replace(
+            "{answer}", _read_text(self.out / rnd["plan"], "plan")).replace("{refusal}", str(e))
+        name = step_file(n, step["title"]).replace(".md", f".repair{done + 1}.md")
+        entry = {**_step_entry(n, step, prompt, self.llm.models[step["model"]]), "repair": done + 1,
+                 "refusal": first, "output": name}
+        chain.manifest.setdefault("repairs", []).append(entry)
+        chain.ask_into(step["model"], prompt, entry, f"round {k}'s repair {done + 1} "
+                                                     f"({step['model']})", n)
+        rnd.update(repairs=done + 1, plan=f"round{k}/{name}")
+        self.save()
+
+    def dry_run(self, chain: Chain, rdir: Path, k: int) -> int:
+        chain.run(resume=True, dry_run=True)
+        rnd = self.state["round"].get(str(k), {})
+        plan_file = self.out / rnd["plan"] if rnd.get("plan") else \
+            rdir / step_file(len(self.steps), self.steps[-1]["title"])
+        if plan_file.is_file():  # the chain of this round is done already: its runs are known
+            plan = read_plan(plan_file, limits=self.limits)
+            print(plan_text(plan, rdir, check_plan(plan, self.limits, rdir, self.earlier))
+                  if not plan.edits else f"then: the plan's {_count(len(plan.edits), 'code edit')} "
+                  f"applied to {rdir}/llm.py, checked and run in the sandbox (not in a dry run)")
+        else:
+            print(f"then: the block of runs in {plan_file} (written by the last step), checked "
+                  f"with llm.py's sweep planner and budgeted ({self.limits.max_runs} runs, "
+                  f"{self.limits.max_run_minutes:g} min a run, {self.limits.max_total_minutes:g} "
+                  f"min in all), repaired by the model up to {self.args.repairs} times if refused, "
+                  f"confirmed (typed yes or --yes), run into {rdir}/NAME.csv; the verdicts go to "
+                  f"{self.out / LEDGER}" + (f", and round {k + 1} reads them"
+                                            if k < self.args.rounds else ""))
+        _note("dry run: nothing was sent or run")
+        return 0
 
 
-def _loop_dry_run(llm: "SimpleLLM", steps, rdir: Path, args, k: int) -> int:
-    llm.run_chain(steps, out_dir=rdir, resume=True, dry_run=True)
-    plan = rdir / step_file(len(steps), steps[-1]["title"])
-    if plan.is_file():  # the chain of this round is done already: its runs are known
-        entries = read_plan(plan)
-        check_plan(entries, args.max_runs)
-        show_plan(entries, rdir, plan)
-    else:
-        print(f"then: the runs in the ```json block of {plan} (written by the last step), each checked with "
-              f"`llm.py ARGS --dry-run` (at most {args.max_runs} runs), shown and confirmed (typed yes or --yes), "
-              f"run into {rdir}/NAME.csv with a report each; the findings go to {Path(args.out_dir) / LEDGER}"
-              + (f", and round {k + 1} reads round {k}'s reports" if k < args.rounds else ""))
-    _note("dry run: nothing was sent or run")
-    return 0
+def _loop_command(llm: SimpleLLM, args) -> int:
+    if not args.dry_run:
+        _need_consent(args, "loop")
+    steps, given = _chain_inputs(args, limits_of(args))
+    if args.dry_run:
+        return Loop(llm, args, steps, given, None).run()
+    make_dir(args.out_dir)
+    with out_dir_lock(args.out_dir) as fd:  # before the chain: a second loop here sends nothing
+        return Loop(llm, args, steps, given, fd).run()
 
-
-# ------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -1351,17 +2823,19 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
-            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, digits and _")
+            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, "
+                            "digits and _")
         out[key.strip()] = value
     return out
 
 
 def _bounded(convert, low: float, above: bool = False):
-    """An argparse type with a lower bound: a bad value gets the subcommand's usage line and exit 2."""
+    """An argparse type with a lower bound: a bad value gets the subcommand's usage and exit 2."""
     def check(text: str):
         value = convert(text)
         if not math.isfinite(value) or value < low or (above and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} "
+                                             f"{low:g}, not {text}")
         return value
     check.__name__ = convert.__name__  # argparse names the type in "invalid int value"
     return check
@@ -1370,91 +2844,186 @@ def _bounded(convert, low: float, above: bool = False):
 def _model_id(text: str) -> tuple[str, str]:
     name, sep, model_id = (part.strip() for part in text.partition("="))
     if not sep or name not in PROVIDERS:
-        raise argparse.ArgumentTypeError(f"expected NAME=MODEL_ID with NAME one of {', '.join(PROVIDERS)}, "
-                                         f"not {text!r}")
+        raise argparse.ArgumentTypeError("expected NAME=MODEL_ID with NAME one of "
+                                         f"{', '.join(PROVIDERS)}, not {text!r}")
     if not model_id:  # an empty id would be sent as is, or crash the SDK
-        raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. {name}={PROVIDERS[name].model}")
+        raise argparse.ArgumentTypeError(f"{name}= needs a model id, e.g. "
+                                         f"{name}={PROVIDERS[name].model}")
     return name, model_id
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    # provider settings
     common.add_argument("--max-tokens", type=_bounded(int, 1), default=DEFAULT_MAX_TOKENS,
-                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; gemini counts "
-                             "its thinking too)")
+                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; "
+                             "gemini counts its thinking too)")
     common.add_argument("--timeout", type=_bounded(float, 0, above=True), default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait to connect and between streamed chunks (default {DEFAULT_TIMEOUT:g})")
+                        help="seconds to wait to connect and between streamed chunks, reasoning "
+                             f"chunks included (default {DEFAULT_TIMEOUT:g})")
+    common.add_argument("--deadline", type=_bounded(float, 0, above=True), default=DEFAULT_DEADLINE,
+                        help="seconds for one whole answer, retries included (default "
+                             f"{DEFAULT_DEADLINE:g})")
+    common.add_argument("--max-answer-chars", type=_bounded(int, 1), default=DEFAULT_MAX_ANSWER,
+                        help="an answer longer than this fails its step, keeping the part received "
+                             f"(default {DEFAULT_MAX_ANSWER:,})")
     common.add_argument("--retries", type=_bounded(int, 0), default=DEFAULT_RETRIES,
-                        help=f"retries for 429, 5xx, timeouts and refused connections, with exponential backoff "
-                             f"that honours Retry-After (default {DEFAULT_RETRIES}; 0 = off)")
-    common.add_argument("--model", action="append", default=[], type=_model_id, metavar="NAME=MODEL_ID",
-                        help="use another model id, e.g. gemini=gemini-2.5-flash (repeatable)")
+                        help="retries for 429, 5xx, timeouts and refused connections, with "
+                             "exponential backoff that honours Retry-After (default "
+                             f"{DEFAULT_RETRIES}; 0 = off)")
+    common.add_argument("--model", action="append", default=[], type=_model_id,
+                        metavar="NAME=MODEL_ID",
+                        help="use another model id, e.g. gemini=gemini-pro-latest (repeatable; "
+                             "`models` lists them)")
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    return common
 
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    """The limits a plan must keep and what it may load: `runs` and `loop`."""
+    p.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
+                   help=f"refuse a plan with more runs than this (default {DEFAULT_MAX_RUNS})")
+    p.add_argument("--max-run-minutes", type=_bounded(float, 0, above=True),
+                   default=DEFAULT_MAX_RUN_MINUTES,
+                   help="refuse a run estimated longer than this, in training minutes (default "
+                        f"{DEFAULT_MAX_RUN_MINUTES:g})")
+    p.add_argument("--max-total-minutes", type=_bounded(float, 0, above=True),
+                   default=DEFAULT_MAX_TOTAL_MINUTES,
+                   help="refuse a plan estimated longer than this in all (default "
+                        f"{DEFAULT_MAX_TOTAL_MINUTES:g})")
+    p.add_argument("--allow-data", action="append", default=[], metavar="NAME",
+                   help="also allow this tokenizer or dataset (hub id or folder) in plans "
+                        "(repeatable); allowed always: the defaults, bytes, random")
+    p.add_argument("--allow-code-edits", action="store_true", help="let a plan edit a copy of "
+                                                                   "llm.py (off)")
+    p.add_argument("--no-sandbox", action="store_true", help="run code-edited copies without a "
+                                                             "sandbox (off)")
+    p.add_argument("--yes", action="store_true", help="run without asking")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    common = _common_parser()
     parser = argparse.ArgumentParser(prog="simple_llm.py", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{gemini,kimi,chain,runs,loop}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{gemini,kimi,models,chain,runs,loop}")
     for name, p in PROVIDERS.items():
-        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} ({p.model})")
-        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing reads stdin")
-    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown file")
+        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} "
+                                                          f"({p.model})")
+        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing "
+                                                   "reads stdin")
+    models = sub.add_parser("models", parents=[common],
+                            help="list the model ids your keys can call")
+    models.add_argument("provider", nargs="?", choices=list(PROVIDERS), help="one provider "
+                                                                             "(default: both)")
+    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown "
+                                                           "file")
     chain.add_argument("input", help="markdown file with the research idea: {user_input}")
-    # what goes into the prompts
-    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} (default llm.py)")
+    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} "
+                                                                 "(default llm.py)")
     chain.add_argument("--system", default=str(DEFAULT_SYSTEM),
-                       help="constraints file for {system_prompt} (default research_system_prompt.md)")
+                       help="constraints file for {system_prompt} (default "
+                            "research_system_prompt.md)")
     chain.add_argument("--steps", metavar="FILE.json",
                        help="JSON list of {title, model, prompt} replacing the built-in four steps")
     chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
-                       help="variable for {KEY} in prompts (repeatable; wins over all others, even {user_input} "
-                            "and --code)")
-    # where results go
-    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json (default .)")
+                       help="variable for {KEY} in prompts (repeatable; wins over all others)")
+    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json "
+                                                      "(default .)")
     chain.add_argument("--resume", action="store_true",
-                       help="reuse saved step files from --out-dir and call only for the missing steps")
+                       help="reuse saved step files from --out-dir and call only for the missing "
+                            "steps")
     chain.add_argument("--dry-run", action="store_true",
-                       help="print each rendered prompt and its size; needs no key and sends nothing")
-    _add_loop_commands(sub, chain)
+                       help="print each rendered prompt and its size; needs no key and sends "
+                            "nothing")
+    results = chain.add_mutually_exclusive_group()
+    results.add_argument("--results", metavar="FILE",
+                         help="{results}: a report or a results CSV (its report is built); "
+                              f"default: the report of {DEFAULT_CSV_NAME} in the current folder, "
+                              "if any")
+    results.add_argument("--no-results", action="store_true", help="{results} says no results "
+                                                                   "exist yet")
+    _add_plan_commands(sub, chain)
     return parser.parse_args(argv)
 
 
-def _add_loop_commands(sub, chain) -> None:
-    """{results} options for chain, and the runs and loop commands (loop takes every chain option)."""
-    results = chain.add_mutually_exclusive_group()
-    results.add_argument("--results", metavar="FILE",
-                         help="{results}: a report or a results CSV (its report is built); default: the report of "
-                              f"{DEFAULT_CSV_NAME} in the current folder, if any")
-    results.add_argument("--no-results", action="store_true", help="{results} says no results exist yet")
-    runs = sub.add_parser("runs", help="check, show and (with --run) run the runs of a plan's ```json block")
-    runs.add_argument("plan", help="markdown file ending in a ```json block of runs (a chain's final step)")
-    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and report (default runs)")
+def _add_plan_commands(sub, chain) -> None:
+    runs = sub.add_parser("runs",
+                          help="check, budget, show and (with --run) run the runs of a plan")
+    runs.add_argument("plan", help="markdown file ending in a block of runs (a chain's final step)")
+    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and "
+                                                        "report (default runs)")
     runs.add_argument("--run", action="store_true", help="run them, after a typed yes (or --yes)")
-    runs.add_argument("--yes", action="store_true", help="run without asking")
-    runs.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
-                      help=f"refuse plans with more runs than this (default {DEFAULT_MAX_RUNS})")
-    runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate (default: "
+    runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate "
+                                                       "(default: "
                       f"{DEFAULT_CSV_NAME} here, if any)")
     runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    _plan_options(runs)
     loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
-                          help="rounds of chain -> runs -> report, each round planned from the last results")
-    loop.add_argument("--rounds", type=_bounded(int, 1), default=1, help="rounds to run (default 1)")
+                          help="rounds of chain -> runs -> verdicts, each round planned from the "
+                               "ledger")
+    loop.add_argument("--rounds", type=_bounded(int, 1), default=1,
+                      help="rounds to run (default 1)")
     loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR,
-                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default {DEFAULT_LOOP_DIR})")
-    loop.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
-                      help=f"refuse a round's plan with more runs than this (default {DEFAULT_MAX_RUNS})")
-    loop.add_argument("--yes", action="store_true", help="run each round's runs without asking")
+                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default "
+                           f"{DEFAULT_LOOP_DIR})")
+    loop.add_argument("--repairs", type=_bounded(int, 0), default=DEFAULT_REPAIRS,
+                      help="times a round's refused plan (or failed run) goes back to the final "
+                           f"step with the message (default {DEFAULT_REPAIRS})")
     loop.add_argument("--dry-run", action="store_true",
-                      help="print the first unfinished round's prompts and what follows; no key, nothing sent")
-    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the loop always resumes
+                      help="print the first unfinished round's prompts and what follows; no key, "
+                           "nothing sent")
+    # the loop always resumes
+    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
+    _plan_options(loop)
+
+
+def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]:
+    """The steps, and the variables from the files and --var, as `chain` and `loop` read them."""
+    steps = DEFAULT_STEPS
+    if args.steps:
+        try:
+            steps = json.loads(_read_text(args.steps, "steps"))
+        except ValueError as e:
+            raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
+    check_steps(steps)
+    values = {"user_input": _read_text(args.input, "prompt")}
+    # the defaults load only if a step uses them (Chain does that)
+    if args.code != str(DEFAULT_CODE):
+        values["code_content"] = fenced_code(args.code)  # "code file X not found" if missing
+    if args.system != str(DEFAULT_SYSTEM):
+        values["system_prompt"] = _read_text(args.system, "--system")
+    if limits is not None:
+        values["plan_format"] = plan_format(limits.max_runs, limits)
+        values["code_edit_rules"] = code_edit_rules(limits)
+    values.update(_pairs(args.var, "--var"))  # last, so that --var wins over every other source
+    return steps, values
+
+
+def _models_command(args) -> int:
+    load_env()
+    names = [args.provider] if args.provider else list(PROVIDERS)
+    for name in names:
+        api_key(name)  # every missing key before any request
+    s = Settings(args.max_tokens, args.timeout, args.retries, args.deadline, args.max_answer_chars)
+    chosen = {n: dict(args.model).get(n) or os.environ.get(PROVIDERS[n].model_env)
+              or PROVIDERS[n].model
+              for n in names}
+    for name in names:
+        for model_id in list_models(name, s):
+            print(f"{name}\t{model_id}" + ("\tdefault" if model_id == chosen[name] else ""),
+                  flush=True)
+    return 0
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "runs":
         return _runs_command(args)
+    if args.command == "models":
+        return _models_command(args)
     llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries,
-                    models=dict(args.model))
+                    deadline=args.deadline,
+                    max_answer=args.max_answer_chars, models=dict(args.model))
     if args.command == "loop":
         return _loop_command(llm, args)
     if args.command in PROVIDERS:
@@ -1467,23 +3036,25 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             raise UserError("empty prompt: pass it as arguments or pipe it on stdin")
         llm.call_model(args.command, prompt)
         return 0
-
-    steps = _chain_inputs(llm, args)
-    llm.results_file, llm.use_results = args.results, not args.no_results
+    steps, values = _chain_inputs(args)
+    chain = Chain(llm, steps, values, args.out_dir,
+                  results=lambda write: load_results(args.results, not args.no_results, write)[0])
     try:
-        results = llm.run_chain(steps, out_dir=args.out_dir, resume=args.resume, dry_run=args.dry_run)
+        results = chain.run(resume=args.resume, dry_run=args.dry_run)
     except ChainError as e:
-        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else "no step had finished"
+        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else \
+            "no step had finished"
         e.hint = f"{kept}; continue with: {_resume_command(argv)}"
         raise
     except KeyboardInterrupt:
-        n = llm.interrupted_step
+        n = chain.interrupted_step
         kept = f"{_first_steps(n - 1)} kept in {args.out_dir}; " if n > 1 else ""
         if n:
             _note(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}")
         return 130
     if not args.dry_run:
-        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see {MANIFEST})")
+        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see "
+              f"{MANIFEST})")
     return 0
 
 
@@ -1493,10 +3064,13 @@ def _first_steps(n: int) -> str:
 
 def _resume_command(argv: list[str]) -> str:
     script = sys.argv[0] if sys.argv[0].endswith("simple_llm.py") else "simple_llm.py"
-    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv if a != "--resume"), "--resume"])
+    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv
+                                                                 if a != "--resume"), "--resume"])
 
 
 def main(argv=None) -> int:
+    """The one error boundary: a UserError is one line (exit 2, or 1 for a provider), anything else
+    one line naming its type; --debug adds the (redacted) traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
@@ -1505,13 +3079,14 @@ def main(argv=None) -> int:
         _note("interrupted")
         return 130
     except Exception as e:
-        if args.debug:  # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
-            _note(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))).rstrip())
+        # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
+        if args.debug:
+            _note(clean(redact("".join(traceback.format_exception(type(e), e,
+                                                                  e.__traceback__)))).rstrip())
         if isinstance(e, UserError):
-            _note(redact(f"error: {e}" + (f"\n  {e.hint}" if e.hint else "")))
+            _note(clean(redact(f"error: {e}" + (f"\n  {e.hint}" if e.hint else ""))))
             return e.exit_code
-        # a bug or an SDK surprise: one line unless --debug
-        _note(f"error: unexpected {type(e).__name__}: {redact(_one_line(e))}"
+        _note(f"error: unexpected {type(e).__name__}: {_one_line(e)}"
               + ("" if args.debug else " (rerun with --debug for the traceback)"))
         return 1
 

@@ -48,7 +48,7 @@ def run_llm(tmp_path):
 
     def run(*args, timeout=300, env=None, cwd=None):
         full_env = {**os.environ, **(env or {})}
-        return subprocess.run([sys.executable, str(ROOT / "llm.py"), *map(str, args)], cwd=cwd or tmp_path,
+        return subprocess.run([sys.executable, str(ROOT / "llm.py"), *merge_smoke(args)], cwd=cwd or tmp_path,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
 
     return run
@@ -71,7 +71,7 @@ def llm_main(tmp_path, monkeypatch, capsys):
             monkeypatch.setenv(k, v)
         capsys.readouterr()
         try:
-            rc = llm.main([str(a) for a in args])
+            rc = llm.main(merge_smoke(args))
         except SystemExit as e:  # argparse's own errors exit 2 from inside parse_args
             rc = e.code
         out, err = capsys.readouterr()
@@ -81,6 +81,20 @@ def llm_main(tmp_path, monkeypatch, capsys):
 
 
 SMOKE_FAST = ("--preset", "smoke", "--max-steps", "10", "--eval-every", "5", "--log-every", "5")
+
+
+def merge_smoke(args) -> list[str]:
+    """args as strings, with SMOKE_FAST's values yielding to the same flags given after it (llm.py itself
+    refuses a flag given twice)."""
+    args = [str(a) for a in args]
+    if tuple(args[:len(SMOKE_FAST)]) != SMOKE_FAST:
+        return args
+    later = set(args[len(SMOKE_FAST):])
+    prefix = list(SMOKE_FAST[:2])
+    for flag, value in zip(SMOKE_FAST[2::2], SMOKE_FAST[3::2]):
+        if flag not in later:
+            prefix += [flag, value]
+    return prefix + args[len(SMOKE_FAST):]
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import llm
+import reference
 
 
 def tiny_config(**kw):
@@ -30,11 +31,10 @@ def cpu_run_setup(cfg):
     return rt, llm.TokenData.from_tokens(tokens, cfg, rt.device), llm.ModelCache(rt)
 
 
-def moe_outputs(moe, x, dispatch, seed=0):
-    """Output and gradients of one MoE layer under a dispatch mode, with the same router noise draw."""
+def moe_outputs(moe, x, seed=0):
+    """Output and gradients of one MoE layer, with a fixed router noise draw."""
     moe.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
-    moe.dispatch = dispatch
     torch.manual_seed(seed)
     out, aux, z, counts = moe(x)
     w = torch.randn_like(out)  # a random cotangent: grouped_mm's backward rejects zero-stride gradients
@@ -43,18 +43,26 @@ def moe_outputs(moe, x, dispatch, seed=0):
     return out.detach(), aux.detach(), counts, grads
 
 
+def moe_pair(cfg, dispatch, std=0.2):
+    """A production MoE layer and the original's loop version with the same weights."""
+    moe = llm.MixtureOfExperts(cfg, dispatch)
+    torch.nn.init.normal_(moe.w1, std=std), torch.nn.init.normal_(moe.w2, std=std)
+    ref = reference.LoopMoE(cfg)
+    ref.load_state_dict(moe.state_dict())
+    return moe, ref
+
+
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 @pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
 def test_vectorised_moe_matches_per_expert_loop(top_k, dispatch):
     cfg = tiny_config(expert_top_k=top_k, noise_std=0.3)
     torch.manual_seed(1)
-    moe = llm.MixtureOfExperts(cfg)
-    torch.nn.init.normal_(moe.w1, std=0.2), torch.nn.init.normal_(moe.w2, std=0.2)
-    moe.router.noise_std.fill_(0.3)
-    moe.train()  # noise on: both paths must see the same draw
+    moe, loop = moe_pair(cfg, dispatch)
+    for m in (moe, loop):
+        m.router.noise_std.fill_(0.3)
+        m.train()  # noise on: both paths must see the same draw
     x = torch.randn(3, 10, cfg.d_model)
-    ref = moe_outputs(moe, x, "loop")
-    fast = moe_outputs(moe, x, dispatch)
+    ref, fast = moe_outputs(loop, x), moe_outputs(moe, x)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast[1], ref[1])
     assert torch.equal(fast[2], ref[2]) and int(ref[2].sum()) == 30 * top_k
@@ -65,15 +73,14 @@ def test_vectorised_moe_matches_per_expert_loop(top_k, dispatch):
 @pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
 def test_empty_experts_get_no_tokens_and_zero_gradient(dispatch):
     cfg = tiny_config(expert_top_k=2)
-    moe = llm.MixtureOfExperts(cfg)
-    torch.nn.init.normal_(moe.w1, std=0.2), torch.nn.init.normal_(moe.w2, std=0.2)
-    with torch.no_grad():  # positive inputs and a gate that strongly prefers experts 0 and 1
-        moe.router.gate.weight.fill_(-1.0)
-        moe.router.gate.weight[:2] = 1.0
-    moe.eval()
+    moe, loop = moe_pair(cfg, dispatch)
+    for m in (moe, loop):
+        with torch.no_grad():  # positive inputs and a gate that strongly prefers experts 0 and 1
+            m.router.gate.weight.fill_(-1.0)
+            m.router.gate.weight[:2] = 1.0
+        m.eval()
     x = torch.rand(2, 8, cfg.d_model) + 0.1
-    ref = moe_outputs(moe, x, "loop")
-    fast = moe_outputs(moe, x, dispatch)
+    ref, fast = moe_outputs(loop, x), moe_outputs(moe, x)
     assert fast[2].tolist() == [16, 16, 0, 0, 0, 0, 0, 0]
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-5)
     for g_fast, g_ref in zip(fast[3], ref[3]):
@@ -84,37 +91,43 @@ def test_empty_experts_get_no_tokens_and_zero_gradient(dispatch):
 def test_grouped_dispatch_matches_loop_in_bf16():
     cfg = tiny_config(d_model=64, d_ff=128)
     torch.manual_seed(2)
-    moe = llm.MixtureOfExperts(cfg)
-    torch.nn.init.normal_(moe.w1, std=0.1), torch.nn.init.normal_(moe.w2, std=0.1)
-    moe.eval()
+    moe, loop = moe_pair(cfg, "grouped", std=0.1)
     x = torch.randn(2, 16, cfg.d_model)
-    outs = {}
-    for d in ("loop", "grouped"):
-        moe.dispatch = d
+    outs = []
+    for m in (loop, moe):
+        m.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[d] = moe(x)[0].float()
-    torch.testing.assert_close(outs["grouped"], outs["loop"], rtol=2e-2, atol=2e-2)
+            outs.append(m(x).out.float())
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
 
 
-def test_whole_model_fast_path_matches_reference_path():
+def model_and_reference(cfg, dispatch):
+    model = llm.MoEMinimalLLM(cfg, dispatch)
+    ref = reference.OriginalLLM(cfg)
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        m.set_routing(0.2, 0.01)
+    return model, ref
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
+def test_whole_model_fast_path_matches_reference_path(dispatch):
     cfg = tiny_config(dropout=0.0)
-    model = llm.MoEMinimalLLM(cfg)
-    model.set_routing(0.2, 0.01)
+    model, ref = model_and_reference(cfg, dispatch)
     idx, tgt = torch.randint(0, 97, (2, 2, 16)).unbind(0)
-    results = {}
-    for dispatch in ("loop", "sorted", "grouped"):
-        model.zero_grad(set_to_none=True)
-        model.set_dispatch(dispatch)
+    results = []
+    for m in (ref, model):
         torch.manual_seed(3)
-        loss, ce, aux, z, counts, correct = model(idx, tgt)
-        loss.backward()
-        results[dispatch] = (loss.detach(), ce.detach(), counts, correct,
-                             [p.grad.clone() for p in model.parameters()])
-    for d in ("sorted", "grouped"):
-        torch.testing.assert_close(results[d][0], results["loop"][0], rtol=1e-5, atol=1e-6)
-        assert torch.equal(results[d][2], results["loop"][2]) and results[d][3] == results["loop"][3]
-        for a, b in zip(results[d][4], results["loop"][4]):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        out = m(idx, tgt)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in m.parameters()]))
+    (r, r_grads), (f, f_grads) = results
+    torch.testing.assert_close(f.loss, r.loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(f.counts, r.counts) and f.correct == r.correct
+    for a, b in zip(f_grads, r_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.eval(), ref.eval()  # without targets: the logits, as the original computes them
+    torch.testing.assert_close(model(idx).logits, ref(idx).logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
@@ -177,13 +190,13 @@ def test_zero_balancing_weight_adds_nothing():
     model = llm.MoEMinimalLLM(tiny_config())
     model.set_routing(0.0, 0.0)
     idx, tgt = torch.randint(0, 97, (2, 2, 16)).unbind(0)
-    loss, ce, aux, z, _, _ = model(idx, tgt)
+    loss, ce, aux, z = model(idx, tgt)[:4]
     assert aux.item() > 0 and z.item() > 0 and loss.item() == ce.item()
     model.set_routing(0.0, 0.5)
-    loss, ce, aux, _, _, _ = model(idx, tgt)
+    loss, ce, aux = model(idx, tgt)[:3]
     assert loss.item() == pytest.approx(ce.item() + 0.5 * aux.item(), rel=1e-6)
     model.set_routing(0.0, 0.5, 0.25)
-    loss, ce, aux, z, _, _ = model(idx, tgt)
+    loss, ce, aux, z = model(idx, tgt)[:4]
     assert loss.item() == pytest.approx(ce.item() + 0.5 * aux.item() + 0.25 * z.item(), rel=1e-6)
 
 
@@ -303,19 +316,19 @@ def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
     data = llm.TokenData.from_tokens(tokens, cfg, rt.device)
     models = llm.ModelCache(rt)
     model, fn = models.get(cfg)
-    before = llm.evaluate_model(fn, model, data, rt)
-    result = llm.train_moe_model(cfg, data, rt, models, tmp_path / "m.jsonl", progress=False)
-    assert result["status"] == "ok" and result["steps"] == 40
-    assert result["train_tokens"] == 40 * cfg.batch_size * cfg.max_seq_len
-    assert before["val_loss"] > math.log(100)  # about uniform over the bytes at initialisation
-    assert result["val_loss"] < before["val_loss"] - 1.5
+    before = llm.evaluate(fn, model, data, rt.autocast)
+    result = llm.train_moe_model(cfg, data, models, tmp_path / "m.jsonl", progress=False)
+    assert result.status == "ok" and result.steps == 40
+    assert result.train_tokens == 40 * cfg.batch_size * cfg.max_seq_len
+    assert before.val_loss > math.log(100)  # about uniform over the bytes at initialisation
+    assert result.val_loss < before.val_loss - 1.5
     # best = the lowest of the run's evaluations (every 10 updates and the last), final = the last one
     vals = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     vals = [v for v in vals if v["split"] == "val"]
     assert [v["step"] for v in vals] == [10, 20, 30, 40]
-    assert result["best_val_perplexity"] == pytest.approx(min(v["perplexity"] for v in vals))
-    assert result["val_perplexity"] == pytest.approx(vals[-1]["perplexity"])
-    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    assert result.best_val_perplexity == pytest.approx(min(v["perplexity"] for v in vals))
+    assert result.val_perplexity == pytest.approx(vals[-1]["perplexity"])
+    assert result.val_perplexity == pytest.approx(math.exp(result.val_loss))
     # The run's routing figures are those of the trained model's own routing on the validation batches, read
     # here from each router's choices: CV of the counts summed over layers, the per-layer CVs from each layer.
     picks = {i: [] for i in range(cfg.n_layers)}
@@ -323,51 +336,56 @@ def test_training_on_the_sample_corpus_lowers_the_loss(tmp_path):
              for k, b in enumerate(model.blocks)]
     model.eval()
     with torch.no_grad(), rt.autocast():  # the evaluation's precision
-        for x, y in data.val:
-            model(x, y)
+        for x, _ in data.val:
+            model(x)
     for h in hooks:
         h.remove()
     counts = np.stack([torch.bincount(torch.cat(picks[k]), minlength=cfg.num_experts).numpy()
                        for k in range(cfg.n_layers)])  # (L, E)
-    assert result["expert_usage_cv"] == pytest.approx(llm.expert_usage_cv(counts.sum(axis=0)))
-    assert result["expert_usage_cv_per_layer"] == pytest.approx([llm.expert_usage_cv(c) for c in counts])
-    assert result["expert_usage_cv"] < max(result["expert_usage_cv_per_layer"])  # summing over layers evens out
+    assert result.expert_usage_cv == pytest.approx(llm.expert_usage_cv(counts.sum(axis=0)))
+    per_layer = [llm.expert_usage_cv(c) for c in counts]
+    assert result.expert_usage_cv_per_layer == pytest.approx(per_layer)
+    assert result.expert_usage_cv_worst_layer == pytest.approx(max(per_layer))
+    assert result.expert_usage_cv < max(result.expert_usage_cv_per_layer)  # summing over layers evens out
     lines = (tmp_path / "m.jsonl").read_text().splitlines()
     assert any('"split": "val"' in line for line in lines) and len(lines) >= 40 // cfg.log_every
+    # Routing in training (router noise on) is measured on the last log window's batches.
+    train = [json.loads(line) for line in lines if '"split": "train"' in line]
+    assert result.train_expert_usage_cv_worst_layer == train[-1]["routing"]["expert_usage_cv_worst_layer"]
+    assert result.train_dead_expert_fraction == train[-1]["routing"]["dead_expert_fraction"]
 
 
 def test_gradient_accumulation_counts_updates_not_micro_batches(tmp_path):
     cfg = tiny_config(max_steps=6, gradient_accumulation_steps=3, eval_every=6, log_every=2)
     rt, data, models = cpu_run_setup(cfg)
-    model, _ = models.get(cfg)
     calls = []
     muon_step = llm.Muon.step
     llm.Muon.step = lambda self, closure=None: (calls.append(1), muon_step(self))[1]
     try:
-        result = llm.train_moe_model(cfg, data, rt, models, None, progress=False)
+        result = llm.train_moe_model(cfg, data, models, None, progress=False)
     finally:
         llm.Muon.step = muon_step
-    assert len(calls) == 6 and result["steps"] == 6
-    assert result["train_tokens"] == 6 * 3 * cfg.batch_size * cfg.max_seq_len
+    assert len(calls) == 6 and result.steps == 6
+    assert result.train_tokens == 6 * 3 * cfg.batch_size * cfg.max_seq_len
 
 
 def test_non_finite_loss_marks_the_run_diverged_at_the_right_update(monkeypatch):
     cfg = tiny_config(max_steps=10, log_every=3, eval_every=10)
     rt, data, models = cpu_run_setup(cfg)
     model, _ = models.get(cfg)
-    updates, real_update = [], llm.apply_update
+    updates, real_update = [], llm.Optimizers.step
 
-    def update_then_break(*args):  # after 4 good updates, a NaN balancing weight poisons update 5's loss
-        real_update(*args)
+    def update_then_break(self, grad_clip):  # after 4 good updates, a NaN weight poisons update 5's loss
+        real_update(self, grad_clip)
         updates.append(1)
         if len(updates) == 4:
             model.lb_weight.fill_(float("nan"))
 
-    monkeypatch.setattr(llm, "apply_update", update_then_break)
-    result = llm.train_moe_model(cfg, data, rt, models, None, progress=False)
-    assert result["status"] == "diverged" and result["diverged_step"] == 5
-    assert result["steps"] == 6  # noticed at the next log point, not later
-    assert math.isnan(result["val_loss"]) and math.isnan(result["best_val_perplexity"])
+    monkeypatch.setattr(llm.Optimizers, "step", update_then_break)
+    result = llm.train_moe_model(cfg, data, models, None, progress=False)
+    assert result.status == "diverged" and result.diverged_step == 5
+    assert result.steps == 6  # noticed at the next log point, not later
+    assert math.isnan(result.val_loss) and math.isnan(result.best_val_perplexity)
 
 
 def test_architecture_matches_the_original_parameter_counts():
@@ -375,6 +393,9 @@ def test_architecture_matches_the_original_parameter_counts():
     with torch.device("meta"):
         model = llm.MoEMinimalLLM(llm.MoEModelConfig(vocab_size=49152))
     total, active = llm.count_parameters(model)
+    est = llm.estimate(model.cfg)  # arithmetic only: the same counts without building a model
+    assert (est.params, est.active_params) == (total, active)
+    assert est.flops_per_token == llm.flops_per_token(model.cfg) and est.train_tokens == 400 * 24 * 512
     experts = sum(b.feed_forward.w1.numel() + b.feed_forward.w2.numel() for b in model.blocks)
     assert total == 79_059_840 and total - experts == 22_436_736
     assert model.lm_head.weight is model.token_embedding.weight
@@ -390,8 +411,8 @@ def test_runs_of_one_seed_see_the_same_batches_in_every_condition(monkeypatch):
     for noise, lb, seed in ((0.0, 0.01, 7), (0.5, 0.0, 7), (0.0, 0.01, 8)):
         seen.clear()
         result = llm.train_moe_model(llm.replace(cfg, noise_std=noise, load_balancing_weight=lb, seed=seed),
-                                     data, rt, models, None, progress=False)
-        runs[(noise, lb, seed)] = ([x for x, _ in seen], result["val_loss"])
+                                     data, models, None, progress=False)
+        runs[(noise, lb, seed)] = ([x for x, _ in seen], result.val_loss)
     a, b, c = runs.values()
     assert len(a[0]) == 4 and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))  # same seed: same batches
     assert not torch.equal(a[0][0], c[0][0])  # another seed: other batches
@@ -400,9 +421,8 @@ def test_runs_of_one_seed_see_the_same_batches_in_every_condition(monkeypatch):
 
 def test_compiled_grouped_model_is_one_graph_and_matches_eager():
     cfg = tiny_config(d_model=64, d_ff=128)
-    model = llm.MoEMinimalLLM(cfg)
+    model = llm.MoEMinimalLLM(cfg, "grouped")
     model.set_routing(0.0, 0.01)
-    model.set_dispatch("grouped")
     model.eval()  # no dropout or noise, so eager and compiled see the same computation
     idx, tgt = torch.randint(0, 97, (2, 4, 16)).unbind(0)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a break would raise
@@ -435,37 +455,30 @@ def test_cpu_dropout_keeps_1_minus_p_scales_and_passes_gradient_through_the_mask
     assert torch.equal(llm.dropout(x, 0.0, True), x)
 
 
-def test_reference_model_keeps_torch_dropout_and_the_fast_path_uses_the_cpu_one():
-    model = llm.MoEMinimalLLM(tiny_config(dropout=0.1))
-    layers = [m for m in model.modules() if isinstance(m, llm.Dropout)]
-    assert len(layers) == 1 + model.cfg.n_layers  # the model's (embedding, final) and one per block (residuals)
-    model.set_dispatch("loop")
-    assert not any(m.fast for m in layers)
-    model.set_dispatch("grouped")
-    assert all(m.fast for m in layers)
+def test_production_dropout_is_the_cpu_mask_and_the_reference_keeps_torchs():
+    cfg = tiny_config(dropout=0.1)
+    model, ref = model_and_reference(cfg, "grouped")
     idx, tgt = torch.randint(0, 97, (2, 4, 16)).unbind(0)
     losses = []
-    for _ in range(2):  # in training the masks are random, but seeded like everything else
+    for m in (model, model, ref):  # in training the masks are random, but seeded like everything else
         torch.manual_seed(5)
-        losses.append(model(idx, tgt)[1])
-    assert torch.equal(losses[0], losses[1])
-    model.eval()
-    torch.testing.assert_close(model(idx, tgt)[1], (model.set_dispatch("loop"), model(idx, tgt)[1])[1])
+        losses.append(m(idx, tgt).ce)
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])  # other masks
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(idx, tgt).ce, ref(idx, tgt).ce)  # no dropout: the same model
 
 
 def test_whole_model_fast_path_matches_reference_path_in_bf16():
     cfg = tiny_config(dropout=0.0, vocab_size=300)
-    model = llm.MoEMinimalLLM(cfg)
-    model.set_routing(0.0, 0.01)
+    model, ref = model_and_reference(cfg, "grouped")
     idx, tgt = torch.randint(0, 300, (2, 4, 16)).unbind(0)
+    model.set_routing(0.0, 0.01), ref.set_routing(0.0, 0.01)
     out = {}
-    for dispatch in ("loop", "grouped"):
-        model.zero_grad(set_to_none=True)
-        model.set_dispatch(dispatch)
+    for name, m in (("loop", ref), ("grouped", model)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(idx, tgt)[0]
+            loss = m(idx, tgt).loss
         loss.backward()
-        out[dispatch] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        out[name] = (loss.detach(), [p.grad.clone() for p in m.parameters()])
     torch.testing.assert_close(out["grouped"][0], out["loop"][0], rtol=1e-2, atol=1e-2)
     for a, b in zip(out["grouped"][1], out["loop"][1]):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
@@ -476,15 +489,15 @@ def test_cpu_precision_and_newton_schulz_follow_the_bf16_instructions(monkeypatc
     monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: True)
     rt = llm.resolve_runtime("cpu")
     assert rt.amp_dtype == torch.bfloat16 and "native bf16" in rt.reason
-    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.bfloat16
+    ns_dtype = lambda rt: llm.build_optimizers(model, model.cfg, rt).muon.param_groups[0]["ns_dtype"]  # noqa
+    assert ns_dtype(rt) == torch.bfloat16
     rt = llm.resolve_runtime("cpu", use_amp=False)
     assert rt.amp_dtype is None and "use_amp off" in rt.reason
-    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.bfloat16  # fast here, as the original
+    assert ns_dtype(rt) == torch.bfloat16  # fast here, as the original
     monkeypatch.setattr(llm, "cpu_has_native_bf16", lambda: False)
     rt = llm.resolve_runtime("cpu")
     assert rt.amp_dtype is None and "no bf16 matmul instructions" in rt.reason
-    assert llm.build_optimizers(model, model.cfg, rt)[0].ns_dtype == torch.float32  # bf16 is slow: fp32
-    assert llm.build_optimizers(model, model.cfg, rt, reference=True)[0].ns_dtype == torch.bfloat16  # original's
+    assert ns_dtype(rt) == torch.float32  # bf16 is slow: fp32
     assert llm.PRESETS["smoke"]["use_amp"] is False  # tiny matmuls: bf16's casts cost more than they save
 
 
@@ -513,14 +526,14 @@ def test_hub_probe_uses_the_endpoint_port_and_trusts_proxies(monkeypatch):
     for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    assert llm._hub_reachable(timeout=2)
+    assert llm.hub_reachable(timeout=2)
     server.shutdown()
     server.server_close()
-    assert not llm._hub_reachable(timeout=2)  # the port now refuses
+    assert not llm.hub_reachable(timeout=2)  # the port now refuses
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
-    assert llm._hub_reachable(timeout=2)
+    assert llm.hub_reachable(timeout=2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not llm._hub_reachable(timeout=2)
+    assert not llm.hub_reachable(timeout=2)
 
 
 def test_compile_flag_and_dispatch_choice_on_cpu():

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import llm
+from conftest import merge_smoke
 import report
 
 CSV_NAME = "moe_routing_noise_experiment_results.csv"
@@ -28,10 +29,12 @@ CSV_NAME = "moe_routing_noise_experiment_results.csv"
 EXPECTED_COLUMNS = [
     "seed", "noise_std", "load_balancing_weight", "val_loss", "val_accuracy", "val_perplexity",
     "training_time_minutes", "peak_memory_gb", "best_val_perplexity", "expert_usage_cv",
-    "status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_per_layer",
-    "expert_load_max_mean", "routing_entropy", "dead_expert_fraction",
-    "expert_load_max_mean_per_layer", "routing_entropy_per_layer", "dead_expert_fraction_per_layer",
-    "expert_load_per_layer", "device", "dtype", "run_id", "config_hash", "config_json"]
+    "status", "diverged_step", "steps", "train_tokens", "tokens_per_s", "expert_usage_cv_worst_layer",
+    "dead_expert_fraction", "expert_load_max_mean", "routing_entropy", "expert_usage_cv_per_layer",
+    "dead_expert_fraction_per_layer", "expert_load_max_mean_per_layer", "routing_entropy_per_layer",
+    "expert_load_per_layer", "train_expert_usage_cv_worst_layer", "train_dead_expert_fraction",
+    "device", "dtype", "run_id", "config_hash", "data", "data_sha256", "config_json"]
+RUN_ID = __import__("re").compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 FIRST_TEN = EXPECTED_COLUMNS[:10]
 
 
@@ -102,8 +105,8 @@ def test_smoke_preset_runs_the_full_sweep_and_writes_csv_and_report(smoke_sweep)
     cv_on = np.mean([float(r["expert_usage_cv"]) for r in rows if float(r["load_balancing_weight"]) > 0])
     cv_off = np.mean([float(r["expert_usage_cv"]) for r in rows if float(r["load_balancing_weight"]) == 0])
     assert cv_on < cv_off
-    assert (where / "experiment_analysis.md").exists()
-    assert "best val ppl" in proc.stdout  # the per-condition summary
+    assert (where / "experiment_analysis.md").exists() and "report: " in proc.stdout
+    assert "best val ppl" in proc.stdout  # the per-run lines
     runs_dir = where / "moe_routing_noise_experiment_results_runs"
     assert len(list(runs_dir.glob("*/metrics.jsonl"))) == 18
 
@@ -135,6 +138,9 @@ def test_smoke_csv_has_exactly_the_documented_columns_each_well_formed(smoke_swe
         for c, want in expected.items():
             assert per_layer[c] == pytest.approx(list(want), rel=1e-3, abs=1e-4), c
         assert float(r["expert_usage_cv"]) == pytest.approx(cv(share.sum(axis=0)), rel=1e-3, abs=1e-4)
+        assert float(r["expert_usage_cv_worst_layer"]) == pytest.approx(max(per_layer["expert_usage_cv_per_layer"]),
+                                                                       rel=1e-4)
+        assert 0 <= float(r["train_dead_expert_fraction"]) <= 1 and float(r["train_expert_usage_cv_worst_layer"]) >= 0
         for c in ("expert_load_max_mean", "routing_entropy", "dead_expert_fraction"):
             assert float(r[c]) == pytest.approx(np.mean(per_layer[c + "_per_layer"]), rel=1e-4, abs=1e-6), c
         assert 1 <= float(r["expert_load_max_mean"]) <= 8 / 2 + 1e-6 and 0 < float(r["routing_entropy"]) <= 1
@@ -143,39 +149,35 @@ def test_smoke_csv_has_exactly_the_documented_columns_each_well_formed(smoke_swe
         assert r["dtype"] == "float32"  # the smoke preset turns autocast off
         assert len(r["config_hash"]) == 16 and int(r["config_hash"], 16) >= 0
         noise, lb = float(r["noise_std"]), float(r["load_balancing_weight"])
-        assert r["run_id"] == f"n{noise:g}_lb{lb:g}_s{r['seed']}_{r['config_hash'][:8]}"
+        assert r["run_id"].startswith(f"n{noise:g}_lb{lb:g}_s{r['seed']}_") and RUN_ID.match(r["run_id"])
+        assert r["data"] == "files: sample_corpus.txt" and len(r["data_sha256"]) == 64
         cfg_dict = json.loads(r["config_json"])
-        assert set(cfg_dict) == {f.name for f in dataclasses.fields(llm.MoEModelConfig) if f.init}  # every field
+        assert set(cfg_dict) == {f.name for f in dataclasses.fields(llm.MoEModelConfig)} - {
+            "cache_dir", "log_every", "data_files"}  # every field that is a run's identity
         assert (cfg_dict["seed"], cfg_dict["noise_std"], cfg_dict["load_balancing_weight"]) == (int(r["seed"]), noise,
                                                                                                  lb)
         # config_json is the whole run: rebuilt into a config over the same tokens it hashes to the row's identity.
-        cfg = llm.MoEModelConfig(**cfg_dict)
+        cfg = llm.MoEModelConfig(**cfg_dict, data_files=(str(llm.sample_corpus()),))
         if "sha" not in tokens_sha:
             tokens_sha["sha"] = llm.load_and_cache_data(cfg, quiet=True)[1]["sha256"]
+            assert tokens_sha["sha"] == r["data_sha256"]
         assert llm.config_hash(cfg, tokens_sha["sha"]) == r["config_hash"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_report_reads_the_real_smoke_csv(smoke_sweep, tmp_path, capsys):
+def test_report_writes_a_report_from_the_real_smoke_csv(smoke_sweep, tmp_path):
     where, _ = smoke_sweep
     csv_path = tmp_path / "copy.csv"
     shutil.copy(where / CSV_NAME, csv_path)
-    assert report.main([str(csv_path), "--summary"]) == 0
-    out = capsys.readouterr().out
-    text = (tmp_path / "copy_analysis.md").read_text()
-    for noise in ("0.0", "0.1", "0.5"):
-        for lb in ("0.01", "0.0"):
-            assert f"noise={noise}, lb={lb}" in text and f"noise={noise}, lb={lb}" in out
-    diverged = text.split("Diverged runs", 1)[1].split("\n## ", 1)[0]
-    assert not any(r["run_id"] in diverged for r in read_rows(csv_path))  # nothing diverged in the smoke sweep
+    assert report.write_report(csv_path).exists()  # report.py reads the header it finds
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Resume: after a kill, after Ctrl-C, across data edits; diverged runs
 
 def _popen_sweep(tmp_path, args, **kw):
-    return subprocess.Popen([sys.executable, str(llm.HERE / "llm.py"), *args], cwd=tmp_path, **kw)
+    return subprocess.Popen([sys.executable, str(llm.HERE / "llm.py"), *merge_smoke(args)], cwd=tmp_path, **kw)
 
 
 def _wait_for_rows(path, n, proc, limit_s=120):
@@ -199,7 +201,7 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path, smoke_fast):
     # A torn last line, as from a writer killed mid-write, must not break the resume.
     with open(out, "a") as f:
         f.write("42,0.5,0.01,3.1")
-    cmd = [sys.executable, str(llm.HERE / "llm.py"), *args]
+    cmd = [sys.executable, str(llm.HERE / "llm.py"), *merge_smoke(args)]
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{done} of 4 runs already done" in again.stdout
@@ -232,7 +234,7 @@ def test_ctrl_c_mid_sweep_exits_130_keeping_finished_runs(tmp_path, smoke_fast):
 @pytest.mark.timeout(180)  # several short runs
 def test_resume_identity_follows_the_data_content_not_its_path(llm_main, tmp_path, smoke_fast):
     # Paragraphs without their trailing newline, so the documents read back are exactly these.
-    docs = [d.strip() for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()]
+    docs = [d.strip() for d in llm.sample_corpus().read_text().split("\n\n") if d.strip()]
     data = tmp_path / "a.txt"
     data.write_text("\n\n".join(docs))
     args = (*smoke_fast, "--max-steps", "3", "--eval-every", "3", "--seeds", "42", "--noise-std", "0",
@@ -266,7 +268,7 @@ def test_resume_identity_follows_the_data_content_not_its_path(llm_main, tmp_pat
 
 
 def test_token_cache_follows_an_edit_of_the_data_file(tmp_path):
-    docs = [d.strip() for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()][:20]
+    docs = [d.strip() for d in llm.sample_corpus().read_text().split("\n\n") if d.strip()][:20]
     data = tmp_path / "a.txt"
     cfg = llm.MoEModelConfig(tokenizer="bytes", data_files=(str(data),), num_documents=20,
                              cache_dir=str(tmp_path / "cache"))
@@ -284,7 +286,7 @@ def test_diverged_run_is_recorded_counted_done_and_reported(llm_main, tmp_path, 
             "--noise-std", "0", "--lb-weight", "0.01", "--grid", "muon_lr=0.01,1e6", "--out", "d.csv")
     first = llm_main(*args)
     assert first.returncode == 0, first.stderr[-2000:]
-    rows = {float(r["muon_lr"]): r for r in read_rows(tmp_path / "d.csv")}
+    rows = {json.loads(r["config_json"])["muon_lr"]: r for r in read_rows(tmp_path / "d.csv")}
     ok, bad = rows[0.01], rows[1e6]
     assert ok["status"] == "ok" and math.isfinite(float(ok["val_loss"]))
     assert bad["status"] == "diverged"
@@ -300,9 +302,6 @@ def test_diverged_run_is_recorded_counted_done_and_reported(llm_main, tmp_path, 
     assert again.returncode == 0 and "2 of 2 runs already done, 0 to go" in again.stdout
     assert len(read_rows(tmp_path / "d.csv")) == 2
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.jsonl")} == before
-    text = (tmp_path / "d_analysis.md").read_text()
-    listed = text.split("Diverged runs", 1)[1].split("\n## ", 1)[0]
-    assert bad["run_id"] in listed and ok["run_id"] not in listed
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -344,6 +343,12 @@ def test_preset_values_yield_to_explicit_flags(llm_main):
     (["--bench", "--bench-out", "no/such/dir/b.json"], ["--bench-out"]),
     (["--vocab-size", "100"], ["--vocab-size 100", "tokenizer"]),  # the byte tokenizer's ids reach 255
     (["--balancing", "bias", "--grid", "balancing=loss,bias"], ["--balancing", "--grid balancing", "keep one"]),
+    (["--noise-std", "0", "--grid", "noise_std=0.01,0.05"], ["--noise-std", "--grid noise_std", "keep one"]),
+    (["--seeds", "1", "--seeds", "2"], ["--seeds", "twice"]),
+    (["--grid", "seed=1,2", "--grid", "seed=3"], ["--grid seed", "twice"]),
+    (["--lb-weight", "0", "--grid", "lb_weight=1"], ["unknown field"]),
+    (["--grid", "load-balancing-weight=0.1", "--lb-weight", "0"], ["--lb-weight", "keep one"]),
+    (["--expert-top-k", "1", "2", "1"], ["expert_top_k", "twice"]),
 ])
 def test_bad_config_is_one_line_exit_2(llm_main, smoke_fast, args, words):
     if args == ["--device", "cuda"] and llm.torch.cuda.is_available():
@@ -399,31 +404,6 @@ def test_csv_with_other_columns_is_not_appended_to(llm_main, tmp_path, smoke_fas
     assert len(backups) == 1 and backups[0].read_text() == "a,b,c\n1,2,3\n"
     assert len(read_rows(tmp_path / "r.csv")) == 1
 
-
-
-@pytest.mark.timeout(180)
-def test_csv_from_before_the_routing_columns_gets_them_and_still_resumes(llm_main, tmp_path, smoke_fast):
-    args = (*smoke_fast, "--seeds", "42", "--noise-std", "0", "--lb-weight", "0", "--out", "r.csv")
-    assert llm_main(*args).returncode == 0
-    out = tmp_path / "r.csv"
-    with open(out, newline="") as f:
-        new_header, *rows = list(csv.reader(f))
-    later = ["expert_load_max_mean", "routing_entropy", "dead_expert_fraction", "expert_load_max_mean_per_layer",
-             "routing_entropy_per_layer", "dead_expert_fraction_per_layer", "expert_load_per_layer"]
-    keep = [i for i, c in enumerate(new_header) if c not in later]
-    with open(out, "w", newline="") as f:  # the file as the previous version wrote it
-        csv.writer(f).writerows([[r[i] for i in keep] for r in [new_header, *rows]])
-    before = out.read_text()
-    again = llm_main(*args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "1 of 1 runs already done" in again.stdout and "predates the routing columns" in again.stderr
-    assert [b.read_text() for b in tmp_path.glob("r.*.bak.csv")] == [before]  # kept as it was
-    with open(out, newline="") as f:
-        header, *now = list(csv.reader(f))
-    assert header == new_header and len(now) == 1
-    row = dict(zip(header, now[0]))
-    assert all(row[c] == "" for c in later)
-    assert all(row[c] == v for c, v in zip(new_header, rows[0]) if c not in later)  # nothing else changed
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -485,12 +465,12 @@ def test_offline_without_cache_fails_fast_naming_the_offline_options(run_llm):
 @pytest.mark.timeout(20)
 def test_hub_probe_gives_up_on_a_blackholed_address(monkeypatch, blackholed_port):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{blackholed_port}")
-    assert llm._hub_reachable(timeout=1.0) is False
+    assert llm.hub_reachable(timeout=1.0) is False
 
 
 def test_hub_probe_calls_a_silent_server_unreachable(monkeypatch, silent_server):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_server}")
-    assert llm._hub_reachable(timeout=1.0) is False
+    assert llm.hub_reachable(timeout=1.0) is False
 
 
 @pytest.mark.timeout(30)
@@ -508,8 +488,8 @@ def test_token_cache_is_npy_with_sidecar_and_is_reused_offline(tmp_path, monkeyp
     # of the network: load_and_cache_data writes it exactly as a real download would.
     cfg = llm.MoEModelConfig(tokenizer="bytes", num_documents=1000, max_tokens=100_000,
                              cache_dir=str(tmp_path / "data_cache"))
-    docs = [d for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()]
-    monkeypatch.setattr(llm, "_iter_documents", lambda c, files: iter(docs))
+    docs = [d for d in llm.sample_corpus().read_text().split("\n\n") if d.strip()]
+    monkeypatch.setattr(llm, "iter_documents", lambda c, files: iter(docs))
     tokens, meta = llm.load_and_cache_data(cfg, quiet=True)
     cached = sorted(p.name for p in (tmp_path / "data_cache").iterdir())
     assert len(cached) == 2 and cached[0].endswith(".json") and cached[1].endswith(".npy")
@@ -581,7 +561,7 @@ def test_bench_writes_json_with_the_original_and_the_dense_ceiling(run_llm, tmp_
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
 def test_local_data_files_of_each_kind_are_read_as_documents(tmp_path, kind):
     import pandas as pd
-    docs = [d for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()][:10]
+    docs = [d for d in llm.sample_corpus().read_text().split("\n\n") if d.strip()][:10]
     path = tmp_path / f"docs.{kind}"
     if kind == "jsonl":
         pd.DataFrame({"text": docs, "id": range(10)}).to_json(path, orient="records", lines=True)
@@ -597,31 +577,16 @@ def test_local_data_files_of_each_kind_are_read_as_documents(tmp_path, kind):
 
 
 @pytest.mark.timeout(180)  # several short runs
-def test_report_flag_rebuilds_the_report_from_a_csv(llm_main, tmp_path, smoke_fast):
-    made = llm_main(*smoke_fast, "--max-steps", "5", "--seeds", "42", "43", "--noise-std", "0", "0.5",
-                   "--lb-weight", "0.01", "--out", "mine.csv")
-    assert made.returncode == 0, made.stderr[-2000:]
-    report = tmp_path / "mine_analysis.md"
-    report.unlink()
-    proc = llm_main("--report", "mine.csv")
-    assert proc.returncode == 0 and report.exists()
-    assert "noise=0.5, lb=0.01" in report.read_text()
-    assert_one_line_error(llm_main("--report", "nope.csv"), "nope.csv")
-
-
-@pytest.mark.timeout(180)  # several short runs
 def test_a_csv_holding_two_setups_is_not_pooled(llm_main, tmp_path, smoke_fast):
-    args = (*smoke_fast, "--max-steps", "4", "--eval-every", "4", "--seeds", "42", "43", "--noise-std", "0", "0.5",
+    args = (*smoke_fast, "--eval-every", "4", "--seeds", "42", "43", "--noise-std", "0", "0.5",
             "--lb-weight", "0.01", "--out", "mix.csv")
-    assert llm_main(*args).returncode == 0
-    second = llm_main(*args[:-2], "--max-steps", "6", "--out", "mix.csv")
+    assert llm_main(*args, "--max-steps", "4").returncode == 0
+    second = llm_main(*args, "--max-steps", "6")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "also holds 4 run(s) of other setups" in second.stdout
-    summary = second.stdout.split("results: mix.csv", 1)[1].splitlines()
-    rows = [line.split() for line in summary if line.startswith("noise=")]
-    assert [r[:3] for r in rows] == [["noise=0.0,", "lb=0.01", "2"], ["noise=0.5,", "lb=0.01", "2"]]
-    report = (tmp_path / "mix_analysis.md").read_text()
-    assert "| noise=0.0, lb=0.01, max_steps=4 | 2 |" in report and "| noise=0.0, lb=0.01, max_steps=6 | 2 |" in report
+    rows = read_rows(tmp_path / "mix.csv")
+    assert sorted(json.loads(r["config_json"])["max_steps"] for r in rows) == [4, 4, 4, 4, 6, 6, 6, 6]
+    assert len({r["config_hash"] for r in rows}) == 8
 
 
 def test_random_tokens_train_offline_for_timing(llm_main, tmp_path):
@@ -638,7 +603,7 @@ def test_random_tokens_train_offline_for_timing(llm_main, tmp_path):
 def test_local_tokenizer_folder_works_offline(run_llm, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    docs = [d for d in llm.SAMPLE_CORPUS.read_text().split("\n\n") if d.strip()]
+    docs = [d for d in llm.sample_corpus().read_text().split("\n\n") if d.strip()]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"]))
@@ -649,3 +614,120 @@ def test_local_tokenizer_folder_works_offline(run_llm, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = read_rows(tmp_path / "t.csv")[0]
     assert json.loads(row["config_json"])["vocab_size"] == 400 and row["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The sweep planner, dry runs as JSON, and what a plan cannot reach (issue 16)
+
+def test_plan_sweep_resolves_axes_in_order_with_seed_last_and_prints_nothing(capsys):
+    plan = llm.plan_sweep(["--preset", "smoke", "--expert-top-k", "1", "2", "--grid", "d-ff=64,128",
+                           "--seeds", "1", "2", "--lb-weight", "0"])
+    assert list(plan.axes) == ["expert_top_k", "d_ff", "noise_std", "load_balancing_weight", "seed"]
+    assert plan.axes["d_ff"] == (64, 128) and plan.axes["seed"] == (1, 2) and plan.n_runs == 2 * 2 * 3 * 1 * 2
+    configs = list(plan.configs())
+    assert len(configs) == plan.n_runs and configs[0].d_model == 64 and configs[1].seed == 2
+    assert plan.out == llm.Path(llm.DEFAULT_CSV)
+    for bad in (["--expert-top-k", "0"], ["--nope"], ["--seeds", "1", "--grid", "seed=2"], ["--help"]):
+        with pytest.raises(llm.UserError):
+            llm.plan_sweep(bad)
+    assert capsys.readouterr() == ("", "")  # errors are exceptions: nothing printed
+
+
+def test_ten_million_runs_are_refused_from_the_axes_without_expanding_them():
+    import tracemalloc
+    argv = []
+    for flag in ("--seeds", "--noise-std", "--lb-weight", "--max-steps", "--n-layers", "--d-ff", "--eval-steps"):
+        argv += [flag, *[str(i + 1) for i in range(10)]]
+    tracemalloc.start()
+    with pytest.raises(llm.UserError, match="10,000,000 runs"):
+        llm.plan_sweep(argv)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2_000_000  # bytes: nothing was enumerated
+
+
+def test_dry_run_json_is_one_object_with_the_estimates_and_writes_nothing(llm_main, tmp_path):
+    proc = llm_main("--preset", "smoke", "--expert-top-k", "1", "2", "--seeds", "7", "--lb-weight", "0",
+                    "--dry-run", "--json", "--time-steps", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert out["n_runs"] == 6 == len(out["runs"]) and out["out"] == CSV_NAME
+    assert out["axes"] == {"expert_top_k": [1, 2], "noise_std": [0.0, 0.1, 0.5], "load_balancing_weight": [0.0],
+                           "seed": [7]}
+    for run in out["runs"]:
+        cfg = llm.MoEModelConfig(**run["config"])
+        est = llm.estimate(cfg)
+        assert (run["params"], run["flops_per_token"], run["train_tokens"], run["memory_gb"]) == (
+            est.params, est.flops_per_token, est.train_tokens, est.memory_gb)
+        assert run["tokens_per_s"] > 0 and RUN_ID.match(run["run_id"])
+    assert len({r["run_id"] for r in out["runs"]}) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no cache, no CSV
+
+
+def test_a_tokenizer_folder_with_remote_code_never_runs_it(run_llm, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    marker = tmp_path / "marker"
+    (tok / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Evil: pass\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["evil.Evil", None]}, "tokenizer_class": "Evil"}))
+    (tok / "config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": "evil.Evil"}}))
+    proc = run_llm("--preset", "smoke", "--tokenizer", "tok", "--seeds", "42", "--noise-std", "0",
+                   "--lb-weight", "0", "--max-steps", "1", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, "tokenizer", "tok")
+    assert not marker.exists()
+
+
+def test_string_values_in_a_sweep_never_become_paths(llm_main, tmp_path, smoke_fast):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = llm_main(*smoke_fast, "--max-steps", "2", "--eval-every", "2", "--seeds", "42", "--noise-std", "0",
+                    "--lb-weight", "0", "--grid", "dataset=../../escape,a/b", "--out", "out/r.csv")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(out_dir / "r.csv")
+    assert len(rows) == 2 and all(RUN_ID.match(r["run_id"]) and len(r["run_id"]) <= 100 for r in rows)
+    made = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
+    assert made <= {"out", "data_cache", "hf_home"}, made
+    assert {p.name for p in (out_dir / "r_runs").iterdir()} == {r["run_id"] for r in rows}
+
+
+def test_planted_symlinks_are_not_written_through(llm_main, tmp_path, smoke_fast):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "r.csv").symlink_to(victim)
+    proc = llm_main(*smoke_fast, "--max-steps", "2", "--eval-every", "2", "--seeds", "42", "--noise-std", "0",
+                    "--lb-weight", "0", "--out", "r.csv")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert victim.read_text() == "keep me\n"
+    target = tmp_path / "cache_target"
+    target.write_text("keep me too\n")
+    link = tmp_path / "linked.npy"
+    link.symlink_to(target)
+    llm.write_file_safely(link, b"new")  # the link is replaced, its target untouched
+    assert target.read_text() == "keep me too\n" and link.read_bytes() == b"new" and not link.is_symlink()
+
+
+def test_the_sample_corpus_can_be_moved_by_environment(run_llm, tmp_path):
+    corpus = tmp_path / "elsewhere.txt"
+    corpus.write_text("text\n")
+    proc = run_llm("--preset", "smoke", "--seeds", "1", "--noise-std", "0", "--lb-weight", "0", "--dry-run",
+                   env={"LLM_SAMPLE_CORPUS": str(corpus)})
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1].split(": ", 1)[1])[
+        "data_files"] == [str(corpus)]
+
+
+def test_the_evaluation_section_is_protected_and_self_contained():
+    import ast
+    source = (llm.HERE / "llm.py").read_text()
+    lines = source.splitlines()
+    start = lines.index("# Evaluation (protected)")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ----"))
+    section = "\n".join(lines[start:end])
+    defined = {n.name for n in ast.parse(section).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in ast.parse(section).body if isinstance(n, ast.Assign) for t in n.targets}
+    assert {"TokenData", "evaluate", "routing_metrics", "expert_usage_cv", "DEAD_SHARE"} <= defined
+    rest = ast.parse("\n".join(lines[:start] + lines[end:]))
+    rebound = {t.id for n in ast.walk(rest) if isinstance(n, (ast.Assign, ast.AugAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    rebound |= {n.name for n in rest.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & rebound

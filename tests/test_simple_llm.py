@@ -11,7 +11,14 @@ mid-chain (error, broken stream, or an answer that cannot be saved) keeps earlie
 with only the missing requests, and keeps warning about a stale step; Ctrl-C exits 130 and keeps finished steps;
 a closed stdout stops the echo, not the chain; dry-run and unknown variables send nothing; step titles become
 safe file names; cut answers and Gemini's refusals are reported; the keys never appear in output, files,
-tracebacks or later prompts, even when a server echoes them in its answer split across chunks.
+tracebacks or later prompts, even when a server echoes them in its answer split across chunks, split by
+whitespace, base64- or URL-encoded. Issue 20: `models` prints each SDK's list (Gemini's pager followed) with
+the defaults marked; a retired model (404 / "deprecated") costs one request and names the fix; an answer from
+another model warns and is recorded; reasoning (Kimi's reasoning_content, Gemini's thought parts) never
+reaches the answer, the file or the next prompt, is counted, and a long reasoning phase does not trip
+--timeout. Issue 16: answers over --max-answer-chars or past --deadline fail in one line keeping the partial
+file; escape sequences and format characters never reach the terminal, a file or a prompt; .env sets only
+the tool's variables and child_env() drops keys; planted symlinks are never written through.
 """
 import json
 import os
@@ -253,7 +260,9 @@ def test_key_echoed_in_the_answer_is_redacted(fake, capsys, provider):
 
 
 def test_redactor_catches_a_key_split_anywhere(monkeypatch):
-    monkeypatch.setattr(simple_llm, "_SECRETS", {KIMI_KEY, GEMINI_KEY})
+    monkeypatch.setattr(simple_llm, "_SECRETS", {})
+    simple_llm.add_secret(KIMI_KEY)
+    simple_llm.add_secret(GEMINI_KEY)
     text = f"a {KIMI_KEY} b {GEMINI_KEY}{KIMI_KEY} c"
     for cut in range(len(text) + 1):
         r = simple_llm.Redactor()
@@ -359,22 +368,22 @@ def test_gemini_refusing_the_prompt_is_one_clear_error(fake, capsys):
 # ---------------------------------------------------------------------------------------------- variables
 
 def test_substitution_is_one_pass_and_strict():
-    llm = simple_llm.SimpleLLM()
-    llm.variables.update(code="x = {'a': 1}; f'{x}' {user_input}", user_input="IDEA {code}")
-    text = llm.substitute_vars("{user_input} | {code} | {{user_input}} | {\"json\": 1} | {0}")
+    values = dict(code="x = {'a': 1}; f'{x}' {user_input}", user_input="IDEA {code}")
+    text = simple_llm.substitute("{user_input} | {code} | {{user_input}} | {\"json\": 1} | {0}", values)
     assert text == "IDEA {code} | x = {'a': 1}; f'{x}' {user_input} | {user_input} | {\"json\": 1} | {0}"
     with pytest.raises(simple_llm.UserError, match=r"\{missing\}"):
-        llm.substitute_vars("{missing}")
-    assert llm.substitute_vars("{missing}", strict=False) == "{missing}"
+        simple_llm.substitute("{missing}", values)
+    assert simple_llm.substitute("{missing}", values, strict=False) == "{missing}"
 
 
-def test_file_readers(tmp_path):
-    llm = simple_llm.SimpleLLM()
+def test_code_file_is_fenced_whole_up_to_its_limit(tmp_path):
     (tmp_path / "a.py").write_text("print('{x}')\n```\n")
-    fenced = llm.read_code_file(tmp_path / "a.py")
+    fenced = simple_llm.fenced_code(tmp_path / "a.py")
     assert fenced.startswith("````python\n") and fenced.endswith("\n````") and "print('{x}')" in fenced
     with pytest.raises(simple_llm.UserError, match="not found"):
-        llm.read_markdown_file(tmp_path / "nope.md")
+        simple_llm.fenced_code(tmp_path / "nope.py")
+    with pytest.raises(simple_llm.UserError, match="more than the 10 sent whole"):
+        simple_llm.fenced_code(tmp_path / "a.py", limit=10)
 
 
 @pytest.mark.parametrize("title", ["../../etc/passwd", "a/b\\c", "..", "Final Plan: v2!", "", "🙂"])
@@ -390,8 +399,8 @@ def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys)
     assert simple_llm.main(chain_args()) == 0
     out = work / "out"
     assert [(c.provider, c.model) for c in fake.calls] == [
-        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro"),
-        ("kimi", "moonshotai/kimi-k2-0905"), ("gemini", "gemini-2.5-pro")]
+        ("kimi", "moonshotai/kimi-k2.5"), ("gemini", "gemini-3.1-pro-preview"),
+        ("kimi", "moonshotai/kimi-k2.5"), ("gemini", "gemini-3.1-pro-preview")]
     prompts = [c.prompt for c in fake.calls]
     answers = ["kimi answer 1", "gemini answer 1", "kimi answer 2", "gemini answer 2"]
     answers = [a + ": keep {braces} and {step1_result} as text." for a in answers]
@@ -415,7 +424,9 @@ def test_chain_sends_four_requests_in_order_and_writes_files(fake, work, capsys)
     assert [s["finish_reason"] for s in steps] == ["stop", "STOP", "stop", "STOP"]
     assert steps[0]["usage"]["completion_tokens"] > 0 and steps[1]["usage"]["total_token_count"] > 0
     assert all(s["seconds"] >= 0 and s["cut"] is False for s in steps)
+    assert [s["answered_by"] for s in steps] == [s["model_id"] for s in steps]  # no reroute, no warning
     captured = capsys.readouterr()
+    assert "warning" not in captured.err
     assert all(a in captured.out for a in answers)  # streamed as it arrived
     assert_no_keys(captured.out, captured.err, folder=work)
 
@@ -425,9 +436,7 @@ def test_chain_uses_default_code_and_system_files(fake, work, capsys):
     first = fake.calls[0].prompt
     assert "```python\n" in first and "MARKER-IDEA" in first
     assert (ROOT / "research_system_prompt.md").read_text().strip() in first
-    if (ROOT / "llm.py").is_file():
-        # the planner's view of llm.py: the model, training and config, without the data and CSV plumbing
-        assert simple_llm.lean_code((ROOT / "llm.py").read_text()).rstrip() in first
+    assert (ROOT / "llm.py").read_text().rstrip() in first  # the whole of llm.py: it is small enough
 
 
 @pytest.mark.slow
@@ -653,16 +662,25 @@ def test_bad_steps_file_is_a_user_error(fake, work, capsys):
     assert fake.calls == []
 
 
-def test_dotenv_from_cwd_never_overrides_the_environment(work, monkeypatch):
+def test_dotenv_sets_only_the_tools_own_variables_and_names_the_rest(work, monkeypatch, capsys):
+    # issue 16 item 4: an idea folder's .env with PYTHONPATH= or a redirecting base URL
     monkeypatch.delenv("SIMPLE_LLM_NO_DOTENV")
     monkeypatch.setenv("GEMINI_API_KEY", "from-environment")
-    (work / ".env").write_text("GEMINI_API_KEY=from-dotenv\nNOVITA_API_KEY=nv-from-dotenv\n")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    monkeypatch.setattr(simple_llm, "_DOTENV_NAMES", set())
+    (work / ".env").write_text("GEMINI_API_KEY=from-dotenv\nNOVITA_API_KEY=nv-from-dotenv\n"
+                               "PYTHONPATH=/tmp/evil\nHF_TOKEN=hf_x\nKIMI_MODEL=other/kimi\n")
     try:
         simple_llm.load_env()
-        assert os.environ["GEMINI_API_KEY"] == "from-environment"
-        assert os.environ["NOVITA_API_KEY"] == "nv-from-dotenv"
+        assert os.environ["GEMINI_API_KEY"] == "from-environment"  # set variables win
+        assert os.environ["NOVITA_API_KEY"] == "nv-from-dotenv" and os.environ["KIMI_MODEL"] == "other/kimi"
+        assert "PYTHONPATH" not in os.environ and "HF_TOKEN" not in os.environ
+        assert "sets HF_TOKEN, PYTHONPATH: ignored" in capsys.readouterr().err
+        env = simple_llm.child_env()
+        assert not {"GEMINI_API_KEY", "NOVITA_API_KEY", "KIMI_MODEL", "PYTHONPATH"} & set(env)
     finally:
         os.environ.pop("NOVITA_API_KEY", None)
+        os.environ.pop("KIMI_MODEL", None)
 
 
 def test_debug_shows_the_traceback(work, capsys):
@@ -692,3 +710,170 @@ def test_a_key_is_redacted_before_a_long_message_is_cut(monkeypatch):
     for cut in range(len(KIMI_KEY)):
         text = str(simple_llm._rejected("kimi", 401, "x" * (160 - 5 - cut) + " key " + KIMI_KEY))
         assert KIMI_KEY[:6] not in text
+
+
+# ---------------------------------------------------------------------------------------------- models (issue 20)
+
+def test_models_lists_what_each_key_can_call_marking_the_defaults(fake, tmp_path, capsys):
+    assert simple_llm.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["gemini\tgemini-3.1-pro-preview\tdefault", "gemini\tgemini-pro-latest",
+                     "kimi\tmoonshotai/kimi-k2-0905", "kimi\tmoonshotai/kimi-k2.5\tdefault"]
+    assert [c.path for c in fake.calls].count("/openai/models") == 1  # gemini's pager asked for two pages
+    assert simple_llm.main(["models", "kimi", "--model", "kimi=moonshotai/kimi-k2-0905"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["kimi\tmoonshotai/kimi-k2-0905\tdefault",
+                                                    "kimi\tmoonshotai/kimi-k2.5"]
+
+
+def test_models_without_a_key_is_one_line_and_sends_nothing(fake, monkeypatch, capsys):
+    monkeypatch.delenv("NOVITA_API_KEY")
+    assert simple_llm.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "NOVITA_API_KEY is not set" in err and fake.calls == []
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_a_retired_model_fails_at_once_with_a_hint(fake, capsys, provider):
+    fake.then(provider, lambda: error(provider, 404, "models/old-model is not found for API version v1, or is "
+                                      "not supported for generateContent."))
+    assert simple_llm.main([provider, "hi", "--model", f"{provider}=old-model"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    var = simple_llm.PROVIDERS[provider].model_env
+    assert f"model 'old-model' is not available (HTTP 404" in err
+    assert f"python simple_llm.py models {provider}" in err and f"--model {provider}=ID" in err and var in err
+    assert len(fake.calls) == 1  # no retry
+
+
+def test_a_deprecated_model_error_is_the_same_hint(fake):
+    fake.then("kimi", lambda: error("kimi", 400, "The model moonshotai/kimi-k2-0905 has been deprecated"))
+    with pytest.raises(simple_llm.ProviderError, match="is not available .* it may be retired"):
+        simple_llm.SimpleLLM().reply("kimi", "hi")
+    assert len(fake.calls) == 1
+
+
+def test_a_rerouted_answer_warns_and_is_recorded(fake, work, capsys):
+    fake.then("gemini", lambda: answer("gemini", "a review", model="gemini-2.5-flash"))
+    steps = [{"title": "Plan", "model": "kimi", "prompt": "{user_input}"},
+             {"title": "Review", "model": "gemini", "prompt": "{step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 0
+    err = capsys.readouterr().err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warnings == ["warning: gemini answered with model gemini-2.5-flash, not gemini-3.1-pro-preview as "
+                        "asked (the provider rerouted the request; --model or the env variable picks another)"]
+    entries = json.loads((work / "out" / "chain_run.json").read_text())["steps"]
+    assert [(e["model_id"], e["answered_by"]) for e in entries] == [
+        ("moonshotai/kimi-k2.5", "moonshotai/kimi-k2.5"), ("gemini-3.1-pro-preview", "gemini-2.5-flash")]
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_reasoning_never_reaches_the_answer_file_or_next_prompt(fake, work, capsys, provider):
+    # A long thinking phase: each chunk comes within --timeout, the whole phase takes longer than it.
+    thoughts = [f"THOUGHT-{i} the user wants a plan; " for i in range(6)]
+    fake.then(provider, lambda: answer(provider, "the plan itself", reasoning=thoughts, gap=0.15))
+    other = "gemini" if provider == "kimi" else "kimi"
+    steps = [{"title": "Plan", "model": provider, "prompt": "{user_input}"},
+             {"title": "Review", "model": other, "prompt": "Review: {step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json", "--timeout", "0.6")) == 0
+    out = capsys.readouterr().out
+    assert (work / "out" / "step1_plan.md").read_text() == "the plan itself"
+    assert "THOUGHT" not in out and "THOUGHT" not in fake.calls[1].prompt
+    assert fake.calls[1].prompt == "Review: the plan itself"
+    entry = json.loads((work / "out" / "chain_run.json").read_text())["steps"][0]
+    assert entry["reasoning_chars"] == len("".join(thoughts))
+    assert entry["reasoning_tokens"] == (6 if provider == "kimi" else 11)  # the fake's usage counts
+
+
+# ---------------------------------------------------------------------------------------------- answer limits
+
+def test_an_endless_answer_stops_at_the_cap_keeping_the_part_received(fake, work, capsys):
+    # issue 16 item 7: an answer far over the cap fails its step in one line; what arrived is kept, not passed on
+    fake.then("kimi", lambda: answer("kimi", ["x" * 400] * 20))
+    assert simple_llm.main(chain_args("out", "--max-answer-chars", "1000")) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "passed the cap of 1,000 characters (--max-answer-chars)" in err
+    partial = (work / "out" / "step1_research_plan.partial.md").read_text()
+    assert partial == "x" * 800 and len(fake.calls) == 1
+    assert not (work / "out" / "step1_research_plan.md").exists()
+
+
+def test_a_drip_fed_answer_stops_at_the_deadline(fake, capsys):
+    # issue 16 item 7: one chunk every 0.15 s never trips a 2 s --timeout, but the step has a total deadline
+    fake.then("gemini", lambda: answer("gemini", ["drip "] * 40, gap=0.15))
+    assert simple_llm.main(["gemini", "hi", "--timeout", "2", "--deadline", "0.8"]) == 1
+    captured = capsys.readouterr()
+    assert_one_error_line(captured.err)
+    assert "no complete answer within the --deadline of 0.8 s" in captured.err
+    assert captured.out.startswith("drip drip") and len(fake.calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------- text safety
+
+ESCAPES = ("\x1b[2J\x1b[1;1H\x1b[3;20r", "\x1b]52;c;ZWNobyBwd25lZA==\x07", "\x9b2J", "\r", "\u202e", "\u200b",
+           "\u2028", "\ufeff", "\U000e0041", "\x00", "\x1bP1$r\x1b\\")
+
+
+@pytest.mark.parametrize("provider", ["kimi", "gemini"])
+def test_terminal_control_never_reaches_the_terminal_a_file_or_the_next_prompt(fake, work, capsys, provider):
+    # issue 16 items 3 and 10: a screen clear + scroll region, OSC 52 (clipboard), C1 CSI, bidi, zero-width...
+    text = "safe " + "".join(f"{e}part{i} " for i, e in enumerate(ESCAPES)) + "end\twith tab\n"
+    fake.then(provider, lambda: answer(provider, [text[:9], text[9:30], text[30:]]))
+    other = "gemini" if provider == "kimi" else "kimi"
+    steps = [{"title": "A", "model": provider, "prompt": "{user_input}"},
+             {"title": "B", "model": other, "prompt": "{step1_result}"}]
+    (work / "steps.json").write_text(json.dumps(steps))
+    assert simple_llm.main(chain_args("out", "--steps", "steps.json")) == 0
+    out = capsys.readouterr().out
+    saved = (work / "out" / "step1_a.md").read_text()
+    for seen in (out, saved, fake.calls[1].prompt):
+        assert simple_llm.clean(seen) == seen and "\x1b" not in seen and "\r" not in seen
+        assert "part0" in seen and "part10" in seen and "end\twith tab\n" in seen
+    # cut inside sequences, a chunk may leave a harmless remainder ("2J"); whole, each goes entirely
+    assert simple_llm.clean(text) == "safe " + "".join(f"part{i} " for i in range(len(ESCAPES))) + "end\twith tab\n"
+
+
+def test_provider_error_text_is_cleaned(fake, capsys):
+    fake.then("kimi", lambda: error("kimi", 400, "bad \x1b]52;c;aGk=\x07request\x1b[2J \u202e"))
+    assert simple_llm.main(["kimi", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert_one_error_line(err)
+    assert "\x1b" not in err and "\u202e" not in err and "bad request" in err
+
+
+def test_redaction_covers_split_base64_and_url_encoded_keys(monkeypatch):
+    # issue 16 item 12
+    import base64
+    import urllib.parse
+    monkeypatch.setattr(simple_llm, "_SECRETS", {})
+    simple_llm.add_secret(KIMI_KEY)
+    forms = [KIMI_KEY[:8] + " " + KIMI_KEY[8:], KIMI_KEY[:5] + "\n  " + KIMI_KEY[5:],
+             urllib.parse.quote(KIMI_KEY + "/+", safe=""), urllib.parse.quote_plus(KIMI_KEY)]
+    for prefix in ("", "u", "us", "use"):  # base64 of a longer text: the key at each alignment
+        forms.append(base64.b64encode(f"{prefix}:{KIMI_KEY}:tail".encode()).decode())
+        forms.append(base64.urlsafe_b64encode(f"{prefix}{KIMI_KEY}".encode()).decode())
+    for form in forms:
+        out = simple_llm.redact(f"Authorization: Basic {form} end")
+        assert "***" in out, form
+        core = base64.b64encode(KIMI_KEY.encode()).decode()[2:-2]
+        assert KIMI_KEY not in out and core not in out and KIMI_KEY[6:14] not in out
+    assert simple_llm.redact("nothing secret here") == "nothing secret here"
+
+
+def test_a_planted_temp_file_symlink_is_never_followed(fake, work, tmp_path):
+    # issue 16 item 9: step1_*.md.tmp -> a file of the user's; and the step file itself a symlink
+    victim = tmp_path / "bashrc"
+    victim.write_text("mine\n")
+    out = work / "out"
+    out.mkdir()
+    (out / "step1_research_plan.md.tmp").symlink_to(victim)
+    (out / "step2_critical_review.md").symlink_to(victim)
+    for n in range(4):
+        (out / f".step1_research_plan.md.{n}.tmp").symlink_to(victim)
+    assert simple_llm.main(chain_args()) == 0
+    assert victim.read_text() == "mine\n"
+    assert not (out / "step2_critical_review.md").is_symlink()
+    assert (out / "step2_critical_review.md").read_text().startswith("gemini answer 1")
