@@ -31,7 +31,7 @@ from simple_llm import EditError, Edit
 ROOT = Path(__file__).resolve().parents[1]
 USER_LLM = ROOT / "llm.py"
 EXAMPLE = ROOT / "tests" / "example_code_plan.md"
-FAKE_KEY = "AIzaFAKE-key-0123456789abcdefghijklmnop"
+FAKE_KEY = "test-only-not-a-key-0123456789abcdefghijklmnop"  # no provider key shape
 
 
 def sha(path: Path) -> str:
