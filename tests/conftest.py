@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# One thread per test process, set before torch is imported here or in any child: the test models are tiny,
+# and two OpenMP threads on two busy cores spin at every barrier (a one-run smoke sweep took 22 s with two
+# threads and 7 s with one on the 2-core CI machine under load). Parallel test workers get a core each.
+os.environ["OMP_NUM_THREADS"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
