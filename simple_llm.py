@@ -2215,14 +2215,16 @@ def sandbox_env(env: dict, workdir: Path, project: Path | None = None, report: b
 
 
 def _run_llm(code: Path, args: list[str], folder: Path, env: dict, timeout: float, what: str,
-             fresh: bool = True, report: bool = True) -> subprocess.CompletedProcess:
+             fresh: bool = True, report: bool = True,
+             no_sandbox: bool = False) -> subprocess.CompletedProcess:
     """code (an llm.py) with args in the sandbox, cwd and writable = folder; EditError when it
     fails. report=False: report.py is not importable, so the run writes no report (2-3 s saved)."""
     if fresh and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     proc = sandboxed([sys.executable, str(Path(code).resolve()), *args], writable=folder,
-                     timeout=timeout, env=sandbox_env(env, folder, report=report))
+                     timeout=timeout, env=sandbox_env(env, folder, report=report),
+                     no_sandbox=no_sandbox)
     if proc.returncode != 0:
         raise EditError(f"{what} failed (exit {proc.returncode}): python llm.py {' '.join(args)}"
                         f"{_tail(proc.stdout, proc.stderr)}")
@@ -2253,14 +2255,15 @@ def _val_loss(rows: list[dict], what: str, proc) -> float:
 
 
 def _default_plan(code: Path, folder: Path, env: dict, timeout: float, what: str,
-                  keep: bool = False) -> dict:
+                  keep: bool = False, no_sandbox: bool = False) -> dict:
     """What `llm.py --dry-run --json` (no flags) would run: the defaults of every field and axis.
     keep: save it as folder/plan.json and reuse that file when it is there (the original's, by
     content hash)."""
     saved = folder / "plan.json"
     if keep and saved.is_file():
         return json.loads(saved.read_text(encoding="utf-8"))
-    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what, report=False)
+    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what, report=False,
+                    no_sandbox=no_sandbox)
     try:
         plan = json.loads(proc.stdout)
         plan = {"n_runs": plan["n_runs"], "axes": plan["axes"],
@@ -2288,7 +2291,7 @@ def _compare_defaults(want: dict, got: dict) -> None:
 
 
 def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict,
-                            timeout: float) -> None:
+                            timeout: float, no_sandbox: bool = False) -> None:
     """Refuse (EditError) a copy whose defaults differ from the original's: its `--dry-run --json`
     plan with no flags must resolve every original config field to the same value, and both must
     train `--preset smoke` for 3 steps with seed 42 to the same val_loss (to 1e-6), on CPU in the
@@ -2304,8 +2307,9 @@ def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict
         shutil.copyfile(original, orig_dir / "llm.py")
     original = orig_dir / "llm.py"
     want = _default_plan(original, orig_dir / "dry", env, timeout, "the original llm.py's dry run",
-                         keep=True)
-    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run")
+                         keep=True, no_sandbox=no_sandbox)
+    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run",
+                        no_sandbox=no_sandbox)
     _compare_defaults(want, got)
     losses, cache = [], orig_dir / "train" / "data_cache"
     for code, folder, what in ((original, orig_dir / "train", "the original llm.py's smoke run"),
@@ -2316,7 +2320,8 @@ def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict
         else:  # the copy reads the tokens the original cached, as its real runs will
             args = [*DEFAULT_RUN, "--out", done.name]
             args += ["--cache-dir", str(cache)] if code == copy else []
-            proc = _run_llm(code, args, folder, env, timeout, what, report=False)
+            proc = _run_llm(code, args, folder, env, timeout, what, report=False,
+                            no_sandbox=no_sandbox)
         losses.append(_val_loss(_csv_rows(done, what, proc), what, proc))
     if abs(losses[0] - losses[1]) > 1e-6:
         raise EditError(f"the patched llm.py changes the default behaviour: val_loss "
@@ -2370,14 +2375,15 @@ def smoke_args(args: list[str]) -> list[str]:
 
 
 def smoke_check_entries(copy: Path, entry_args: list[list[str]], workdir: Path, env: dict,
-                        timeout: float) -> None:
+                        timeout: float, no_sandbox: bool = False) -> None:
     """Each entry's args (through smoke_args) train a few steps of the copy in the sandbox, under
     workdir/smoke-check/entry{i}/; a failure is an EditError with the reason and the output's tail.
     timeout: seconds per entry."""
     for i, args in enumerate(entry_args, 1):
         folder = Path(workdir) / "smoke-check" / f"entry{i}"
         what = f"entry {i}'s smoke run on the patched llm.py"
-        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout, what)
+        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout, what,
+                        no_sandbox=no_sandbox)
         rows = _csv_rows(folder / "smoke.csv", what, proc)
         bad = [r for r in rows if r.get("status") != "ok"]
         if bad:
@@ -2440,8 +2446,10 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
     plan.limit_s = 60 * limits.max_total_minutes
     plan.diff = (f"code: {_count(len(plan.edits), 'edit')} to {base}, applied to the copy {copy} "
                  f"(diff saved as {diff_file}):\n{clean(diff)}")
-    where = kind or "NO SANDBOX (--no-sandbox): network and files are open to it"
-    return (f"patched code runs in: {where}; after you confirm, its default behaviour and each "
+    where = (f"patched code runs in: {kind}" if kind else "patched code runs WITHOUT A SANDBOX "
+             "(--no-sandbox; none can be made here): it can reach the network and write wherever "
+             "you can; it still gets an environment without keys, no stdin and a time limit")
+    return (f"{where}; after you confirm, its default behaviour and each "
             f"entry at smoke scale are checked there first; each entry may run at most "
             f"{limits.max_total_minutes:g} min (a copy's new flags are not budgeted ahead)")
 
@@ -2452,8 +2460,9 @@ def check_copy(plan: Plan, folder: Path) -> None:
     fills the token cache of the shipped corpus."""
     env, work, timeout = child_env(), Path(folder) / "checks", max(300.0, plan.limit_s)
     try:
-        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout)
-        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout)
+        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout, plan.no_sandbox)
+        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout,
+                            plan.no_sandbox)
     except EditError as e:
         raise edit_refusal(e) from None
 
