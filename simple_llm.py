@@ -586,26 +586,7 @@ def list_models(name: str, s: Settings) -> list[str]:
 # Chain: the steps, their variables, the calls, the saved files and chain_run.json
 
 # The built-in chain. --steps FILE.json replaces it with a list of the same shape.
-DEFAULT_STEPS = [
-    {"title": "Research_Plan", "model": "kimi", "prompt": """{system_prompt}
-
-You are planning experiments on the mixture-of-experts language model below. The researcher's idea:
-
-{user_input}
-
-What the last experiment found:
-
-{results}
-
-The current code (llm.py):
-
-{code_content}
-
-Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to
-compare (name the llm.py settings or code changes for each), seeds, metrics, expected run time, and
-the total number of runs. Build on what the last experiment found. Keep to the constraints above.
-"""},
-    {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
+CONTEXT = """{system_prompt}
 
 The researcher's idea:
 
@@ -615,11 +596,19 @@ What the last experiment found:
 
 {results}
 
-The code the plan builds on (llm.py):
+The code (llm.py):
 
 {code_content}
 
-A proposed research plan:
+"""
+DEFAULT_STEPS = [
+    {"title": "Research_Plan", "model": "kimi", "prompt": CONTEXT + """\
+Write a concise research plan of at most 800 words for experiments on this mixture-of-experts
+language model: the question and hypothesis, the conditions to compare (name the llm.py settings
+or code changes for each), seeds, metrics, expected run time, and the total number of runs. Build
+on what the last experiment found. Keep to the constraints above.
+"""},
+    {"title": "Critical_Review", "model": "gemini", "prompt": CONTEXT + """A proposed research plan:
 
 {step1_result}
 
@@ -640,21 +629,7 @@ A critical review of it:
 Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would
 cost in runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping
 from the original plan and push back on criticism that does not hold."""},
-    {"title": "Final_Plan", "model": "gemini", "prompt": """{system_prompt}
-
-The researcher's idea:
-
-{user_input}
-
-What the last experiment found:
-
-{results}
-
-The code (llm.py):
-
-{code_content}
-
-The original plan:
+    {"title": "Final_Plan", "model": "gemini", "prompt": CONTEXT + """The original plan:
 
 {step1_result}
 
@@ -672,9 +647,6 @@ fairly, the time per run and in total, and the total number of experiments, stat
 
 {code_edit_rules}{plan_format}"""},
 ]
-
-_PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
-
 
 _PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
