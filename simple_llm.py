@@ -2533,6 +2533,30 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="run without asking")
 
 
+def _chain_options(p: argparse.ArgumentParser, out_dir: str, out_help: str, dry_help: str,
+                   resume_help: str) -> None:
+    """What `chain` and `loop` share: the input, the files and variables the prompts are made of,
+    the folder, --dry-run and --resume."""
+    p.add_argument("input", help="markdown file with the research idea: {user_input}")
+    p.add_argument("--code", default=str(DEFAULT_CODE),
+                   help="code file for {code_content} (default llm.py)")
+    p.add_argument("--system", default=str(DEFAULT_SYSTEM), help="constraints file for "
+                   "{system_prompt} (default research_system_prompt.md)")
+    p.add_argument("--steps", metavar="FILE.json",
+                   help="JSON list of {title, model, prompt} replacing the built-in four steps")
+    p.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                   help="variable for {KEY} in prompts (repeatable; wins over all others)")
+    p.add_argument("--out-dir", default=out_dir, help=out_help)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--dry-run", action="store_true", help=dry_help)
+    results = p.add_mutually_exclusive_group()
+    results.add_argument("--results", metavar="FILE", help="{results}: a report or a results CSV "
+                         f"(its report is built); default: the report of {DEFAULT_CSV_NAME} in "
+                         "the current folder, if any")
+    results.add_argument("--no-results", action="store_true",
+                         help="{results} says no results exist yet")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     common = _common_parser()
     parser = argparse.ArgumentParser(prog="simple_llm.py", description=__doc__.split("\n")[0],
@@ -2551,32 +2575,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one provider (default: both)")
     chain = sub.add_parser("chain", parents=[common],
                            help="run the research chain on a markdown file")
-    chain.add_argument("input", help="markdown file with the research idea: {user_input}")
-    chain.add_argument("--code", default=str(DEFAULT_CODE),
-                       help="code file for {code_content} (default llm.py)")
-    chain.add_argument("--system", default=str(DEFAULT_SYSTEM), help="constraints file for "
-                       "{system_prompt} (default research_system_prompt.md)")
-    chain.add_argument("--steps", metavar="FILE.json",
-                       help="JSON list of {title, model, prompt} replacing the built-in four steps")
-    chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
-                       help="variable for {KEY} in prompts (repeatable; wins over all others)")
-    chain.add_argument("--out-dir", default=".",
-                       help="folder for step files and chain_run.json (default .)")
-    chain.add_argument("--resume", action="store_true", help="reuse saved step files from "
-                       "--out-dir and call only for the missing steps")
-    chain.add_argument("--dry-run", action="store_true", help="print each rendered prompt and its "
-                       "size; needs no key and sends nothing")
-    results = chain.add_mutually_exclusive_group()
-    results.add_argument("--results", metavar="FILE", help="{results}: a report or a results CSV "
-                         f"(its report is built); default: the report of {DEFAULT_CSV_NAME} in "
-                         "the current folder, if any")
-    results.add_argument("--no-results", action="store_true",
-                         help="{results} says no results exist yet")
-    _add_plan_commands(sub, chain)
-    return parser.parse_args(argv)
-
-
-def _add_plan_commands(sub, chain) -> None:
+    _chain_options(chain, ".", "folder for step files and chain_run.json (default .)",
+                   "print each rendered prompt and its size; needs no key and sends nothing",
+                   "reuse saved step files from --out-dir and call only for the missing steps")
     runs = sub.add_parser("runs",
                           help="check, budget, show and (with --run) run the runs of a plan")
     runs.add_argument("plan", help="markdown file ending in a block of runs (a chain's final step)")
@@ -2586,21 +2587,19 @@ def _add_plan_commands(sub, chain) -> None:
     runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate "
                       f"(default: {DEFAULT_CSV_NAME} here, if any)")
     runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    _plan_options(runs)
-    loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
-                          help="rounds of chain -> runs -> verdicts, each round planned from the "
-                               "ledger")
+    loop = sub.add_parser("loop", parents=[common], help="rounds of chain -> runs -> verdicts, "
+                          "each round planned from the ledger")
+    _chain_options(loop, DEFAULT_LOOP_DIR, f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} "
+                   f"(default {DEFAULT_LOOP_DIR})", "print the first unfinished round's prompts "
+                   "and what follows; no key, nothing sent", argparse.SUPPRESS)  # always resumes
     loop.add_argument("--rounds", type=_bounded(int, 1), default=1,
                       help="rounds to run (default 1)")
-    loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR, help=f"folder for round{{k}}/, "
-                      f"{LOOP_STATE} and {LEDGER} (default {DEFAULT_LOOP_DIR})")
     loop.add_argument("--repairs", type=_bounded(int, 0), default=DEFAULT_REPAIRS,
                       help="times a round's refused plan (or failed run) goes back to the final "
                            "step with the message (default %(default)s)")
-    loop.add_argument("--dry-run", action="store_true", help="print the first unfinished round's "
-                      "prompts and what follows; no key, nothing sent")
-    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # always resumes
-    _plan_options(loop)
+    for p in (runs, loop):
+        _plan_options(p)
+    return parser.parse_args(argv)
 
 
 def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]:
