@@ -45,7 +45,6 @@ import typing
 import urllib.parse
 from datetime import datetime, timezone
 from pathlib import Path
-
 # --------------------------------------------------------------------------------------------------
 # Constants, errors, text safety, environment and files
 
@@ -53,20 +52,14 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CODE = HERE / "llm.py"
 DEFAULT_SYSTEM = HERE / "research_system_prompt.md"
 MANIFEST = "chain_run.json"
-
-# The chain asks for plans of up to 1000 words, and Gemini counts its thinking against this limit
-# too.
-DEFAULT_MAX_TOKENS = 16384
+DEFAULT_MAX_TOKENS = 16384  # plans of up to 1000 words, and Gemini counts its thinking here too
 DEFAULT_TIMEOUT = 300.0  # seconds to connect and between chunks: a thinking model is silent a while
 DEFAULT_RETRIES = 4
 DEFAULT_DEADLINE = 1800.0  # seconds for one answer, retries included: a drip-fed stream ends here
 DEFAULT_MAX_ANSWER = 200_000  # characters: 16384 tokens of English are about 65,000
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is treated as a hard failure
-# English runs at about 4 characters per token and nothing at more than 8, so a prompt this long is
-# over 1M tokens, the largest context of either model (Gemini's): it is refused here instead of
-# uploaded and rejected.
-MAX_PROMPT_CHARS = 8_000_000
+MAX_SERVER_WAIT = 120.0  # a server asking for a longer pause than this is a hard failure
+MAX_PROMPT_CHARS = 8_000_000  # over 1M tokens at any rate of characters per token: refused here
 MAX_CODE_CHARS = 400_000  # llm.py goes to the planner whole up to this size (about 100k tokens)
 
 
@@ -81,8 +74,7 @@ class Provider:
 
 PROVIDERS = {
     "gemini": Provider("GEMINI_API_KEY", "gemini-3.1-pro-preview", "GEMINI_MODEL",
-                       "GEMINI_BASE_URL",
-                       None),
+                       "GEMINI_BASE_URL", None),
     "kimi": Provider("NOVITA_API_KEY", "moonshotai/kimi-k2.5", "KIMI_MODEL", "NOVITA_BASE_URL",
                      "https://api.novita.ai/openai"),
 }
@@ -98,12 +90,12 @@ class UserError(Exception):
 
 
 class PlanError(UserError):
-    """A plan is refused (format, flags, budget, safety, a failed run): the loop sends it back for
+    """A plan is refused (format, flags, budget, safety, a failed run): the loop asks for a
     repair."""
 
 
 class ProviderError(UserError):
-    """The provider refused or failed to answer: shown as one line, exit 1."""
+    """The provider refused or failed to answer: exit 1."""
     exit_code = 1
 
     def __init__(self, message: str):
@@ -137,22 +129,18 @@ def add_secret(key: str) -> None:
 
 
 def redact(text: str) -> str:
-    """SDK errors and answers can echo request details: no key value ever leaves this process."""
     for pattern in _SECRETS.values():
         text = pattern.sub("***", text)
     return text
 
 
-# Terminal control: escape sequences (CSI, OSC such as OSC 52's clipboard, others), C0 and C1
-# controls but newline and tab, bidirectional controls, zero-width and other format characters,
-# line/paragraph separators, the BOM and tag characters. Removing every ESC and C1 byte is what
-# makes it safe; the sequences go first only so that their harmless remainders do not litter the
-# text.
-_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ "
-                      r"-/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
+# Terminal control: escape sequences (CSI, OSC, DCS...), C0 and C1 controls but newline and tab,
+# bidi and zero-width controls, line separators, the BOM and tag characters. Removing every ESC and
+# C1 byte makes it safe; the sequences go first so that their remainders do not litter the text.
+_ESCAPES = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+                      r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?")
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
-                     "\u2060-\u206f"
-                     "\ud800-\udfff\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
+                     "\u2060-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 
 
 def clean(text: str) -> str:
@@ -161,9 +149,8 @@ def clean(text: str) -> str:
 
 
 class Redactor:
-    """Cleans and redacts text that arrives in pieces: a key split across two chunks is caught
-    because the tail of each piece waits for the next one (or for flush() at the end)."""
-
+    """Cleans and redacts text that arrives in pieces: the tail of each piece waits for the next
+    (or flush()), so a key split across two chunks is caught."""
     HOLD = 256  # characters held back: more than any key in any of its encodings
 
     def __init__(self):
@@ -180,22 +167,21 @@ class Redactor:
         return text
 
 
-def _note(text: str) -> None:
-    """Progress, warnings and errors go to stderr; a reader that went away (`2>&1 | head`) must not
-    stop the work."""
+def _write_to(stream, text: str) -> bool:
+    """Write and flush; a reader that went away (`| head`) silences the stream: False."""
     try:
-        print(text, file=sys.stderr, flush=True)
+        stream.write(text)
+        stream.flush()
+        return True
     except BrokenPipeError:
-        _silence(sys.stderr)
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no flush error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        return False
 
 
-def _silence(stream) -> None:
-    """After a broken pipe, the stream writes to /dev/null, so Python's flush at exit does not fail
-    again."""
-    try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        pass
+def _note(text: str) -> None:
+    """Progress, warnings and errors, on stderr."""
+    _write_to(sys.stderr, text + "\n")
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -207,24 +193,22 @@ _DOTENV_NAMES: set[str] = set()  # names a .env file held: never passed to a chi
 
 
 def load_env() -> None:
-    """Read the tool's own variables (keys, base URLs, model ids) from .env in the current
-    directory, else beside this script; variables already set win. Any other name in it is ignored,
-    and named on stderr. SIMPLE_LLM_NO_DOTENV=1 skips .env files entirely (the tests use it so a
-    real .env never leaks in)."""
-    if not os.environ.get("SIMPLE_LLM_NO_DOTENV"):
+    """The tool's own variables from .env here, else beside this script; set variables win, other
+    names are ignored (and named). SIMPLE_LLM_NO_DOTENV=1 skips .env files (the tests use it)."""
+    candidates = [] if os.environ.get("SIMPLE_LLM_NO_DOTENV") else [Path.cwd() / ".env",
+                                                                    HERE / ".env"]
+    for candidate in (c for c in candidates if c.is_file()):
         from dotenv import dotenv_values
-        for candidate in (Path.cwd() / ".env", HERE / ".env"):
-            if candidate.is_file():
-                values = dotenv_values(candidate)
-                _DOTENV_NAMES.update(values)
-                for name, value in values.items():
-                    if name in TOOL_VARS and value is not None and name not in os.environ:
-                        os.environ[name] = value
-                ignored = sorted(set(values) - set(TOOL_VARS))
-                if ignored:
-                    _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives "
-                          f"this tool only {', '.join(TOOL_VARS)})")
-                break
+        values = dotenv_values(candidate)
+        _DOTENV_NAMES.update(values)
+        for name, value in values.items():
+            if name in TOOL_VARS and value is not None and name not in os.environ:
+                os.environ[name] = value
+        ignored = sorted(set(values) - set(TOOL_VARS))
+        if ignored:
+            _note(f"note: {candidate} sets {', '.join(ignored)}: ignored (a .env gives this tool "
+                  f"only {', '.join(TOOL_VARS)})")
+        break
     for p in PROVIDERS.values():
         add_secret(os.environ.get(p.key_env, "").strip())
 
@@ -240,9 +224,8 @@ def api_key(name: str) -> str:
 
 
 def child_env(extra: dict | None = None) -> dict:
-    """The environment of every llm.py this tool starts: this process's, without API keys or
-    anything a .env named, without any variable that looks like a secret or holds a key's value;
-    `extra` on top."""
+    """The environment of every llm.py this tool starts: without API keys, anything a .env named,
+    any variable that looks like a secret or holds a key's value; `extra` on top."""
     keys = {os.environ.get(p.key_env, "").strip() for p in PROVIDERS.values()} | set(_SECRETS)
     env = {k: v for k, v in os.environ.items()
            if k not in TOOL_VARS and k not in _DOTENV_NAMES and not SECRET_NAME.search(k)
@@ -251,9 +234,8 @@ def child_env(extra: dict | None = None) -> dict:
 
 
 def _read_text(path, what: str) -> str:
-    path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{what} file {path} not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -261,8 +243,8 @@ def _read_text(path, what: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: a planted file or symlink is never written
-    through), then rename it over `path` (which replaces a symlink there, never following it)."""
+    """Write a fresh temporary file (O_EXCL|O_NOFOLLOW: never through a planted file or symlink),
+    then rename it over `path` (which replaces a symlink there, never following it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -285,18 +267,10 @@ def make_dir(path: Path, flag: str = "--out-dir") -> None:
         raise UserError(f"cannot create {flag} {path} ({why}); choose another folder") from None
 
 
-def _remove(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot replace {path} ({e.strerror or e})") from e
-
-
 @contextlib.contextmanager
 def out_dir_lock(out_dir: Path):
     """An exclusive lock on out_dir, yielding its file descriptor (passed to each llm.py, so a
-    killed tool's llm.py still holds it). The lock file is opened without following a symlink and
-    never truncated."""
+    killed tool's llm.py still holds it); opened without following a symlink, never truncated."""
     import fcntl
     path = Path(out_dir) / ".runs.lock"
     try:
@@ -309,8 +283,7 @@ def out_dir_lock(out_dir: Path):
     except OSError:
         os.close(fd)
         raise UserError(f"another runs/loop (or an llm.py it started) is still writing in "
-                        f"{out_dir}; wait for it "
-                        "to finish, or use another --out-dir") from None
+                        f"{out_dir}; wait for it to finish, or use another --out-dir") from None
     try:
         yield fd
     finally:
@@ -319,6 +292,7 @@ def out_dir_lock(out_dir: Path):
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun if n == 1 else noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
+
 
 # --------------------------------------------------------------------------------------------------
 # Providers: one streaming function each, one retry helper, one list call each
@@ -340,8 +314,7 @@ class Reply:
     finish_reason: str | None
     usage: dict
     answered_by: str | None = None  # the model the provider says answered
-    # reasoning streamed, never kept (reasoning_content, Gemini's thoughts)
-    reasoning_chars: int = 0
+    reasoning_chars: int = 0  # reasoning streamed, never kept (reasoning_content, thoughts)
     seconds: float = 0.0
 
     @property
@@ -360,12 +333,12 @@ class Stream:
 
     def __init__(self, name: str, s: Settings, show):
         self.name, self.s, self.show = name, s, show
-        self.parts: list[str] = []
-        self.redactor, self.reasoning, self.answered_by = Redactor(), 0, None
+        self.parts, self.redactor, self.reasoning, self.answered_by = [], Redactor(), 0, None
         self.size, self.ends = 0, time.monotonic() + s.deadline
 
-    def start(self) -> None:
-        self.parts, self.size = [], 0  # a retry starts again (only before any text: see _transient)
+    @property
+    def received(self) -> str:
+        return "".join(self.parts)
 
     def text(self, piece: str) -> None:
         self.check()
@@ -374,9 +347,8 @@ class Stream:
             raise ProviderError(f"{self.name}: the answer passed the cap of {self.s.max_answer:,} "
                                 "characters (--max-answer-chars); stopped there, and the part "
                                 "received is kept")
-        piece = self.redactor.feed(piece)
-        self.parts.append(piece)
-        self.show(piece)
+        self.parts.append(self.redactor.feed(piece))
+        self.show(self.parts[-1])
 
     def thought(self, piece: str | None) -> None:
         self.check()
@@ -391,99 +363,55 @@ class Stream:
             raise ProviderError(f"{self.name}: no complete answer within the --deadline of "
                                 f"{self.s.deadline:g} s; the part received is kept")
 
-    def finish(self) -> str:
-        tail = self.redactor.flush()
-        self.parts.append(tail)
-        self.show(tail)
-        return "".join(self.parts)
-
-    @property
-    def received(self) -> str:
-        return "".join(self.parts)
-
-
-def _rejected(name: str, status: int, detail: str) -> ProviderError:
-    return ProviderError(f"{name} rejected the key in {PROVIDERS[name].key_env} (HTTP {status}: "
-                         f"{_one_line(detail, 160)}); check the key in .env or the environment")
-
-
-_GONE = re.compile(r"model.{0,80}(not.found|does not exist|not "
-                   r"exist|deprecat|retired|decommission|no longer|"
-                   r"not supported|unknown)|(deprecat|retired|decommission)", re.I | re.S)
-
-
-def _model_gone(name: str, model_id: str, status: int, detail: str) -> ProviderError | None:
-    """A retired or unknown model: one line naming it and how to pick another; None if not that."""
-    if status != 404 and not (status in (400, 410) and _GONE.search(detail)):
-        return None
-    p = PROVIDERS[name]
-    return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: "
-                         f"{_one_line(detail, 160)}); it may be retired: list the ones your key "
-                         f"can call with `python simple_llm.py models {name}`, then pick one with "
-                         f"--model {name}=ID or {p.model_env}")
+    def finish(self, model_id: str = "", finish=None, usage=None) -> Reply:
+        self.parts.append(self.redactor.flush())
+        self.show(self.parts[-1])
+        if model_id and finish is None:  # a complete answer ends with a reason: an EOF cut it off
+            raise ProviderError(f"{self.name}: the stream ended before the answer was finished "
+                                "(no finish reason); try again")
+        if model_id and not self.received.strip():
+            raise ProviderError(f"{self.name}: the answer was empty (finish reason {finish})")
+        return Reply(self.received, model_id, finish, usage or {}, self.answered_by, self.reasoning)
 
 
 class _Retry(Exception):
-    """One attempt failed in a way another may fix (429, 5xx, timeout, dropped connection before any
-    text)."""
+    """An attempt failed in a way another may fix (429, 5xx, timeout, a dropped connection before
+    any text): `problem` for the retrying line, `failure` and `tail` for the final error."""
 
     def __init__(self, problem: str, failure: str, tail: str, wait: float | None = None):
-        self.problem = problem  # short, for the "retrying" line
-        self.failure, self.tail = failure, tail  # no retry left: "{failure} {attempts}{tail}"
-        self.wait = wait  # seconds the server asked for, if it did
-
-
-def _transient(name: str, stream: Stream | None, problem: str, failure: str, fix: str) -> Exception:
-    if stream is not None and stream.size:  # the answer had started: no retry can pick it up again
-        return ProviderError(f"{name}: the answer broke off after {stream.size:,} characters: "
-                             f"{failure}; try again")
-    return _Retry(problem, failure, f"; {fix}")
-
-
-def _malformed(name: str, e: Exception) -> ProviderError:
-    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try "
-                         "again, or rerun with --debug to see it")
+        super().__init__(problem)
+        self.problem, self.failure, self.tail, self.wait = problem, failure, tail, wait
 
 
 def _with_retries(name: str, s: Settings, attempt, stream: Stream | None = None):
-    """The one retry loop for both providers: the server's Retry-After is honoured up to
-    MAX_SERVER_WAIT, otherwise the waits double from 1 s (at most 30 s), each retry prints a line,
-    and none passes --deadline."""
+    """The one retry loop: the server's wait is honoured up to MAX_SERVER_WAIT, else the waits
+    double from 1 s (at most 30 s); each retry prints a line, none passes --deadline."""
     for made in range(1, s.retries + 2):
         try:
             return attempt()
         except _Retry as r:
-            failure = f"{name}: {r.failure} {_attempts(made, s.retries)}{r.tail}"
-            # NaN, negative: not asked
-            asked = r.wait if r.wait is not None and r.wait >= 0 else None
+            tried = "(retries are off)" if s.retries == 0 else f"after {_count(made, 'attempt')}"
+            failure = f"{name}: {r.failure} {tried}{r.tail}"
+            asked = r.wait if r.wait is not None and r.wait >= 0 else None  # NaN: not asked
             if asked is not None and asked > MAX_SERVER_WAIT:
                 raise ProviderError(f"{failure}; the server asks to wait {asked:.0f} s, longer "
                                     f"than the {MAX_SERVER_WAIT:.0f} s this script waits, so try "
-                                    "again later"
-                                    ) from None
-            backoff = min(2.0 ** (made - 1), 30.0) * random.uniform(0.75, 1.0)
-            wait = asked if asked is not None else backoff
+                                    "again later") from None
+            wait = asked if asked is not None else min(2.0 ** (made - 1), 30.0) * random.uniform(
+                0.75, 1.0)
             if made > s.retries or (stream and time.monotonic() + wait > stream.ends):
                 raise ProviderError(failure) from None
             _note(f"{name}: {r.problem}, retrying in {wait:.1f} s (attempt {made + 1} of "
                   f"{s.retries + 1})")
             time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
-def _attempts(made: int, retries: int) -> str:
-    return "(retries are off)" if retries == 0 else f"after {_count(made, 'attempt')}"
-
-
-def _server_wait(headers, details) -> float | None:
-    """Seconds the server asked us to wait: Retry-After(-ms) headers or Google's RetryInfo in the
-    error body."""
+def _server_wait(headers, body) -> float | None:
+    """Seconds the server asked to wait: Retry-After(-ms), or Google's RetryInfo in the body."""
     for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
+        with contextlib.suppress(TypeError, ValueError, AttributeError):
             return float(headers.get(header)) / scale
-        except (TypeError, ValueError, AttributeError):
-            pass
-    error = details.get("error", details) if isinstance(details, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
     for item in (error.get("details") or []) if isinstance(error, dict) else []:
         if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
             with contextlib.suppress(ValueError):
@@ -491,130 +419,75 @@ def _server_wait(headers, details) -> float | None:
     return None
 
 
-def _kimi_client(s: Settings):
-    import openai
-    base = os.environ.get("NOVITA_BASE_URL") or PROVIDERS["kimi"].base_url
-    # The SDK's own retries are silent and give up on a long Retry-After without saying so: the
-    # shared loop retries instead, as for Gemini.
-    client = openai.OpenAI(api_key=api_key("kimi"), base_url=base, timeout=s.timeout, max_retries=0)
-    return client, base
+def _rejected(name: str, status: int, detail: str) -> ProviderError:
+    return ProviderError(f"{name} rejected the key in {PROVIDERS[name].key_env} (HTTP {status}: "
+                         f"{_one_line(detail, 160)}); check the key in .env or the environment")
 
 
-def _kimi_errors(e: Exception, base: str, model_id: str, s: Settings, stream) -> Exception:
-    """An openai SDK exception as this tool's error (or a _Retry)."""
-    import openai
-    if isinstance(e, openai.APIStatusError):  # always before the stream starts
-        detail = _openai_detail(e)
-        if e.status_code in (401, 403):
-            return _rejected("kimi", e.status_code, detail)
-        failure = f"HTTP {e.status_code} from {base}"
-        if e.status_code not in RETRY_STATUS:
-            return _model_gone("kimi", model_id, e.status_code, detail) or \
-                ProviderError(f"kimi: {failure}: {detail}")
-        wait = _server_wait(e.response.headers, e.body)
-        return _Retry(f"HTTP {e.status_code}", failure, f": {detail}", wait)
-    if isinstance(e, openai.APITimeoutError):
-        return _transient("kimi", stream, "timed out", f"no data for {s.timeout:g} s from {base}",
-                          "raise --timeout or try later")
-    if isinstance(e, openai.APIConnectionError):
-        return _transient("kimi", stream, "connection failed",
-                          f"connection to {base} failed ({_one_line(e.__cause__ or e, 120)})",
-                          "check the network or NOVITA_BASE_URL")
-    if isinstance(e, openai.APIError):  # an error event inside the stream
-        return ProviderError(f"kimi: the stream reported an error: {_openai_detail(e)}")
-    return _malformed("kimi", e)  # json.JSONDecodeError: a chunk that is not JSON
+_GONE = re.compile(r"model.{0,80}(not.found|does not exist|not exist|deprecat|retired|"
+                   r"decommission|no longer|not supported|unknown)|(deprecat|retired|decommission)",
+                   re.I | re.S)
 
 
-def _openai_detail(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        if isinstance(body, dict) and body.get("message"):
-            return _one_line(body["message"])
-    return _one_line(getattr(e, "message", e))
+def _status_error(name: str, status: int, label: str, detail: str, where: str, model_id: str,
+                  stream, wait) -> Exception:
+    """An HTTP error status as this tool's error, or a _Retry."""
+    if status in (401, 403):
+        return _rejected(name, status, detail)
+    if status == 404 or (status in (400, 410) and _GONE.search(detail)):  # a retired model
+        return ProviderError(f"{name}: model {model_id!r} is not available (HTTP {status}: "
+                             f"{_one_line(detail, 160)}); it may be retired: list the ones your "
+                             f"key can call with `python simple_llm.py models {name}`, then pick "
+                             f"one with --model {name}=ID or {PROVIDERS[name].model_env}")
+    if status not in RETRY_STATUS:
+        return ProviderError(f"{name}: {label} from {where}: {detail}")
+    return _transient(name, stream, label, f"{label} from {where}", f": {detail}", wait)
 
 
-def _stream_kimi(prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
-    import openai
-    client, base = _kimi_client(s)
-
-    def attempt() -> Reply:
-        stream.start()
-        finish, usage = None, {}
-        try:
-            chunks = client.chat.completions.create(
-                model=model_id, messages=[{"role": "user", "content": prompt}],
-                max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True})
-            for chunk in chunks:
-                stream.model(chunk.model)
-                if chunk.usage:  # the last chunk: no choices, only the token counts
-                    usage = chunk.usage.model_dump(exclude_none=True)
-                for choice in chunk.choices[:1]:
-                    delta = choice.delta
-                    stream.thought(getattr(delta, "reasoning_content", None) if delta else None)
-                    if delta and delta.content:
-                        stream.text(delta.content)
-                    finish = choice.finish_reason or finish
-            return _finished("kimi", stream, model_id, finish, usage)
-        except (openai.APIError, json.JSONDecodeError) as e:
-            cause = e if isinstance(e, ValueError) else None
-            raise _kimi_errors(e, base, model_id, s, stream) from cause
-    return _with_retries("kimi", s, attempt, stream)
+def _transient(name, stream, problem, failure, tail, wait=None) -> Exception:
+    if stream is not None and stream.size:  # the answer had started: no retry picks it up
+        return ProviderError(f"{name}: the answer broke off after {stream.size:,} "
+                             f"characters: {failure}; try again")
+    return _Retry(problem, failure, tail, wait)
 
 
-def _finished(name: str, stream: Stream, model_id: str, finish, usage: dict) -> Reply:
-    if finish is None:  # every complete answer ends with a finish reason: a clean EOF was cut off
-        raise ProviderError(f"{name}: the stream ended before the answer was finished (no finish "
-                            "reason); try again")
-    text = stream.finish()
-    if not text.strip():
-        raise ProviderError(f"{name}: the answer was empty (finish reason {finish})")
-    return Reply(text, model_id, finish, usage, stream.answered_by, stream.reasoning)
-
-
-def _gemini_client(s: Settings):
-    from google import genai
-    from google.genai import types
-    base = os.environ.get("GEMINI_BASE_URL") or PROVIDERS["gemini"].base_url
-    # The SDK's own retries ignore Retry-After, so it is told not to retry and the shared loop does
-    # it instead.
-    http = types.HttpOptions(timeout=int(s.timeout * 1000),
-                             retry_options=types.HttpRetryOptions(attempts=1))
-    if base:
-        http.base_url = base
-    return genai.Client(api_key=api_key("gemini"), http_options=http), base or "the Gemini API"
-
-
-def _gemini_errors(e: Exception, where: str, model_id: str, s: Settings, stream) -> Exception:
-    """A google-genai (or httpx2) exception as this tool's error (or a _Retry)."""
+def _error(name: str, e: Exception, where: str, model_id: str, s: Settings, stream) -> Exception:
+    """An exception of either SDK (or of httpx2 under google-genai) as this tool's error."""
     import httpx2
+    import openai
     from google.genai import errors
+    fix = f"check the network or {PROVIDERS[name].base_env}"
+    if isinstance(e, openai.APIStatusError):
+        body = e.body.get("error", e.body) if isinstance(e.body, dict) else None
+        detail = _one_line(body["message"] if isinstance(body, dict) and body.get("message")
+                           else e.message)
+        return _status_error(name, e.status_code, f"HTTP {e.status_code}", detail, where,
+                             model_id, stream, _server_wait(e.response.headers, e.body))
     if isinstance(e, errors.APIError):
         detail = _one_line(e.message or e.details)
-        if e.code in (401, 403) or (e.code == 400 and "API_KEY_INVALID" in str(e.details)):
-            return _rejected("gemini", e.code, detail)
-        gone = _model_gone("gemini", model_id, 404 if e.status == "NOT_FOUND" else e.code, detail)
-        problem = f"HTTP {e.code} {e.status or ''}".strip()
-        if gone or (stream and stream.size) or e.code not in RETRY_STATUS:
-            return gone or ProviderError(f"gemini: {problem} from {where}: {detail}")
-        return _Retry(problem, f"{problem} from {where}", f": {detail}",
-                      _server_wait(getattr(e.response, "headers", None), e.details))
-    if isinstance(e, httpx2.TimeoutException):
-        return _transient("gemini", stream, "timed out", f"no data for {s.timeout:g} s from "
-                          f"{where}",
-                          "raise --timeout or try later")
-    if isinstance(e, httpx2.TransportError):
-        failure = _transient("gemini", stream, "connection failed",
-                             f"connection to {where} failed ({_one_line(e, 120)})",
-                             "check the network or GEMINI_BASE_URL")
-        network = isinstance(e, (httpx2.NetworkError, httpx2.RemoteProtocolError))
-        if isinstance(failure, _Retry) and not network:  # e.g. a malformed URL
-            failure = ProviderError(f"gemini: {failure.failure}{failure.tail}")
-        return failure
-    return _malformed("gemini", e)  # not JSON, or not a response
+        if e.code == 400 and "API_KEY_INVALID" in str(e.details):
+            return _rejected(name, 400, detail)
+        return _status_error(name, 404 if e.status == "NOT_FOUND" else e.code,
+                             f"HTTP {e.code} {e.status or ''}".strip(), detail, where, model_id,
+                             stream, _server_wait(getattr(e.response, "headers", None), e.details))
+    if isinstance(e, (openai.APITimeoutError, httpx2.TimeoutException)):
+        return _transient(name, stream, "timed out", f"no data for {s.timeout:g} s from {where}",
+                          "; raise --timeout or try later")
+    if isinstance(e, (openai.APIConnectionError, httpx2.NetworkError, httpx2.RemoteProtocolError)):
+        return _transient(name, stream, "connection failed", f"connection to {where} failed "
+                          f"({_one_line(e.__cause__ or e, 120)})", f"; {fix}")
+    if isinstance(e, httpx2.TransportError):  # e.g. a malformed URL: no retry helps
+        return ProviderError(f"{name}: connection to {where} failed ({_one_line(e, 120)}); {fix}")
+    if isinstance(e, openai.APIError):  # an error event inside the stream
+        return ProviderError(f"{name}: the stream reported an error: {_one_line(e.message)}")
+    return ProviderError(f"{name}: the stream sent a malformed chunk ({_one_line(e, 160)}); try "
+                         "again, or rerun with --debug to see it")
 
 
-def _gemini_catch():
+def _sdk_errors(name: str) -> tuple:
+    if name == "kimi":
+        import openai
+        return openai.APIError, json.JSONDecodeError
     import httpx2
     import pydantic
     from google.genai import errors
@@ -622,68 +495,90 @@ def _gemini_catch():
             pydantic.ValidationError)
 
 
-def _stream_gemini(prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
+def _client(name: str, s: Settings):
+    """The SDK client and where it sends. Both SDKs' own retries are off: they are silent, and
+    google-genai ignores Retry-After, so the one loop above retries for both."""
+    base = os.environ.get(PROVIDERS[name].base_env) or PROVIDERS[name].base_url
+    if name == "kimi":
+        import openai
+        return openai.OpenAI(api_key=api_key(name), base_url=base, timeout=s.timeout,
+                             max_retries=0), base
+    from google import genai
     from google.genai import types
-    client, where = _gemini_client(s)
+    http = types.HttpOptions(timeout=int(s.timeout * 1000),
+                             retry_options=types.HttpRetryOptions(attempts=1))
+    if base:
+        http.base_url = base
+    return genai.Client(api_key=api_key(name), http_options=http), base or "the Gemini API"
+
+
+def _kimi_chunks(client, prompt: str, model_id: str, s: Settings, stream: Stream):
+    """(finish reason, usage) after feeding the answer's chunks to `stream`."""
+    finish, usage = None, {}
+    for chunk in client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": prompt}],
+            max_tokens=s.max_tokens, stream=True, stream_options={"include_usage": True}):
+        stream.model(chunk.model)
+        if chunk.usage:  # the last chunk: no choices, only the token counts
+            usage = chunk.usage.model_dump(exclude_none=True)
+        for choice in chunk.choices[:1]:
+            stream.thought(getattr(choice.delta, "reasoning_content", None))
+            if choice.delta and choice.delta.content:
+                stream.text(choice.delta.content)
+            finish = choice.finish_reason or finish
+    return finish, usage
+
+
+def _gemini_chunks(client, prompt: str, model_id: str, s: Settings, stream: Stream):
+    from google.genai import types
     config = types.GenerateContentConfig(max_output_tokens=s.max_tokens,
                                          thinking_config=types.ThinkingConfig(thinking_budget=-1))
+    finish, usage = None, {}
+    for chunk in client.models.generate_content_stream(model=model_id, contents=prompt,
+                                                       config=config):
+        stream.model(chunk.model_version)
+        if chunk.usage_metadata:
+            usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
+        feedback = chunk.prompt_feedback
+        if feedback and feedback.block_reason:
+            reason = getattr(feedback.block_reason, "value", feedback.block_reason)
+            raise ProviderError(f"gemini refused the prompt ({reason}); rephrase it")
+        for cand in (chunk.candidates or [])[:1]:
+            for part in (cand.content.parts or []) if cand.content else []:
+                if part.thought:  # thought summaries are not the answer
+                    stream.thought(part.text)
+                elif part.text:
+                    stream.text(part.text)
+            if cand.finish_reason:
+                finish = getattr(cand.finish_reason, "value", str(cand.finish_reason))
+    return finish, usage
+
+
+def stream_reply(name: str, prompt: str, model_id: str, s: Settings, stream: Stream) -> Reply:
+    client, where = _client(name, s)
+    chunks = _kimi_chunks if name == "kimi" else _gemini_chunks
 
     def attempt() -> Reply:
-        stream.start()
-        finish, usage = None, {}
+        stream.parts, stream.size = [], 0  # a retry starts again (only before any text)
         try:
-            chunks = client.models.generate_content_stream(model=model_id, contents=prompt,
-                                                           config=config)
-            for chunk in chunks:
-                stream.model(chunk.model_version)
-                if chunk.usage_metadata:
-                    usage = chunk.usage_metadata.model_dump(exclude_none=True, mode="json")
-                feedback = chunk.prompt_feedback
-                if feedback and feedback.block_reason:
-                    reason = getattr(feedback.block_reason, "value", feedback.block_reason)
-                    raise ProviderError(f"gemini refused the prompt ({reason}); rephrase it")
-                for cand in (chunk.candidates or [])[:1]:
-                    for part in (cand.content.parts or []) if cand.content else []:
-                        if part.thought:  # thought summaries are not the answer
-                            stream.thought(part.text)
-                        elif part.text:
-                            stream.text(part.text)
-                    if cand.finish_reason:
-                        finish = getattr(cand.finish_reason, "value", str(cand.finish_reason))
-            return _finished("gemini", stream, model_id, finish, usage)
-        except _gemini_catch() as e:
-            raise _gemini_errors(e, where, model_id, s, stream) from (None if _is_http(e) else e)
-    return _with_retries("gemini", s, attempt, stream)
-
-
-def _is_http(e: Exception) -> bool:
-    return not isinstance(e, _gemini_catch()[2:])
-
-
-STREAMERS = {"gemini": _stream_gemini, "kimi": _stream_kimi}
+            return stream.finish(model_id, *chunks(client, prompt, model_id, s, stream))
+        except _sdk_errors(name) as e:
+            raise _error(name, e, where, model_id, s, stream) from e
+    return _with_retries(name, s, attempt, stream)
 
 
 def list_models(name: str, s: Settings) -> list[str]:
-    """The model ids the key can call, through each SDK's own list call (Gemini: those that generate
-    text)."""
-    if name == "kimi":
-        client, base = _kimi_client(s)
-        import openai
+    """The model ids the key can call, through each SDK's own list call (Gemini: those that
+    generate text)."""
+    client, where = _client(name, s)
 
-        def attempt():
-            try:
-                return [m.id for m in client.models.list()]
-            except (openai.APIError, json.JSONDecodeError) as e:
-                raise _kimi_errors(e, base, "(list)", s, None) from None
-    else:
-        client, where = _gemini_client(s)
-
-        def attempt():
-            try:
-                return [m.name.removeprefix("models/") for m in client.models.list() if m.name and
-                        (m.supported_actions is None or "generateContent" in m.supported_actions)]
-            except _gemini_catch() as e:
-                raise _gemini_errors(e, where, "(list)", s, None) from None
+    def attempt():
+        try:
+            return [m.id if name == "kimi" else m.name.removeprefix("models/")
+                    for m in client.models.list() if name == "kimi" or m.name and (
+                        m.supported_actions is None or "generateContent" in m.supported_actions)]
+        except _sdk_errors(name) as e:
+            raise _error(name, e, where, "(list)", s, None) from None
     return sorted({clean(str(m)) for m in _with_retries(name, s, attempt)})
 
 
@@ -691,26 +586,7 @@ def list_models(name: str, s: Settings) -> list[str]:
 # Chain: the steps, their variables, the calls, the saved files and chain_run.json
 
 # The built-in chain. --steps FILE.json replaces it with a list of the same shape.
-DEFAULT_STEPS = [
-    {"title": "Research_Plan", "model": "kimi", "prompt": """{system_prompt}
-
-You are planning experiments on the mixture-of-experts language model below. The researcher's idea:
-
-{user_input}
-
-What the last experiment found:
-
-{results}
-
-The current code (llm.py):
-
-{code_content}
-
-Write a concise research plan of at most 800 words: the question and hypothesis, the conditions to
-compare (name the llm.py settings or code changes for each), seeds, metrics, expected run time, and
-the total number of runs. Build on what the last experiment found. Keep to the constraints above.
-"""},
-    {"title": "Critical_Review", "model": "gemini", "prompt": """{system_prompt}
+CONTEXT = """{system_prompt}
 
 The researcher's idea:
 
@@ -720,11 +596,19 @@ What the last experiment found:
 
 {results}
 
-The code the plan builds on (llm.py):
+The code (llm.py):
 
 {code_content}
 
-A proposed research plan:
+"""
+DEFAULT_STEPS = [
+    {"title": "Research_Plan", "model": "kimi", "prompt": CONTEXT + """\
+Write a concise research plan of at most 800 words for experiments on this mixture-of-experts
+language model: the question and hypothesis, the conditions to compare (name the llm.py settings
+or code changes for each), seeds, metrics, expected run time, and the total number of runs. Build
+on what the last experiment found. Keep to the constraints above.
+"""},
+    {"title": "Critical_Review", "model": "gemini", "prompt": CONTEXT + """A proposed research plan:
 
 {step1_result}
 
@@ -745,21 +629,7 @@ A critical review of it:
 Weigh the review in at most 500 words. For each point, say whether it holds, what fixing it would
 cost in runs and minutes, and whether the fix fits the constraints. Keep the ideas worth keeping
 from the original plan and push back on criticism that does not hold."""},
-    {"title": "Final_Plan", "model": "gemini", "prompt": """{system_prompt}
-
-The researcher's idea:
-
-{user_input}
-
-What the last experiment found:
-
-{results}
-
-The code (llm.py):
-
-{code_content}
-
-The original plan:
+    {"title": "Final_Plan", "model": "gemini", "prompt": CONTEXT + """The original plan:
 
 {step1_result}
 
@@ -782,8 +652,7 @@ _PLACEHOLDER = re.compile(r"\{\{([A-Za-z_]\w*)\}\}|\{([A-Za-z_]\w*)\}")
 
 
 def safe_name(title: str) -> str:
-    """Plan or step text as a file-name part: letters, digits, - and _ only, so no path separators
-    and no '..'."""
+    """Plan or step text as a file-name part: letters, digits, - and _ only (no '/', no '..')."""
     return re.sub(r"[^a-z0-9_-]+", "_", title.lower()).strip("_-")[:60] or "step"
 
 
@@ -796,9 +665,8 @@ def placeholders(text: str) -> list[str]:
 
 
 def substitute(text: str, variables: dict, strict: bool = True) -> str:
-    """Replace each {name} by its variable in one pass: braces inside the values are left as they
-    are. {{name}} gives a literal {name}. An unknown {name} raises UserError (or stays, with
-    strict=False)."""
+    """Each {name} replaced by its variable in one pass (braces in the values stay); {{name}} gives
+    {name}; an unknown {name} is a UserError (or stays, with strict=False)."""
     def fill(m: re.Match) -> str:
         if m.group(1):
             return "{" + m.group(1) + "}"
@@ -812,7 +680,7 @@ def substitute(text: str, variables: dict, strict: bool = True) -> str:
 
 
 def fenced_code(path, limit: int = MAX_CODE_CHARS) -> str:
-    """A code file, whole, in a fence that grows past any backtick run inside it."""
+    """A code file, whole, in a fence longer than any backtick run inside it."""
     path = Path(path)
     code = _read_text(path, "code")
     if len(code) > limit:
@@ -853,42 +721,32 @@ class SimpleLLM:
         self.settings = Settings(max_tokens, timeout, retries, deadline, max_answer)
         self.models = {n: os.environ.get(p.model_env) or p.model for n, p in PROVIDERS.items()}
         self.models.update(models or {})
-        self.out = out or sys.stdout
-        # the reader of `out` went away (`| head`): answers are still returned and saved
-        self.out_closed = False
+        self.out, self.out_open = out or sys.stdout, True  # `| head` may close it: work goes on
         self.stream: Stream | None = None  # the answer in progress, kept when a call fails
 
-    def _show(self, text: str) -> None:
-        if not text or self.out_closed:
-            return
-        try:
-            self.out.write(text)
-            self.out.flush()
-        except BrokenPipeError:
-            self.out_closed = True
-            _silence(self.out)
+    def show(self, text: str) -> None:
+        if text and self.out_open:
+            self.out_open = _write_to(self.out, text)
 
     def reply(self, name: str, prompt: str) -> Reply:
-        """Stream one answer to `out` and return it with its finish reason, token usage and
-        answering model."""
+        """Stream one answer to `out`; return it with its finish reason, usage and answering
+        model."""
         if name not in PROVIDERS:
             raise UserError(f"unknown model {name!r}: choose one of {', '.join(PROVIDERS)}")
         check_prompt_size(prompt)
         start, r = time.perf_counter(), None
-        self.stream = Stream(name, self.settings, self._show)
+        self.stream = Stream(name, self.settings, self.show)
         try:
-            r = STREAMERS[name](prompt, self.models[name], self.settings, self.stream)
+            r = stream_reply(name, prompt, self.models[name], self.settings, self.stream)
         finally:
             if r is None:
                 self.stream.finish()
-            # an error message then starts on a line of its own
-            if r is not None or self.stream.received:
-                self._show("\n")
+            if r is not None or self.stream.received:  # an error then starts on its own line
+                self.show("\n")
         r.seconds = round(time.perf_counter() - start, 2)
         if r.cut:
-            _note(f"warning: {name} stopped at the --max-tokens limit "
-                  f"({self.settings.max_tokens}); the answer "
-                  "is cut short. Raise --max-tokens to get all of it")
+            _note(f"warning: {name} stopped at the --max-tokens limit ({self.settings.max_tokens});"
+                  " the answer is cut short. Raise --max-tokens to get all of it")
         if r.answered_by and r.answered_by != r.model_id:
             _note(f"warning: {name} answered with model {r.answered_by}, not {r.model_id} as asked "
                   "(the provider rerouted the request; --model or the env variable picks another)")
@@ -905,24 +763,15 @@ def _step_entry(n: int, step: dict, prompt: str, model_id: str) -> dict:
             "output": step_file(n, step["title"])}
 
 
-def _reply_record(r: Reply) -> dict:
-    return {"seconds": r.seconds, "usage": r.usage, "finish_reason": r.finish_reason, "cut": r.cut,
-            "answered_by": r.answered_by, "reasoning_tokens": r.reasoning_tokens,
-            "reasoning_chars": r.reasoning_chars}
-
-
 class Chain:
     """The steps of one chain in one folder: fills the prompts, asks, saves step{N}_{title}.md and
-    chain_run.json.
-
-    Everything that can be checked is checked before the first request: step shapes, every {name},
-    the keys, the prompt sizes, and that the folder can be written. With resume, saved answers for a
-    leading run of steps are reused instead of asked again."""
+    chain_run.json. Everything checkable is checked before the first request; with resume, saved
+    answers of a leading run of steps are reused."""
 
     def __init__(self, llm: SimpleLLM, steps: list[dict], variables: dict, out_dir, results=None):
         check_steps(steps)
         self.llm, self.steps, self.variables, self.out = llm, steps, dict(variables), Path(out_dir)
-        self.results = results  # () -> {results} text, loaded only if a step uses it
+        self.results = results  # (write) -> {results} text, loaded only if a step uses it
         self.manifest: dict = {}
         self.interrupted_step = 0  # the step a Ctrl-C stopped, for the resume hint
 
@@ -933,31 +782,34 @@ class Chain:
             return self.dry_run(saved)
         for name in {step["model"] for step in self.steps[len(saved):]}:
             api_key(name)  # a missing key stops the chain before it spends anything
-        for n, (step, prompt) in enumerate(zip(self.steps, self.render(saved, lambda n, s: "")), 1):
-            # answers still to come count as empty here; reply() checks the real prompt
-            if n > len(saved):
-                check_prompt_size(prompt, f"step {n} ({step['title']})'s prompt",
+        for n, prompt in enumerate(self.render(saved, lambda n, s: ""), 1):
+            if n > len(saved):  # answers still to come count as empty; reply() checks the rest
+                check_prompt_size(prompt, f"step {n} ({self.steps[n - 1]['title']})'s prompt",
                                   "shorten the input, code or --var values it is made from")
-        old = self._old_manifest() if resume else {}
+        try:
+            old = json.loads((self.out / MANIFEST).read_text(encoding="utf-8")) if resume else {}
+        except (OSError, ValueError):
+            old = {}
         self.manifest = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "status": "running", "settings": dataclasses.asdict(self.llm.settings),
                          "steps": [], **({"repairs": old["repairs"]} if old.get("repairs") else {})}
         make_dir(self.out)  # found now, not when the first paid answer cannot be saved
-        self.save()  # and that the folder can be written
-        results = []
+        self.save()
         for n, step in enumerate(self.steps, 1):
             prompt = substitute(step["prompt"], self.variables)
             entry = _step_entry(n, step, prompt, self.llm.models[step["model"]])
             if n <= len(saved):
-                text = saved[n - 1]
                 self._reuse(n, entry, old)
             else:
-                text = self._ask(n, step, prompt, entry)
-            self.variables[f"step{n}_result"] = text
-            results.append(text)
+                _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, "
+                      f"{entry['model_id']}, {len(prompt):,} prompt characters)")
+                self.manifest["steps"].append(entry)
+                saved.append(self.ask_into(step["model"], prompt, entry,
+                                           f"step {n} ({step['title']}, {step['model']})", n).text)
+            self.variables[f"step{n}_result"] = saved[n - 1]
         self.manifest["status"] = "complete"
         self.save()
-        return results
+        return saved
 
     def save(self) -> None:
         _write(self.out / MANIFEST, json.dumps(self.manifest, indent=2) + "\n")
@@ -984,22 +836,15 @@ class Chain:
             _note("warning: {user_input} is empty (an empty input file?), so the steps get no idea "
                   "to work on")
 
-    def _old_manifest(self) -> dict:
-        try:
-            return json.loads((self.out / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
     def _saved(self, resume: bool) -> list[str]:
+        """The saved answers of the leading steps (a redone step makes later ones stale)."""
         saved = []
-        # only a leading run: a redone step makes later ones stale
         for n, step in enumerate(self.steps, 1):
             path = self.out / step_file(n, step["title"])
             text = _read_text(path, "saved step") if resume and path.is_file() else ""
             if not text.strip():
                 break
-            # a file from elsewhere may hold an echoed key or escapes
-            saved.append(clean(redact(text)))
+            saved.append(clean(redact(text)))  # a file from elsewhere may hold a key or escapes
         return saved
 
     def _reuse(self, n: int, entry: dict, old: dict) -> None:
@@ -1007,20 +852,11 @@ class Chain:
         if before.get("prompt_sha256", entry["prompt_sha256"]) != entry["prompt_sha256"]:
             _note(f"warning: step {n}'s prompt changed since {entry['output']} was saved; reusing "
                   "it anyway (delete the file to ask again)")
-        # The saved answer's own prompt, model and usage stay on record, so the next --resume warns
-        # too.
+        # the saved answer's own prompt and usage stay on record, so the next --resume warns too
         self.manifest["steps"].append({**entry, **before, "reused": True})
         self.save()
         _note(f"== step {n}/{len(self.steps)}: {entry['title']} reused from {entry['output']} "
               "(--resume)")
-
-    def _ask(self, n: int, step: dict, prompt: str, entry: dict) -> str:
-        _note(f"\n== step {n}/{len(self.steps)}: {step['title']} ({step['model']}, "
-              f"{entry['model_id']}, {len(prompt):,} prompt characters)")
-        self.manifest["steps"].append(entry)
-        r = self.ask_into(step["model"], prompt, entry, f"step {n} ({step['title']}, "
-                                                        f"{step['model']})", n)
-        return r.text
 
     def ask_into(self, model: str, prompt: str, entry: dict, label: str, n: int) -> Reply:
         """Ask, save the answer as entry["output"] and record it; on failure keep what arrived as
@@ -1029,34 +865,37 @@ class Chain:
         partial = path.with_name(path.name.replace(".md", ".partial.md"))
         self.llm.stream = None
         try:
-            _remove(path)  # an older answer must not pass for this one
+            try:
+                path.unlink(missing_ok=True)  # an older answer must not pass for this one
+            except OSError as e:
+                raise UserError(f"cannot replace {path} ({e.strerror or e})") from e
             r = self.llm.reply(model, prompt)
             _write(path, r.text)
         except (Exception, KeyboardInterrupt) as e:
-            interrupted = isinstance(e, KeyboardInterrupt)
-            entry.update(output=None, error="interrupted" if interrupted else _one_line(e))
-            self.manifest["status"] = "interrupted" if interrupted else "failed"
-            # best effort: the folder itself may be what failed
-            with contextlib.suppress(UserError):
+            stop = isinstance(e, KeyboardInterrupt)
+            entry.update(output=None, error="interrupted" if stop else _one_line(e))
+            self.manifest["status"] = "interrupted" if stop else "failed"
+            with contextlib.suppress(UserError):  # best effort: the folder may be what failed
                 got = self.llm.stream.received if self.llm.stream else ""
                 if got.strip():  # paid for: keep it, but never as a finished step
                     _write(partial, got)
                     entry["partial"] = partial.name
                 self.save()
-            if interrupted:
+            if stop:
                 self.interrupted_step = n
                 raise
-            why = e if isinstance(e,
-                                  UserError) else f"unexpected {type(e).__name__}: {_one_line(e)}"
+            why = e if isinstance(e, UserError) else \
+                f"unexpected {type(e).__name__}: {_one_line(e)}"
             raise ChainError(f"{label} failed: {why}", n, self.out) from e
         partial.unlink(missing_ok=True)
-        entry.update(_reply_record(r))
+        entry.update(seconds=r.seconds, usage=r.usage, finish_reason=r.finish_reason, cut=r.cut,
+                     answered_by=r.answered_by, reasoning_tokens=r.reasoning_tokens,
+                     reasoning_chars=r.reasoning_chars)
         self.save()
         return r
 
     def render(self, saved: list[str], unknown) -> list[str]:
-        """Every step's prompt, with the saved answers and `unknown(n, step)` for those still to
-        come."""
+        """Every step's prompt: saved answers, and `unknown(n, step)` for those still to come."""
         values = dict(self.variables)
         for n, step in enumerate(self.steps, 1):
             values[f"step{n}_result"] = saved[n - 1] if n <= len(saved) else unknown(n, step)
@@ -1066,11 +905,11 @@ class Chain:
         rendered = self.render(saved, lambda n, step: f"<output of step {n} ({step['title']})>")
         for n, (step, prompt) in enumerate(zip(self.steps, rendered), 1):
             note = "reused from disk (--resume)" if n <= len(saved) else "would be sent"
-            self.llm._show(redact(f"==== step {n}/{len(self.steps)}: {step['title']} -> "
-                                  f"{step['model']} "
-                                  f"({self.llm.models[step['model']]}), {len(prompt):,} characters "
-                                  f"(~{len(prompt) // 4:,} tokens), {note}, saved as "
-                                  f"{self.out / step_file(n, step['title'])}\n{prompt}\n\n"))
+            self.llm.show(redact(f"==== step {n}/{len(self.steps)}: {step['title']} -> "
+                                 f"{step['model']} ({self.llm.models[step['model']]}), "
+                                 f"{len(prompt):,} characters (~{len(prompt) // 4:,} tokens), "
+                                 f"{note}, saved as {self.out / step_file(n, step['title'])}\n"
+                                 f"{prompt}\n\n"))
         _note(f"dry run: {_count(len(self.steps), 'step')}, {sum(map(len, rendered)):,} prompt "
               "characters; nothing was sent")
         return rendered
@@ -1085,24 +924,20 @@ DEFAULT_MAX_TOTAL_MINUTES = 180.0  # training minutes per plan
 DEFAULT_REPAIRS = 2
 DRY_RUN_TIMEOUT = 300.0  # seconds for llm.py's --dry-run --json (with a few timed steps)
 TIME_STEPS = 3  # training steps timed per new model shape when no earlier run measured it
-# report.DEFAULT_CSV, named without importing it
-DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"
+DEFAULT_CSV_NAME = "moe_routing_noise_experiment_results.csv"  # report.DEFAULT_CSV, not imported
 DEFAULT_LOOP_DIR = "research_loop"
-# llm.py flags the tool sets itself (where output goes) or that make llm.py another kind of command.
+# llm.py flags the tool sets itself (where output goes) or that make llm.py another kind of command
 TOOL_OWNED = ("out", "fresh", "report", "bench", "bench_out", "bench_steps", "cache_dir", "device",
-              "dry_run",
-              "json", "time_steps", "help")
+              "dry_run", "json", "time_steps", "help")
 ENTRY_KEYS = ("name", "question", "args")
 MAX_ENTRIES, MAX_ARGS, MAX_ARG_CHARS, MAX_NAME, MAX_QUESTION = 12, 120, 200, 60, 300
 NO_RESULTS = "No results exist yet: this is the first experiment on this question."
-LOOP_STATE = "loop_state.json"
-LEDGER = "ledger.md"
+LOOP_STATE, LEDGER = "loop_state.json", "ledger.md"
+TAIL_LINES = 40  # lines of a failed run's output quoted in its refusal
 _FENCE = re.compile(r"(?m)^[ \t]*(`{3,}|~{3,})([^\n`]*)$\n?")
-# argparse reads these as values
-_NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)
+_NEGATIVE_NUMBER = re.compile(r"^-\d+(\.\d*)?(e-?\d+)?$|^-\.\d+$", re.I)  # argparse: values
 SHAPE = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
-         "max_seq_len",
-         "use_amp")
+         "max_seq_len", "use_amp")
 
 
 def _project_module(name: str):
@@ -1119,9 +954,8 @@ class PlanEntry:
     question: str
     args: list[str]
     n_runs: int = 0
-    # per run: config, flops_per_token, ...
-    runs: list[dict] = dataclasses.field(default_factory=list)
-    minutes: list = dataclasses.field(default_factory=list)  # per run: estimated training minutes
+    runs: list[dict] = dataclasses.field(default_factory=list)  # config, flops_per_token, ...
+    minutes: list = dataclasses.field(default_factory=list)  # estimated training minutes per run
 
     def csv(self, out_dir) -> Path:
         return Path(out_dir) / f"{self.name}.csv"
@@ -1131,10 +965,10 @@ class PlanEntry:
 class Plan:
     entries: list[PlanEntry]
     source: Path
-    edits: list = dataclasses.field(default_factory=list)  # code edits (issue 19); empty when none
-    code: Path = DEFAULT_CODE  # the llm.py the entries run: the user's, or a round's patched copy
+    edits: list = dataclasses.field(default_factory=list)  # code edits; empty when none
+    code: Path = DEFAULT_CODE  # the llm.py the entries run: the user's, or a patched copy
     diff: str = ""  # shown with the confirmation when there are edits
-    no_sandbox: bool = False  # --no-sandbox: patched code runs without one where none can be made
+    no_sandbox: bool = False  # patched code runs without a sandbox (--no-sandbox, none here)
     limit_s: float = 0.0  # wall-clock seconds per entry of patched code (0: from its budget)
     patched: bool = False  # code is a copy made by prepare_copy: runs only in the sandbox
     text: str = ""  # what the user confirms (plan_text)
@@ -1152,53 +986,36 @@ class Limits:
     max_runs: int = DEFAULT_MAX_RUNS
     max_run_minutes: float = DEFAULT_MAX_RUN_MINUTES
     max_total_minutes: float = DEFAULT_MAX_TOTAL_MINUTES
-    # tokenizers / datasets the user allows beyond the defaults, bytes and random
-    allow_data: tuple = ()
+    allow_data: tuple = ()  # tokenizers / datasets the user allows beyond the defaults
     allow_code_edits: bool = False
     no_sandbox: bool = False
 
 
-def _blocks(text: str):
-    """(line, body, closed) of every fenced block, any label or none."""
-    pos = 0
-    while m := _FENCE.search(text, pos):
-        fence = m.group(1)
-        closing = re.compile(rf"(?m)^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
-        close = closing.search(text, m.end())
-        line = text.count("\n", 0, m.start()) + 1
-        if not close:
-            yield line, text[m.end():], False
-            return
-        yield line, text[m.end():close.start()], True
-        pos = close.end()
-
-
-def _is_runs(data) -> bool:
-    return (isinstance(data, dict) and "runs" in data) or \
-        (isinstance(data, list) and bool(data) and all(isinstance(e, dict) for e in data))
-
-
 def find_runs(text: str, where: str, example=None):
-    """The one block of runs in an answer, parsed with json5 (comments, trailing commas, single
-    quotes)."""
+    """The one block of runs in an answer (any fence label or none), parsed with json5."""
     import json5
-    found, bad = [], []
-    for line, body, closed in _blocks(text):
+    found, bad, pos = [], [], 0
+    while m := _FENCE.search(text, pos):
+        line, fence = text.count("\n", 0, m.start()) + 1, m.group(1)
+        close = re.compile(rf"(?m)^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$").search(
+            text, m.end())
+        body = text[m.end():close.start() if close else len(text)]
+        pos = close.end() if close else len(text)
         if not body.strip().startswith(("{", "[")):
             continue
-        if not closed:
+        if not close:
             raise PlanError(f"{where}: the answer was cut inside the block that starts on line "
-                            f"{line}; ask again "
-                            "(a higher --max-tokens) or finish the block by hand")
+                            f"{line}; ask again (a higher --max-tokens) or finish the block by "
+                            "hand")
         try:
             data = json5.loads(body)
         except ValueError as e:
             bad.append((line, "cut?" if "end of input" in str(e).lower() else _one_line(e, 120)))
             continue
-        if _is_runs(data):
+        if (isinstance(data, dict) and "runs" in data) or (
+                isinstance(data, list) and data and all(isinstance(e, dict) for e in data)):
             found.append((line, data))
-    if len(found) > 1:
-        # a copy of the prompt's example is no plan
+    if len(found) > 1:  # a copy of the prompt's example is no plan
         found = [f for f in found if f[1] != example] or found[:1]
     if len(found) > 1:
         raise PlanError(f"{where}: the answer has {len(found)} blocks of runs (lines "
@@ -1220,29 +1037,28 @@ def _args(value, label: str) -> list[str]:
         try:
             return shlex.split(value)
         except ValueError as e:
-            raise PlanError(f"{label}: its args string cannot be split ({e}); write args as a list"
-                            ) from None
+            raise PlanError(f"{label}: its args string cannot be split ({e}); write args as a "
+                            "list") from None
     if not isinstance(value, list):
         raise PlanError(f'{label}: "args" must be a list of llm.py arguments (or one string)')
     out = []
     for item in value:
-        if isinstance(item, list):
+        if isinstance(item, list) or (isinstance(item, str) and item.startswith("--")
+                                      and len(item.split()) > 1):  # "--seeds 42 43"
             out += _args(item, label)
         elif isinstance(item, (int, float)) and not isinstance(item, bool):
             out.append(repr(item) if isinstance(item, float) else str(item))
-        elif isinstance(item, str) and item.startswith("--") and len(item.split()) > 1:
-            out += _args(item, label)  # "--seeds 42 43"
         elif isinstance(item, str):
             out.append(item)
         else:
             raise PlanError(f'{label}: "args" holds {json.dumps(item)[:40]}, which is no llm.py '
-                            f'argument')
+                            'argument')
     return out
 
 
 def read_plan(path, example=None, limits: Limits = Limits()) -> Plan:
-    """A plan's entries from a markdown file (a chain's final step); PlanError for anything it does
-    not mean."""
+    """A plan's entries (and code edits) from a markdown file; PlanError for anything it does not
+    mean."""
     text = _read_text(path, "plan")
     data = find_runs(text, str(path), example if example is not None else plan_example())
     if isinstance(data, dict) and set(data) - {"runs"}:
@@ -1251,10 +1067,17 @@ def read_plan(path, example=None, limits: Limits = Limits()) -> Plan:
     runs = data["runs"] if isinstance(data, dict) else data
     if not isinstance(runs, list) or not runs or len(runs) > MAX_ENTRIES:
         raise PlanError(f'{path}: "runs" must be a list of 1 to {MAX_ENTRIES} entries')
-    entries, seen = [], {}
-    for i, e in enumerate(runs, 1):
-        entries.append(_entry(e, f"{path}: entry {i}", seen, i))
-    return Plan(entries, Path(path), edits=code_edits(text, limits))
+    seen: dict = {}
+    entries = [_entry(e, f"{path}: entry {i}", seen, i) for i, e in enumerate(runs, 1)]
+    if not limits.allow_code_edits:
+        if any(HEAD.match(line) for line in text.splitlines()):
+            raise PlanError("this run does not allow code edits; express the idea with flags or "
+                            "rerun with --allow-code-edits")
+        return Plan(entries, Path(path))
+    try:
+        return Plan(entries, Path(path), edits=parse_edits(text))
+    except EditError as e:
+        raise edit_refusal(e) from None
 
 
 def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
@@ -1269,21 +1092,19 @@ def _entry(e, label: str, seen: dict, i: int) -> PlanEntry:
     question, args = e.get("question") or "", _args(e.get("args", []), label)
     if not isinstance(question, str):
         raise PlanError(f'{label}: "question" must be text')
-    for what, text, limit in [("name", e["name"], MAX_NAME), ("question", question,
-                                                              MAX_QUESTION)] + \
-            [("args", a, MAX_ARG_CHARS) for a in args]:
+    for what, text, limit in [("name", e["name"], MAX_NAME), ("question", question, MAX_QUESTION),
+                              *[("args", a, MAX_ARG_CHARS) for a in args]]:
         if clean(text) != text:
             raise PlanError(f"{label}: its {what} contains control characters ({text[:60]!r}), "
-                            f"which could "
-                            "disguise the command shown before you confirm; remove them")
+                            "which could disguise the command shown before you confirm; remove "
+                            "them")
         if len(text) > limit:
             raise PlanError(f"{label}: its {what} is {len(text)} characters, more than {limit}; "
                             "shorten it")
     if len(args) > MAX_ARGS:
         raise PlanError(f"{label}: {len(args)} args, more than {MAX_ARGS}; split the entry")
     name = safe_name(e["name"])
-    # report.py names a report after its CSV, except the default CSV's ("experiment_..."): one key
-    # for both
+    # report.py names a report after its CSV, but the default CSV's "experiment_...": one key
     files = "experiment" if name == Path(DEFAULT_CSV_NAME).stem else name
     if files in seen:
         raise PlanError(f"{label}: its files ({files}_*) are already used by entry {seen[files]}; "
@@ -1297,43 +1118,20 @@ def code_edit_rules(limits: Limits) -> str:
     return CODE_EDIT_RULES if limits.allow_code_edits else ""
 
 
-def code_edits(answer: str, limits: Limits) -> list:
-    """The answer's SEARCH/REPLACE edits to llm.py (none: []); PlanError when it has some and the
-    run does not allow them, or they cannot be read."""
-    if not limits.allow_code_edits:
-        if any(HEAD.match(line) for line in answer.splitlines()):
-            raise PlanError("this run does not allow code edits; express the idea with flags or "
-                            "rerun with --allow-code-edits")
-        return []
-    try:
-        return parse_edits(answer)
-    except EditError as e:
-        raise edit_refusal(e) from None
+def _actions():
+    """llm.py's argparse actions. argparse has no public list of them; they only word messages and
+    the prompt: llm.plan_sweep decides what is valid."""
+    return _project_module("llm").build_parser()._actions
 
 
 def llm_flags() -> dict[str, tuple[str, object]]:
-    """llm.py's options: flag -> (config field or dest, nargs). argparse has no public list of a
-    parser's actions, so this reads `_actions`; it only words messages and the prompt: plan_sweep
-    decides what is valid."""
-    return {s: (a.dest, a.nargs) for a in _project_module("llm").build_parser()._actions
-            for s in a.option_strings}
-
-
-def _flag_hint(key: str, flags: dict) -> str:
-    """The nearest real flag: a config field's name (--load-balancing-weight) maps to its flag
-    (--lb-weight)."""
-    by_dest = {dest: f for f, (dest, _) in flags.items() if f.startswith("--")}
-    name = key.lstrip("-").replace("-", "_")
-    near = [by_dest[name]] if name in by_dest else difflib.get_close_matches(key,
-                                                                             list(by_dest.values()),
-                                                                             1, 0.6)
-    return f"; did you mean {near[0]}?" if near else "; see `python llm.py --help`"
+    """llm.py's options: flag -> (dest, nargs)."""
+    return {s: (a.dest, a.nargs) for a in _actions() for s in a.option_strings}
 
 
 def check_flags(label: str, args: list[str], flags: dict) -> None:
-    """Refuse what llm.py would misread or what the tool owns: unknown or ambiguous flags (with the
-    nearest real one), tool-owned flags however spelled (exact, an abbreviation, --flag=value),
-    '--', bare extra values."""
+    """Refuse what llm.py would misread or what the tool owns: unknown or ambiguous flags (with
+    the nearest real one), tool-owned flags however spelled, '--', bare extra values."""
     current = None
     for tok in args:
         if tok == "--":
@@ -1348,7 +1146,12 @@ def check_flags(label: str, args: list[str], flags: dict) -> None:
                 raise PlanError(f"{label}: {key} could be {' or '.join(sorted(hits)[:3])}; write "
                                 "the whole flag")
             if not hits:
-                raise PlanError(f"{label}: llm.py has no flag {key}{_flag_hint(key, flags)}")
+                by_dest = {dest: f for f, (dest, _) in flags.items() if f.startswith("--")}
+                name = key.lstrip("-").replace("-", "_")  # a field name maps to its flag
+                near = [by_dest[name]] if name in by_dest else difflib.get_close_matches(
+                    key, list(by_dest.values()), 1, 0.6)
+                hint = f"; did you mean {near[0]}?" if near else "; see `python llm.py --help`"
+                raise PlanError(f"{label}: llm.py has no flag {key}{hint}")
             dest, nargs = flags[hits[0]]
             if dest in TOOL_OWNED:
                 raise PlanError(f"{label}: {tok} (--{dest.replace('_', '-')}) is chosen by the "
@@ -1359,52 +1162,41 @@ def check_flags(label: str, args: list[str], flags: dict) -> None:
         else:
             flag, nargs, n = current
             if nargs == 0 or (nargs in (None, "?") and n >= 1):
-                takes = "no value" if nargs == 0 else "one value"
                 raise PlanError(f"{label}: the value {tok!r} after {flag} belongs to no flag "
-                                f"({flag} takes "
-                                f"{takes}); remove it or name its flag")
+                                f"({flag} takes {'no value' if nargs == 0 else 'one value'}); "
+                                "remove it or name its flag")
             current[2] += 1
 
-def _allowed(llm, limits: Limits) -> tuple[set, set, set]:
-    """Tokenizers, datasets and data files a plan may use: the defaults, bytes, random, the presets'
-    corpus and what the user allows with --allow-data; never what the plan says."""
-    defaults = {f.name: f.default for f in dataclasses.fields(llm.MoEModelConfig)}
+
+def _check_config(label: str, cfg, llm, limits: Limits) -> None:
+    """What llm.py will load for one config: files inside the folder the tool runs in (symlinks
+    followed), tokenizer and dataset from the defaults, bytes, random, the presets' and what the
+    user allows (a hub id or a folder could carry code); never what the plan says."""
     presets = list(llm.PRESETS.values())
-    tokenizers = {defaults["tokenizer"], "bytes", *(p["tokenizer"] for p in presets
-                                                    if "tokenizer" in p)}
-    datasets = {defaults["dataset"], "random", *(p["dataset"] for p in presets if "dataset" in p)}
+    defaults = {f.name: f.default for f in dataclasses.fields(llm.MoEModelConfig)}
     files = {os.path.realpath(f) for p in presets for f in p.get("data_files", ())}
-    return tokenizers | set(limits.allow_data), datasets | set(limits.allow_data), files
-
-
-def _check_config(label: str, cfg, allowed) -> None:
-    """What llm.py will load for one resolved config: files inside the folder the tool runs in
-    (symlinks followed), tokenizer and dataset from the allowlist (a hub id or a folder could carry
-    code)."""
-    tokenizers, datasets, files = allowed
     root = os.path.realpath(Path.cwd())
     for f in cfg.data_files:
         real = os.path.realpath(f)
         if real not in files and os.path.commonpath([root, real]) != root:
             raise PlanError(f"{label}: data file {f} is {real}, outside the folder the tool runs "
-                            f"in ({root}); a "
-                            "plan may only name files under it (copy the file here)")
-    if cfg.tokenizer not in tokenizers:
-        raise PlanError(f"{label}: tokenizer {cfg.tokenizer!r} is not allowed (allowed: "
-                        f"{', '.join(sorted(tokenizers))}); a plan cannot choose what gets loaded: "
-                        "the user adds one with --allow-data NAME")
-    if not cfg.data_files and cfg.dataset not in datasets:
-        raise PlanError(f"{label}: dataset {cfg.dataset!r} is not allowed (allowed: "
-                        f"{', '.join(sorted(datasets))}); a plan cannot choose what gets loaded: "
-                        "the user adds one with --allow-data NAME")
+                            f"in ({root}); a plan may only name files under it (copy the file "
+                            "here)")
+    for what, value, extra in (("tokenizer", cfg.tokenizer, "bytes"),
+                               ("dataset", None if cfg.data_files else cfg.dataset, "random")):
+        allowed = {defaults[what], extra, *(p[what] for p in presets if what in p),
+                   *limits.allow_data}
+        if value is not None and value not in allowed:
+            raise PlanError(f"{label}: {what} {value!r} is not allowed (allowed: "
+                            f"{', '.join(sorted(allowed))}); a plan cannot choose what gets "
+                            "loaded: the user adds one with --allow-data NAME")
 
 
 def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
-    """Validate every entry with llm.py's own sweep planner and its resolved configs, count the runs
-    before any is expanded, estimate time and memory, refuse what is over a limit; return the budget
+    """Every entry through llm.py's own sweep planner, its runs counted before any is expanded,
+    each config checked, time and memory estimated; over a limit: PlanError. Returns the budget
     lines."""
-    llm = _project_module("llm")
-    flags, allowed, total = llm_flags(), _allowed(llm, limits), 0
+    llm, flags, total = _project_module("llm"), llm_flags(), 0
     for i, e in enumerate(plan.entries, 1):
         label = f"entry {i} ({e.name})"
         check_flags(label, e.args, flags)
@@ -1418,16 +1210,16 @@ def check_plan(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
                             f"{limits.max_runs}; shrink the plan or raise --max-runs")
         e.runs = []
         for n, cfg in enumerate(sweep.configs(), 1):
-            _check_config(label, cfg, allowed)
+            _check_config(label, cfg, llm, limits)
             est = llm.estimate(cfg)
             memory = est.memory_gb + cfg.max_tokens * 8 / 1e9  # + the token array (int64 at most)
             if memory > _ram_gb():
                 raise PlanError(f"{label}: run {n} needs about {memory:.1f} GB of memory, more "
                                 f"than this machine's {_ram_gb():.1f} GB; use a smaller model, "
                                 "batch or --max-tokens")
-            e.runs.append({"config": dataclasses.asdict(cfg),
+            e.runs.append({"config": dataclasses.asdict(cfg), "memory_gb": memory,
                            "flops_per_token": est.flops_per_token,
-                           "train_tokens": est.train_tokens, "memory_gb": memory})
+                           "train_tokens": est.train_tokens})
     return budget(plan, limits, out_dir, csvs)
 
 
@@ -1439,8 +1231,7 @@ def _ram_gb() -> float:
 
 
 def _shape(c: dict) -> tuple:
-    """What throughput depends on; the vocabulary as llm.py will resolve it (a CSV records it
-    resolved)."""
+    """What throughput depends on, the vocabulary as llm.py resolves it (a CSV records it so)."""
     llm = _project_module("llm")
     cfg = llm.MoEModelConfig(**{f.name: c[f.name] for f in dataclasses.fields(llm.MoEModelConfig)
                                 if f.init and f.name in c})
@@ -1456,28 +1247,27 @@ def measured_speed(csvs) -> dict[tuple, tuple[float, str]]:
         try:
             df = pd.read_csv(path)
             rows = df[df["status"].astype(str).str.strip().eq("ok")]
-            triples = zip(rows["tokens_per_s"], rows["config_json"], rows["device"])
+            triples = list(zip(rows["tokens_per_s"], rows["config_json"], rows["device"]))
         except (OSError, ValueError, KeyError):
             continue
         for tps, cfg_json, device in triples:
             with contextlib.suppress(TypeError, ValueError, llm.UserError):
-                cfg = llm.MoEModelConfig(**{k: v for k, v in json.loads(cfg_json).items()
-                                            if k in names})
+                c = json.loads(cfg_json)
+                cfg = llm.MoEModelConfig(**{k: v for k, v in c.items() if k in names})
                 if float(tps) > 0:
-                    seen[_shape(json.loads(cfg_json))].append(
-                        (float(tps) * llm.estimate(cfg).flops_per_token, str(device)))
+                    seen[_shape(c)].append((float(tps) * llm.estimate(cfg).flops_per_token,
+                                            str(device)))
     return {k: (statistics.median(v[0] for v in vs), vs[-1][1]) for k, vs in seen.items()}
 
 
 def llm_dry_run(code: Path, args: list[str], label: str, time_steps: int = 0) -> dict:
     """`llm.py ARGS --dry-run --json [--time-steps K]` in a child: no shell, no stdin, no keys,
-    offline, a timeout."""
+    offline, a timeout; its JSON."""
     cmd = [sys.executable, str(code), *args, "--dry-run", "--json"] + \
         (["--time-steps", str(time_steps)] if time_steps else [])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                           timeout=DRY_RUN_TIMEOUT,
-                           env=child_env({"HF_HUB_OFFLINE": "1"}))
+                           timeout=DRY_RUN_TIMEOUT, env=child_env({"HF_HUB_OFFLINE": "1"}))
     except subprocess.TimeoutExpired:
         raise PlanError(f"{label}: llm.py's dry run took more than {DRY_RUN_TIMEOUT:g} s and was "
                         "stopped; make the model smaller") from None
@@ -1501,11 +1291,17 @@ def _speeds(plan: Plan, out_dir, csvs) -> tuple[dict, bool]:
         label, timed = f"entry {i} ({e.name})", True
         out = llm_dry_run(plan.code, [*e.args, "--out", str(e.csv(out_dir))], label, TIME_STEPS)
         for r in out.get("runs", []):
-            _check_run_id(label, r.get("run_id", ""))
+            if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", str(r.get("run_id", ""))):
+                raise PlanError(f"{label}: llm.py would name a run {str(r.get('run_id'))[:40]!r}, "
+                                "which is no safe file name")
             if r.get("tokens_per_s"):
-                flops = r["tokens_per_s"] * r["flops_per_token"]
-                speed[_shape(r["config"])] = (flops, "this device")
+                speed[_shape(r["config"])] = (r["tokens_per_s"] * r["flops_per_token"],
+                                              "this device")
     return speed, timed
+
+
+def _mins(minutes: float) -> str:
+    return f"{minutes:.1f}" if minutes >= 1 else f"{minutes:.2f}"
 
 
 def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
@@ -1544,26 +1340,16 @@ def budget(plan: Plan, limits: Limits, out_dir, csvs=()) -> str:
     return "\n".join(lines)
 
 
-def _mins(minutes: float) -> str:
-    return f"{minutes:.1f}" if minutes >= 1 else f"{minutes:.2f}"
-
-
-def _check_run_id(label: str, run_id: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", str(run_id)):
-        raise PlanError(f"{label}: llm.py would name a run {str(run_id)[:40]!r}, which is no safe "
-                        "file name")
-
-
 def shown(cmd: list[str]) -> str:
-    """A command as the user would type it: `python` when that is this interpreter, llm.py relative
-    if near."""
+    """A command as the user would type it: `python` for this interpreter, llm.py relative if
+    near."""
     exe = "python" if shutil.which("python") == sys.executable else cmd[0]
     script = os.path.relpath(cmd[1])
     return shlex.join([exe, cmd[1] if script.startswith("..") else script, *cmd[2:]])
 
 
 def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
-    """What the user confirms: every entry, every command, the diff of any code edit, and the
+    """What the user confirms: every entry, every command, the diff of any code edit, the
     budget."""
     lines = [f"plan {plan.source}: {_count(len(plan.entries), 'entry')}, "
              f"{_count(plan.total, 'run')}, results in {out_dir}"]
@@ -1575,8 +1361,8 @@ def plan_text(plan: Plan, out_dir, budget_lines: str) -> str:
 
 
 def confirm(text: str, question: str, yes: bool) -> bool:
-    """A typed yes. The commands are shown where the question is asked even when stdout goes
-    elsewhere."""
+    """A typed yes; the commands are shown where the question is asked (stderr when stdout is
+    redirected)."""
     if yes:
         return True
     if not sys.stdin.isatty():  # checked up front by the commands too; this is the last guard
@@ -1594,21 +1380,28 @@ def _need_consent(args, what: str) -> None:
                         "to ask: add --yes (nothing was sent or run)")
 
 
-class RunOutcome(collections.namedtuple("RunOutcome", "rc entry tail")):
-    """llm.py's exit code (0: every entry done), the entry that stopped, and its last 40 lines of
-    output."""
+class RunOutcome(typing.NamedTuple):
+    rc: int  # llm.py's exit code: 0 when every entry is done
+    entry: PlanEntry | None  # the entry that stopped
+    tail: str  # its last lines of output
 
 
 def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
-    """Run the entries one after another with llm.py's own progress and resume; stop at the first
-    failure. Each llm.py gets no stdin, no keys, the out-dir lock, and a time limit (its budget)."""
+    """The entries one after another, with llm.py's own progress and resume, until the first
+    failure. Each llm.py gets no stdin, no keys, the out-dir lock and a time limit (its budget)."""
     make_dir(out_dir)
     for i, e in enumerate(plan.entries, 1):
         _note(f"\n== entry {i}/{len(plan.entries)}: {e.name} ({_count(e.n_runs, 'run')})")
         sys.stdout.flush()
         limit = plan.limit_s or 120 + 60 * (3 * sum(e.minutes) + 2 * e.n_runs)
-        rc, tail = (run_patched(plan, e, out_dir, limit) if plan.patched
-                    else _run_child(plan.command(e, out_dir), lock_fd, limit))
+        if plan.patched:
+            folder = Path(out_dir).resolve()
+            cmd = [sys.executable, str(Path(plan.code).resolve()), *e.args, "--out",
+                   str(e.csv(folder))]
+            rc, tail = _run_child(cmd, limit, sandbox_env(child_env(), folder), folder,
+                                  plan.no_sandbox)
+        else:
+            rc, tail = _run_child(plan.command(e, out_dir), limit, child_env(), lock_fd=lock_fd)
         if rc:
             why = "interrupted" if rc == 130 else f"llm.py exited with code {rc}"
             _note(f"{'' if rc == 130 else 'error: '}entry {i} ({e.name}): {why}; finished runs are "
@@ -1621,61 +1414,59 @@ def run_plan(plan: Plan, out_dir, lock_fd: int) -> RunOutcome:
     return RunOutcome(0, None, "")
 
 
-def _run_child(cmd: list[str], lock_fd: int, limit: float) -> tuple[int, str]:
-    """One llm.py, its output passed through as it comes and its last 40 lines kept; killed after
-    `limit` s."""
+def _run_child(cmd: list[str], limit: float, env: dict, writable: Path | None = None,
+               no_sandbox: bool = False, lock_fd: int | None = None) -> tuple[int, str]:
+    """One llm.py, its output passed through as it comes and its last lines kept, killed after
+    `limit` s. With `writable`: patched code, in the sandbox, its output cleaned and redacted."""
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    proc = start(cmd, env, writable, no_sandbox, **pipe) if writable else subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, env=env, pass_fds=(lock_fd,), **pipe)  # gets our Ctrl-C
     import threading
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT,
-                            env=child_env(), pass_fds=(lock_fd,))
-    timer, seen = threading.Timer(limit, proc.kill), ""
+    timer, seen, redactor = threading.Timer(limit, _kill, (proc,)), "", Redactor()
     timer.start()
     try:
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):
             text = chunk.decode(errors="replace")
+            text = redactor.feed(text) if writable else text
             seen = (seen + text)[-20_000:]
-            with contextlib.suppress(BrokenPipeError):
-                sys.stdout.write(text)
-                sys.stdout.flush()
+            _write_to(sys.stdout, text)
+        _write_to(sys.stdout, redactor.flush())
         rc = proc.wait()
-    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save what it has
+    except KeyboardInterrupt:  # an llm.py got the same Ctrl-C: let it save what it has
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=0 if writable else 60)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
+            _kill(proc)
         rc = 130
     finally:
         timer.cancel()
-    tail = [ln.rstrip() for ln in seen.replace("\r", "\n").splitlines() if ln.strip()][-40:]
+    tail = [ln.rstrip() for ln in seen.replace("\r", "\n").splitlines() if ln.strip()]
+    tail = tail[-TAIL_LINES:]
     if rc == -9:
         tail.append(f"(stopped by the tool after {limit:.0f} s, far past its budget)")
     return rc, clean("\n".join(tail))
 
 
 def plan_example() -> dict:
-    return {"runs": [{"name": "noise_without_lb", "question": "Does router noise help when the "
-                                                              "balancing loss is "
-                      "off?", "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1",
-                                       "--seeds", "42", "43", "44"]}]}
+    return {"runs": [{"name": "noise_without_lb",
+                      "question": "Does router noise help when the balancing loss is off?",
+                      "args": ["--lb-weight", "0", "--noise-std", "0", "0.05", "0.1", "--seeds",
+                               "42", "43", "44"]}]}
 
 
 def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> str:
-    """{plan_format}: how the final plan ends in runs, with the flags generated from llm.py's own
-    parser."""
-    parser = _project_module("llm").build_parser()
-    flags = []
-    for a in parser._actions:  # see llm_flags: argparse has no public list of actions
-        if a.option_strings and a.dest not in TOOL_OWNED and a.help != argparse.SUPPRESS:
+    """{plan_format}: how the final plan ends in runs, with the flags from llm.py's own parser."""
+    flags, owned = [], []
+    for a in _actions():
+        if a.dest in TOOL_OWNED:
+            owned += a.option_strings
+        elif a.option_strings and a.help != argparse.SUPPRESS:
             meta = a.metavar or a.dest.upper()
-            use = " / ".join(a.option_strings) + ("" if a.nargs == 0 else f" {meta} [{meta} ...]"
-                                                  if a.nargs == "+"
-                                                   else f" {meta}")
-            flags.append(f"{use}: {a.help}")
-    owned = ", ".join(s for a in parser._actions if a.dest in TOOL_OWNED for s in a.option_strings)
+            use = {0: "", "+": f" {meta} [{meta} ...]"}.get(a.nargs, f" {meta}")
+            flags.append(f"{' / '.join(a.option_strings)}{use}: {a.help}")
     return "\n".join([
         "After the plan, end your answer with exactly one fenced ```json block that turns it into "
-        "runs:", "",
-        "```json", json.dumps(plan_example()), "```", "",
+        "runs:", "", "```json", json.dumps(plan_example()), "```", "",
         "Each entry is one call of llm.py with `args` as its arguments (a list of strings) and "
         "gets its own CSV and report; an entry has only name, question and args. Its runs are "
         "every combination of the values given (a flag with several values, or --grid), and the "
@@ -1685,8 +1476,8 @@ def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> 
         f"answers. At most {max_runs} runs over all entries, at most {limits.max_run_minutes:g} "
         f"minutes of training per run and {limits.max_total_minutes:g} in all (the tool measures "
         "and refuses more). Data, tokenizer and dataset stay the defaults unless the user allowed "
-        f"others. The tool chooses output and device: never use {owned}. llm.py's flags (a flag "
-        "left out keeps its default):", *flags])
+        f"others. The tool chooses output and device: never use {', '.join(owned)}. llm.py's "
+        "flags (a flag left out keeps its default):", *flags])
 
 
 def _report_text(md: Path) -> str:
@@ -1700,44 +1491,36 @@ def _csv_of(md: Path) -> Path:
     return md.with_name(DEFAULT_CSV_NAME if stem == "experiment" else stem + ".csv")
 
 
-def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[str, list[Path],
-                                                                               Path | None]:
-    """{results}: the markdown report of the last sweep, the CSVs behind it (for time estimates) and
-    the report.
-
-    path: a report, or a results CSV whose report is built first. None: the report of the default
-    CSV in the current folder, rebuilt if the CSV is newer. Nothing found, or enabled=False: a
-    sentence saying that no results exist yet. write=False (a dry run): a report that needs building
-    is built in a temporary folder."""
+def load_results(path=None, enabled: bool = True, write: bool = True):
+    """{results}, the CSVs behind it (for time estimates) and the report: `path` (a report, or a
+    CSV whose report is built first), else the default CSV's report here, rebuilt if the CSV is
+    newer; write=False (a dry run) builds it in a temporary folder. None found: NO_RESULTS."""
     if not enabled:
         _note("results: left out (--no-results)")
         return NO_RESULTS, [], None
     given = None if path is None else Path(path)
     if given is not None and not given.is_file():
         raise UserError(f"--results {given}: file not found")
-    if given is not None and given.suffix != ".csv":
-        md, csv = given, _csv_of(given)
-    else:
-        rp = _project_module("report")
-        csv = given or Path(DEFAULT_CSV_NAME)
-        md = rp.report_paths(csv)[0]
-        if csv.is_file() and (given or not md.is_file()
-                              or md.stat().st_mtime < csv.stat().st_mtime):
-            try:
-                if not write:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        shutil.copy(csv, Path(tmp) / csv.name)
-                        text = _report_text(rp.write_report(Path(tmp) / csv.name))
-                    _note(f"results: the report of {csv}, built for this dry run only (nothing "
-                          "written)")
-                    return f"From {md.name}:\n\n{text}", [csv], md
-                md = rp.write_report(csv)
-                _note(f"results: wrote the report {md} from {csv}")
-            except (OSError, ValueError) as e:
-                if given:
-                    raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}"
-                                    ) from None
-                _note(f"warning: no report built from {csv}: {_one_line(e)}")
+    rp = _project_module("report")
+    csv = _csv_of(given) if given and given.suffix != ".csv" else given or Path(DEFAULT_CSV_NAME)
+    md = given if given and given.suffix != ".csv" else rp.report_paths(csv)[0]
+    if md != given and csv.is_file() and (given or not md.is_file()
+                                          or md.stat().st_mtime < csv.stat().st_mtime):
+        try:
+            if not write:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copy(csv, Path(tmp) / csv.name)
+                    text = _report_text(rp.write_report(Path(tmp) / csv.name))
+                _note(f"results: the report of {csv}, built for this dry run only (nothing "
+                      "written)")
+                return f"From {md.name}:\n\n{text}", [csv], md
+            md = rp.write_report(csv)
+            _note(f"results: wrote the report {md} from {csv}")
+        except (OSError, ValueError) as e:
+            if given:
+                raise UserError(f"--results {csv}: cannot build its report: {_one_line(e)}"
+                                ) from None
+            _note(f"warning: no report built from {csv}: {_one_line(e)}")
     if not md.is_file():
         _note(f"results: none found ({md.name} or {csv.name} in {Path.cwd()}); the prompts say no "
               "results exist yet (--results FILE gives some)")
@@ -1748,52 +1531,48 @@ def load_results(path=None, enabled: bool = True, write: bool = True) -> tuple[s
 
 def limits_of(args) -> Limits:
     return Limits(args.max_runs, args.max_run_minutes, args.max_total_minutes,
-                  tuple(args.allow_data),
-                  args.allow_code_edits, args.no_sandbox)
+                  tuple(args.allow_data), args.allow_code_edits, args.no_sandbox)
 
 
 def _runs_command(args) -> int:
     if args.run:
         _need_consent(args, "runs --run")
-    limits = limits_of(args)
+    limits, out = limits_of(args), Path(args.out_dir)
     plan = read_plan(args.plan, limits=limits)
     earlier = Path(args.results or DEFAULT_CSV_NAME)
     if args.results and not earlier.is_file():
         raise UserError(f"--results {earlier}: file not found")
-    # a rerun: the plan's own finished runs are the best guide; a report stands for the CSV beside
-    # it
-    csvs = sorted(Path(args.out_dir).glob("*.csv")) + [earlier if earlier.suffix == ".csv"
-                                                       else _csv_of(earlier)]
+    # a rerun: the plan's own finished runs are the best guide; a report stands for its CSV
+    csvs = sorted(out.glob("*.csv")) + [earlier if earlier.suffix == ".csv" else _csv_of(earlier)]
     if plan.edits:
-        make_dir(args.out_dir)  # the copy and its diff go there
-        lines = prepare_copy(plan, DEFAULT_CODE, Path(args.out_dir), limits)
+        make_dir(out)  # the copy and its diff go there
+        lines = prepare_copy(plan, DEFAULT_CODE, out, limits)
     else:
-        lines = check_plan(plan, limits, args.out_dir, csvs)
-    text = plan_text(plan, args.out_dir, lines)
+        lines = check_plan(plan, limits, out, csvs)
+    text = plan_text(plan, out, lines)
     print(text)
     if not args.run:
         _note("nothing was run; add --run to run them")
         return 0
-    created = not Path(args.out_dir).exists()
-    make_dir(args.out_dir)  # before asking: a folder that cannot be used fails now
-    with out_dir_lock(args.out_dir) as fd:
+    created = not out.exists()
+    make_dir(out)  # before asking: a folder that cannot be used fails now
+    with out_dir_lock(out) as fd:
         if confirm(text, f"Run these {plan.total or ''} runs?".replace("  ", " "), args.yes):
             if plan.edits:
-                check_copy(plan, Path(args.out_dir))
-            return run_plan(plan, args.out_dir, fd).rc
+                check_copy(plan, out)
+            return run_plan(plan, out, fd).rc
     _note("not confirmed: nothing was run")
     if created:  # leave nothing behind
-        (Path(args.out_dir) / ".runs.lock").unlink()
-        Path(args.out_dir).rmdir()
+        (out / ".runs.lock").unlink()
+        out.rmdir()
     return 1
 
 
 # --------------------------------------------------------------------------------------------------
-# Code edits
+# Code edits: aider's SEARCH/REPLACE blocks, the protected-section lock, the sandbox, the checks
 
 PROTECTED_TITLE = "# Evaluation (protected)"
 EDIT_FILE = "llm.py"
-TAIL_LINES = 40  # lines of a failed run's output quoted in its refusal
 RULE = re.compile(r"^# -{20,}\s*$")  # the rule line that opens every llm.py section
 # aider's markers, 5 to 9 characters as aider tolerates; anything else like one is refused.
 HEAD = re.compile(r"^\s*<{5,9}\s*SEARCH\s*>?\s*$", re.IGNORECASE)
@@ -1808,8 +1587,7 @@ SANDBOX_SECRET = re.compile(r"API_KEY|_TOKEN$|_SECRET$", re.IGNORECASE)
 
 
 class EditError(Exception):
-    """A code edit refused: one line saying which edit and what to do (simple_llm: a repairable
-    refusal)."""
+    """A code edit refused: one line saying which edit and what to do (a repairable refusal)."""
 
 
 class Edit(typing.NamedTuple):
@@ -1821,125 +1599,85 @@ class Edit(typing.NamedTuple):
 def _file_name(line: str) -> str | None:
     """The file a line names: alone (`llm.py`, **llm.py**, ### llm.py, llm.py:, File: llm.py), else
     the one .py file a short line mentions ("Changes to `llm.py`:")."""
-    text = line.strip().strip("*`'\"").strip()
-    text = re.sub(r"^#+\s*", "", text)
-    text = re.sub(r"^(?:file(?:name)?|path)\s*:\s*", "", text, flags=re.IGNORECASE)
-    text = text.strip("*`'\":").strip()
+    text = re.sub(r"^#+\s*|^(?:file(?:name)?|path)\s*:\s*", "", line.strip().strip("*`'\"").strip(),
+                  flags=re.I).strip("*`'\":").strip()
     if re.fullmatch(r"[\w./\\-]+\.[A-Za-z0-9]+", text):
-        return text[2:] if text.startswith("./") else text
+        return text.removeprefix("./")
     named = set(re.findall(r"[\w./-]*\w\.py\b", line)) if len(line) <= 120 else set()
     return named.pop().removeprefix("./") if len(named) == 1 else None
 
 
-def _name_before(lines: list[str], head: int) -> str | None:
-    """The file named just before the SEARCH marker at lines[head]: inside the fence (its first
-    line, or the opener's ```python llm.py) or on the line before the fence."""
-    i = head - 1
-    while i >= 0 and not lines[i].strip():
+def _name_before(lines: list[str], i: int) -> str | None:
+    """The file named just before lines[i]: the line above (not a REPLACE marker), or in or above
+    the fence that opens there."""
+    while i > 0 and not lines[i - 1].strip():
         i -= 1
-    if i < 0:
+    if i == 0 or UPDATED.match(lines[i - 1]):
         return None
-    fence = FENCE.match(lines[i])
+    fence = FENCE.match(lines[i - 1])
     if not fence:
-        return _file_name(lines[i]) if not UPDATED.match(lines[i]) else None
+        return _file_name(lines[i - 1])
     named = [t for t in fence.group(1).replace(":", " ").split() if "." in t]
-    if named:
-        return _file_name(named[0])
-    i -= 1
-    while i >= 0 and not lines[i].strip():
-        i -= 1
-    return _file_name(lines[i]) if i >= 0 else None
-
-
-def _marker_error(line: str, n: int) -> EditError:
-    return EditError(f"line {n} of the answer looks like an edit marker but is not one "
-                     f"({line.strip()[:40]!r}): write <<<<<<< SEARCH, ======= and >>>>>>> REPLACE, "
-                     f"7 characters each, on lines of their own")
-
-
-def _read_block(lines: list[str], i: int, index: int, indent: str) -> tuple[Edit, int]:
-    """The SEARCH/REPLACE section whose marker is lines[i]: its Edit and the line after its REPLACE
-    marker."""
-    parts, j = ([], []), i + 1
-    side = 0
-    while True:
-        if j == len(lines):
-            raise EditError(f"the answer was cut inside an edit block (edit {index}): ask for the "
-                            f"plan again, or shorten it so the answer ends")
-        line = lines[j]
-        if HEAD.match(line):
-            raise EditError(f"edit {index} has no {'=======' if side == 0 else '>>>>>>> REPLACE'} "
-                            f"before the next <<<<<<< SEARCH: close each block with >>>>>>> "
-                            f"REPLACE")
-        if DIVIDER.match(line):
-            if side == 1:
-                raise EditError(f"edit {index} has two ======= lines: one SEARCH part, one "
-                                f"=======, one REPLACE part per block")
-            side = 1
-        elif UPDATED.match(line):
-            if side == 0:
-                raise EditError(f"edit {index} has a SEARCH with no =======: write <<<<<<< SEARCH, "
-                                f"the old lines, =======, the new lines, >>>>>>> REPLACE")
-            break
-        else:
-            if indent and line.startswith(indent):  # a block indented in a list item: as the marker
-                line = line[len(indent):]
-            parts[side].append(line + "\n")
-        j += 1
-    search, replace = "".join(parts[0]), "".join(parts[1])
-    if not search.strip():
-        raise EditError(f"edit {index} has an empty SEARCH: quote the lines of llm.py the change "
-                        f"goes next to (new files and appends are not supported)")
-    return Edit(search, replace, index), j + 1
+    return _file_name(named[0]) if named else _name_before(lines, i - 1)
 
 
 def parse_edits(answer: str) -> list[Edit]:
-    """aider's SEARCH/REPLACE edits to llm.py in a model's answer, in order ([] when there are
-    none).
-
-    The file name stands on its own line before the fence (`llm.py`, **llm.py**, ### llm.py) or as
-    the fence's first line; a block with no name of its own belongs to the file of the block before
-    it, as in aider. Markers of 5-9 characters are accepted, as aider does. Refused (EditError
-    naming the edit): another file, no name at all, a SEARCH with no =======, an empty SEARCH, a
-    block the answer ends inside, a marker-like line that is not a marker, a unified diff of llm.py
-    instead of blocks."""
+    """aider's SEARCH/REPLACE edits to llm.py in an answer, in order ([] when there are none); a
+    block with no name of its own belongs to the file of the block before it. Markers of 5-9
+    characters are accepted, as aider does. EditError naming the edit for another file, no name,
+    no =======, an empty SEARCH, a block cut off, a marker-like line, a unified diff."""
     lines = answer.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    edits, i, current = [], 0, None
-    while i < len(lines):
-        line = lines[i]
-        if HEAD.match(line):
-            index = len(edits) + 1
-            name = _name_before(lines, i) or current
-            if name is None:
-                raise EditError(f"edit {index} names no file: put {EDIT_FILE} on its own line just "
-                                f"before the fence that holds the block")
+    edits, name, block = [], None, None  # block: (indent, [search lines] [, replace lines])
+    for n, line in enumerate(lines, 1):
+        k = len(edits) + 1
+        if block is None and HEAD.match(line):
+            name = _name_before(lines, n - 1) or name
             if name != EDIT_FILE:
-                raise EditError(f"edit {index} changes {name}: only {EDIT_FILE} may be edited (the "
+                raise EditError(f"edit {k} changes {name}: only {EDIT_FILE} may be edited (the "
                                 f"copy in the round folder); express the rest with {EDIT_FILE} "
-                                f"flags")
-            indent = line[:len(line) - len(line.lstrip())]
-            edit, i = _read_block(lines, i, index, indent)
-            edits.append(edit)
-            current = name
-            continue
-        if UPDATED.match(line) or NEAR_MISS.match(line):
-            raise _marker_error(line, i + 1)
-        if UNIFIED_DIFF.match(line):
-            raise EditError(f"line {i + 1} of the answer starts a unified diff: write each change "
-                            f"to {EDIT_FILE} as a <<<<<<< SEARCH / ======= / >>>>>>> REPLACE block "
-                            f"instead")
-        i += 1
+                                "flags" if name else f"edit {k} names no file: put {EDIT_FILE} on "
+                                "its own line just before the fence that holds the block")
+            block = (line[:len(line) - len(line.lstrip())], [[]])
+        elif block is None and (UPDATED.match(line) or NEAR_MISS.match(line)):
+            raise EditError(f"line {n} of the answer looks like an edit marker but is not one "
+                            f"({line.strip()[:40]!r}): write <<<<<<< SEARCH, ======= and >>>>>>> "
+                            "REPLACE, 7 characters each, on lines of their own")
+        elif block is None and UNIFIED_DIFF.match(line):
+            raise EditError(f"line {n} of the answer starts a unified diff: write each change to "
+                            f"{EDIT_FILE} as a <<<<<<< SEARCH / ======= / >>>>>>> REPLACE block "
+                            "instead")
+        elif block is not None:
+            parts = block[1]
+            if HEAD.match(line):
+                missing = "=======" if len(parts) == 1 else ">>>>>>> REPLACE"
+                raise EditError(f"edit {k} has no {missing} before the next <<<<<<< SEARCH: close "
+                                "each block with >>>>>>> REPLACE")
+            if DIVIDER.match(line) and len(parts) == 2:
+                raise EditError(f"edit {k} has two ======= lines: one SEARCH part, one =======, "
+                                "one REPLACE part per block")
+            if UPDATED.match(line) and len(parts) == 1:
+                raise EditError(f"edit {k} has a SEARCH with no =======: write <<<<<<< SEARCH, the "
+                                "old lines, =======, the new lines, >>>>>>> REPLACE")
+            if DIVIDER.match(line):
+                parts.append([])
+            elif UPDATED.match(line):
+                search, replace = ("".join(p) for p in parts)
+                if not search.strip():
+                    raise EditError(f"edit {k} has an empty SEARCH: quote the lines of llm.py the "
+                                    "change goes next to (new files and appends are not supported)")
+                edits.append(Edit(search, replace, k))
+                block = None
+            else:  # a block indented in a list item loses the marker's indent
+                parts[-1].append(line.removeprefix(block[0]) + "\n")
+    if block is not None:
+        raise EditError(f"the answer was cut inside an edit block (edit {len(edits) + 1}): ask for "
+                        "the plan again, or shorten it so the answer ends")
     return edits
 
 
-def _first_line(edit: Edit) -> str:
-    first = next((ln for ln in edit.search.splitlines() if ln.strip()), "")
-    return first.strip()[:60]
-
-
 def apply_edits(code: str, edits: list[Edit]) -> str:
-    """code with each edit applied in order; each SEARCH must match the text (as edited so far)
-    exactly once, else EditError naming the edit and its first line."""
+    """code with each edit applied in order; each SEARCH must match (the text as edited so far)
+    exactly once."""
     for edit in edits:
         n = code.count(edit.search)
         if n != 1:
@@ -1952,6 +1690,10 @@ def apply_edits(code: str, edits: list[Edit]) -> str:
     return code
 
 
+def _first_line(edit: Edit) -> str:
+    return next((ln for ln in edit.search.splitlines() if ln.strip()), "").strip()[:60]
+
+
 def unified_diff(original: str, patched: str) -> str:
     """The change as a unified diff, a/llm.py -> b/llm.py ('' when the texts are equal)."""
     def lines(text):
@@ -1961,8 +1703,7 @@ def unified_diff(original: str, patched: str) -> str:
 
 def protected_section(code: str, what: str = "the patched llm.py") -> tuple[int, int]:
     """(first line, line after the last), 0-based, of the one `# Evaluation (protected)` section:
-    from the rule line above its title to the next rule line (or the end). EditError when there is
-    none or more."""
+    from the rule line above its title to the next rule line (or the end)."""
     lines = code.splitlines()
     titles = [i for i, ln in enumerate(lines) if ln.strip() == PROTECTED_TITLE]
     if len(titles) != 1:
@@ -1971,36 +1712,30 @@ def protected_section(code: str, what: str = "the patched llm.py") -> tuple[int,
     t = titles[0]
     if lines[t] != PROTECTED_TITLE or t == 0 or not RULE.match(lines[t - 1]):
         raise EditError(f"{what}'s {PROTECTED_TITLE!r} title is not a section title (a rule line "
-                        f"above it, at the start of the line): it must stay as it was")
-    end = next((i for i in range(t + 1, len(lines)) if RULE.match(lines[i])), len(lines))
-    return t - 1, end
-
-
-def _section_text(code: str, span: tuple[int, int]) -> str:
-    return "".join(code.splitlines(keepends=True)[span[0]:span[1]])
+                        "above it, at the start of the line): it must stay as it was")
+    return t - 1, next((i for i in range(t + 1, len(lines)) if RULE.match(lines[i])), len(lines))
 
 
 def _bound_at_module_level(stmts) -> typing.Iterator[tuple[str, ast.AST]]:
     """(name, node) for every module-level binding in stmts (def/class bodies are other scopes)."""
-    for stmt in stmts:
-        nodes = [stmt]
-        while nodes:
-            node = nodes.pop()
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                yield node.name, node
-                nodes.extend(node.decorator_list)  # decorators run in module scope; bodies do not
-                continue
-            if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp,
-                                 ast.GeneratorExp)):
-                continue
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for alias in node.names:
-                    yield (alias.asname or alias.name.split(".")[0]), node
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-                yield node.id, node
-            elif isinstance(node, ast.ExceptHandler) and node.name:
-                yield node.name, node
-            nodes.extend(ast.iter_child_nodes(node))
+    nodes = list(stmts)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name, node
+            nodes.extend(node.decorator_list)  # decorators run in module scope; bodies do not
+            continue
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp,
+                             ast.GeneratorExp)):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                yield (alias.asname or alias.name.split(".")[0]), node
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            yield node.id, node
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            yield node.name, node
+        nodes.extend(ast.iter_child_nodes(node))
 
 
 def _root_name(node) -> str | None:
@@ -2014,20 +1749,11 @@ RISKY_MODULES = {"builtins", "ctypes", "gc", "importlib", "inspect"}
 RISKY_ATTRS = {"__dict__", "__globals__", "__code__", "__builtins__", "f_globals", "f_locals"}
 
 
-def _flat_targets(targets) -> typing.Iterator[ast.AST]:
-    for t in targets:
-        if isinstance(t, (ast.Tuple, ast.List)):
-            yield from _flat_targets(t.elts)
-        else:
-            yield t.value if isinstance(t, ast.Starred) else t
-
-
 def _lock_findings(tree: ast.Module, span: tuple[int, int], protected: set[str]):
-    """(key, line, what) for each thing outside the protected section (lines span, 0-based) that
-    could change what the section computes: a module-level binding of one of its names, a global
-    statement for one, an assignment into one of its names or into an imported module
-    (monkeypatching torch, np, math...), reflection (setattr, globals, __dict__, sys.modules, exec)
-    and risky imports."""
+    """(key, line, what) for each thing outside the protected section (lines span) that could
+    change what it computes: a module-level binding or a global statement of one of its names, an
+    assignment into one of them or into an imported module (monkeypatching torch...), reflection
+    (setattr, globals, __dict__, sys.modules, exec) and risky imports."""
     stmts = [s for s in tree.body if not span[0] < s.lineno <= span[1]]
     modules = {n for n, node in _bound_at_module_level(tree.body)
                if isinstance(node, (ast.Import, ast.ImportFrom))}
@@ -2035,28 +1761,25 @@ def _lock_findings(tree: ast.Module, span: tuple[int, int], protected: set[str])
         if name in protected:
             yield ("bind", name), node.lineno, f"rebinds {name}"
     for node in (n for s in stmts for n in ast.walk(s)):
-        line = getattr(node, "lineno", 0)
+        line, text = getattr(node, "lineno", 0), lambda: ast.unparse(node)
         if isinstance(node, (ast.Global, ast.Nonlocal)):
             for name in set(node.names) & protected:
                 yield ("global", name), line, f"declares global {name}"
-        targets = (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else
-                   [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
-        for t in _flat_targets(targets):
-            root = _root_name(t) if isinstance(t, (ast.Attribute, ast.Subscript)) else None
-            if root in protected or root in modules:
-                yield ("patch", ast.unparse(t)), line, f"assigns {ast.unparse(t)}"
-        func = node.func if isinstance(node, ast.Call) else None
-        if isinstance(func, ast.Name) and func.id in RISKY_CALLS:
-            yield ("call", ast.unparse(node)), line, f"calls {func.id}()"
+        if (isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, (
+                ast.Store, ast.Del)) and _root_name(node) in protected | modules):
+            yield ("patch", text()), line, f"assigns {text()}"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                node.func.id in RISKY_CALLS:
+            yield ("call", text()), line, f"calls {node.func.id}()"
         if isinstance(node, ast.Attribute) and (
                 node.attr in RISKY_ATTRS or node.attr == "modules" and _root_name(node) == "sys"):
-            yield ("attr", ast.unparse(node)), line, f"uses {ast.unparse(node)}"
+            yield ("attr", text()), line, f"uses {text()}"
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
-                     [a.name for a in node.names])
-            for name in names:
-                if name.split(".")[0] in RISKY_MODULES or any(a.name == "*" for a in node.names):
-                    yield ("import", ast.unparse(node)), line, f"has {ast.unparse(node)}"
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names]
+            if any(n.split(".")[0] in RISKY_MODULES for n in names) or any(
+                    a.name == "*" for a in node.names):
+                yield ("import", text()), line, f"has {text()}"
 
 
 def _parse(code: str, what: str) -> ast.Module:
@@ -2067,12 +1790,10 @@ def _parse(code: str, what: str) -> ast.Module:
 
 
 def check_protected(original: str, patched: str, edits: list[Edit]) -> None:
-    """Refuse (EditError) a change that could alter how the evaluation measures: an edit whose
-    SEARCH overlaps the protected section of the original, a copy whose section text differs or that
-    has no such section or two, or a copy that rebinds, outside the section, a name the section
-    defines, or patches an imported module or uses reflection the original does not (checked on the
-    AST; see _lock_findings). A determined obfuscation can still get past an AST check: the diff is
-    shown."""
+    """EditError for a change that could alter how the evaluation measures: an edit overlapping
+    the protected section, a copy whose section differs (or is missing or doubled), or one whose
+    code outside it does what _lock_findings finds and the original does not. A determined
+    obfuscation can still get past a syntax-tree check: the diff is shown."""
     span = protected_section(original, "the base llm.py")
     lines = original.splitlines(keepends=True)
     lo, hi = sum(map(len, lines[:span[0]])), sum(map(len, lines[:span[1]]))
@@ -2082,38 +1803,33 @@ def check_protected(original: str, patched: str, edits: list[Edit]) -> None:
             if start < hi and start + len(edit.search) > lo:
                 raise EditError(f"edit {edit.index} (SEARCH starting {_first_line(edit)!r}) "
                                 f"touches the {PROTECTED_TITLE!r} section: the validation split "
-                                f"and the metrics may not change; edit the model, data or training "
-                                f"code instead")
+                                "and the metrics may not change; edit the model, data or training "
+                                "code instead")
             start = original.find(edit.search, start + 1)
     new_span = protected_section(patched)
-    if _section_text(patched, new_span) != _section_text(original, span):
+    section = "".join(lines[span[0]:span[1]])
+    if "".join(patched.splitlines(keepends=True)[new_span[0]:new_span[1]]) != section:
         raise EditError(f"the patched llm.py's {PROTECTED_TITLE!r} section differs from the "
-                        f"original's (an edit next to it changed it): leave that section's text "
-                        f"exactly as it is")
-    section = _parse(_section_text(original, span), "the base llm.py's protected section")
-    protected = {name for name, _ in _bound_at_module_level(section.body)}
+                        "original's (an edit next to it changed it): leave that section's text "
+                        "exactly as it is")
+    protected = {name for name, _ in _bound_at_module_level(
+        _parse(section, "the base llm.py's protected section").body)}
     old_tree, new_tree = _parse(original, "the base llm.py"), _parse(patched, "the patched llm.py")
     before = collections.Counter(k for k, _, _ in _lock_findings(old_tree, span, protected))
     for key, line, what in _lock_findings(new_tree, new_span, protected):
-        if before[key] > 0:
-            before[key] -= 1
-            continue
-        raise EditError(f"the patched llm.py {what} at line {line}: code outside "
-                        f"{PROTECTED_TITLE!r} may not rebind its names, patch modules or use "
-                        f"reflection; give new code new names")
-
-
-def _project() -> Path:
-    """The folder of the user's llm.py and report.py (this file sits beside them)."""
-    return Path(__file__).resolve().parent
+        if before[key] <= 0:
+            raise EditError(f"the patched llm.py {what} at line {line}: code outside "
+                            f"{PROTECTED_TITLE!r} may not rebind its names, patch modules or use "
+                            "reflection; give new code new names")
+        before[key] -= 1
 
 
 def _sandbox_prefix(kind: str, writable: Path) -> list[str]:
     if kind == "bwrap":
         w = str(writable)
-        hide = [a for env in (_project() / ".env", Path.cwd() / ".env") if env.is_file()
+        hide = [a for env in (HERE / ".env", Path.cwd() / ".env") if env.is_file()
                 for a in ("--ro-bind", "/dev/null", str(env))]
-        # A fresh /dev plus the NVIDIA nodes only (not --dev-bind /dev /dev: every host device).
+        # a fresh /dev plus the NVIDIA nodes only (not --dev-bind /dev /dev: every host device)
         gpus = [a for p in sorted(glob.glob("/dev/nvidia*")) for a in ("--dev-bind", p, p)]
         return ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/",
                 "/", "--dev", "/dev", *gpus, "--proc", "/proc", *hide, "--bind", w, w, "--chdir", w,
@@ -2125,34 +1841,22 @@ def _sandbox_prefix(kind: str, writable: Path) -> list[str]:
 
 def sandbox_kind() -> str | None:
     """"bwrap" (no network, writes confined), "unshare" (no network only), or None: each is probed
-    by running `true` inside it, so a disabled user namespace (AppArmor, containers) reads as
-    absent."""
+    by running `true` inside it, so a disabled user namespace reads as absent."""
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as tmp:
-        for kind in ("bwrap", "unshare"):
-            if shutil.which(kind) is None:
-                continue
-            try:
-                probe = subprocess.run(_sandbox_prefix(kind, Path(tmp)) + ["true"], cwd=tmp,
-                                       timeout=20, stdin=subprocess.DEVNULL, capture_output=True)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if probe.returncode == 0:
-                return kind
+        for kind in (k for k in ("bwrap", "unshare") if shutil.which(k)):
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                if subprocess.run(_sandbox_prefix(kind, Path(tmp)) + ["true"], cwd=tmp, timeout=20,
+                                  stdin=subprocess.DEVNULL, capture_output=True).returncode == 0:
+                    return kind
     return None
 
 
-def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict,
-              no_sandbox: bool = False, capture: bool = True) -> subprocess.CompletedProcess:
-    """Run cmd (an argument list, never a shell) in the best sandbox here, cwd = writable.
-
-    Always: stdin closed, exactly `env` (the caller strips it; a name like *_API_KEY is refused here
-    too), a new session killed as a whole after `timeout` seconds (EditError). bwrap: no network
-    (its own loopback), PID/IPC namespaces, the whole file system read-only except `writable`, .env
-    files hidden. unshare: no network (loopback down), own PID namespace, but writes are NOT
-    confined: the process can write wherever the user can. Neither limits CPU or memory (only the
-    timeout does) nor hides files from reading. With no sandbox: EditError, unless no_sandbox (then
-    only the points under "Always"). capture=False lets the output through to this process's
-    stdout/stderr (long runs)."""
+def start(cmd: list[str], env: dict, writable: Path, no_sandbox: bool = False,
+          **popen) -> subprocess.Popen:
+    """cmd (an argument list, never a shell) in the best sandbox here, cwd = writable, in a session
+    of its own (killed as a whole), stdin closed, exactly `env` (a *_API_KEY name is refused).
+    bwrap: no network, the file system read-only but `writable`, .env files hidden; unshare: no
+    network, writes NOT confined. No sandbox: EditError, unless no_sandbox."""
     secret = sorted(k for k in env if SANDBOX_SECRET.search(k))
     if secret:
         raise EditError(f"refusing to start patched code with secrets in its environment "
@@ -2164,14 +1868,28 @@ def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict,
                         "--no-sandbox")
     writable = Path(writable).resolve()
     full = (_sandbox_prefix(kind, writable) if kind else []) + [str(c) for c in cmd]
-    pipe = subprocess.PIPE if capture else None
-    proc = subprocess.Popen(full, cwd=writable, env=env, stdin=subprocess.DEVNULL, stdout=pipe,
-                            stderr=pipe, start_new_session=True, text=True, errors="replace")
+    return subprocess.Popen(full, cwd=writable, env=env, stdin=subprocess.DEVNULL,
+                            start_new_session=True, **popen)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """The process, and its whole group when it leads one (the sandbox's)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+
+
+def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict,
+              no_sandbox: bool = False) -> subprocess.CompletedProcess:
+    """start() and wait, its output captured; past `timeout` s the group is killed: EditError."""
+    proc = start(cmd, env, writable, no_sandbox, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True, errors="replace")
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as e:  # the timeout, or Ctrl-C: the whole group goes
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
         out, err = proc.communicate()
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
@@ -2179,16 +1897,13 @@ def sandboxed(cmd: list[str], *, writable: Path, timeout: float, env: dict,
                       Path(str(cmd[0])).name)
         raise EditError(f"{script} ran past its {timeout:g} s limit and was "
                         f"stopped.{_tail(out, err)}") from None
-    return subprocess.CompletedProcess(full, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _tail(out: str | None, err: str | None) -> str:
-    """The last TAIL_LINES lines of a run's output (progress bars' carriage returns kept to their
-    last state), as a block to append to a refusal."""
-    lines = []
-    for text in (out or "", err or ""):
-        lines += [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
-    lines = lines[-TAIL_LINES:]
+    """The last lines of a run's output (a progress bar at its last state), for a refusal."""
+    lines = [ln.rsplit("\r", 1)[-1] for text in (out or "", err or "")
+             for ln in text.splitlines() if ln.strip()][-TAIL_LINES:]
     return f"\nLast {len(lines)} lines of its output:\n" + "\n".join(lines)
 
 
@@ -2197,132 +1912,111 @@ DEFAULT_RUN = ["--preset", "smoke", *SMOKE_STEPS, "--seeds", "42", "--noise-std"
                "--lb-weight", "0.01", "--device", "cpu"]
 
 
-def sandbox_env(env: dict, workdir: Path, project: Path | None = None, report: bool = True) -> dict:
+def sandbox_env(env: dict, workdir: Path, report: bool = True) -> dict:
     """env plus what a patched llm.py in a round folder needs: the shipped smoke corpus, `import
-    report` from the project (report=False: no report.py on the path, so llm.py skips its report),
-    the hub offline, temporary and cache files (datasets' too: a read-only HF_HOME would stop
-    load_dataset) inside workdir, no bytecode written."""
-    project = Path(project or _project()).resolve()
+    report` from the project (report=False: none, so llm.py writes no report), the hub offline,
+    temporary and cache files inside workdir, no bytecode."""
     tmp = Path(workdir).resolve() / "tmp"
     (tmp / "mpl").mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-    return {**env, "LLM_SAMPLE_CORPUS": str(project / "data_cache" / "sample_corpus.txt"),
-            **({"PYTHONPATH": str(project)} if report else {}), "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp), "MPLCONFIGDIR": str(tmp / "mpl"),
-            "XDG_CACHE_HOME": str(tmp / "cache"), "HF_DATASETS_CACHE": str(tmp / "hf_datasets"),
-            "PYTHONDONTWRITEBYTECODE": "1"}
+    return {**env, "LLM_SAMPLE_CORPUS": str(HERE / "data_cache" / "sample_corpus.txt"),
+            **({"PYTHONPATH": str(HERE)} if report else {}), "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TMPDIR": str(tmp),
+            "MPLCONFIGDIR": str(tmp / "mpl"), "XDG_CACHE_HOME": str(tmp / "cache"),
+            "HF_DATASETS_CACHE": str(tmp / "hf_datasets"), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _run_llm(code: Path, args: list[str], folder: Path, env: dict, timeout: float, what: str,
-             fresh: bool = True, report: bool = True) -> subprocess.CompletedProcess:
-    """code (an llm.py) with args in the sandbox, cwd and writable = folder; EditError when it
-    fails. report=False: report.py is not importable, so the run writes no report (2-3 s saved)."""
-    if fresh and folder.exists():
+             no_sandbox: bool, report: bool = False) -> subprocess.CompletedProcess:
+    """code (an llm.py) with args in the sandbox, in a fresh `folder`; EditError when it fails.
+    report=False: report.py is not importable, so the run writes no report (2-3 s saved)."""
+    if folder.exists():
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True)
     proc = sandboxed([sys.executable, str(Path(code).resolve()), *args], writable=folder,
-                     timeout=timeout, env=sandbox_env(env, folder, report=report))
+                     timeout=timeout, env=sandbox_env(env, folder, report), no_sandbox=no_sandbox)
     if proc.returncode != 0:
         raise EditError(f"{what} failed (exit {proc.returncode}): python llm.py {' '.join(args)}"
                         f"{_tail(proc.stdout, proc.stderr)}")
     return proc
 
 
-def _csv_rows(path: Path, what: str, proc) -> list[dict]:
+def _rows(path: Path, what: str, tail: str) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except (OSError, csv.Error) as e:
-        raise EditError(f"{what} wrote no readable CSV "
-                        f"({e}){_tail(proc.stdout, proc.stderr)}") from None
+        raise EditError(f"{what} wrote no readable CSV ({e}){tail}") from None
     if not rows:
-        raise EditError(f"{what} wrote no result row{_tail(proc.stdout, proc.stderr)}")
+        raise EditError(f"{what} wrote no result row{tail}")
     return rows
 
 
-def _val_loss(rows: list[dict], what: str, proc) -> float:
-    try:
-        loss = float(rows[-1]["val_loss"])
-    except (KeyError, ValueError):
-        loss = math.nan
-    if len(rows) != 1 or not math.isfinite(loss):
-        raise EditError(f"{what} gave {len(rows)} rows, val_loss {rows[-1].get('val_loss')!r} "
-                        f"(expected one finite value){_tail(proc.stdout, proc.stderr)}")
-    return loss
-
-
 def _default_plan(code: Path, folder: Path, env: dict, timeout: float, what: str,
-                  keep: bool = False) -> dict:
-    """What `llm.py --dry-run --json` (no flags) would run: the defaults of every field and axis.
-    keep: save it as folder/plan.json and reuse that file when it is there (the original's, by
-    content hash)."""
-    saved = folder / "plan.json"
-    if keep and saved.is_file():
-        return json.loads(saved.read_text(encoding="utf-8"))
-    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what, report=False)
+                  no_sandbox: bool) -> dict:
+    """What `llm.py --dry-run --json` (no flags) runs: every default field and axis."""
+    proc = _run_llm(code, ["--dry-run", "--json"], folder, env, timeout, what, no_sandbox)
     try:
         plan = json.loads(proc.stdout)
-        plan = {"n_runs": plan["n_runs"], "axes": plan["axes"],
+        return {"n_runs": plan["n_runs"], "axes": plan["axes"],
                 "configs": [r["config"] for r in plan["runs"]]}
     except (ValueError, KeyError, TypeError) as e:
         raise EditError(f"{what}: --dry-run --json printed no plan "
-                        f"({e}){_tail(proc.stdout, proc.stderr)}")
-    if keep:
-        saved.write_text(json.dumps(plan), encoding="utf-8")
-    return plan
+                        f"({e}){_tail(proc.stdout, proc.stderr)}") from None
 
 
-def _compare_defaults(want: dict, got: dict) -> None:
+def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict,
+                            timeout: float, no_sandbox: bool = False) -> None:
+    """EditError for a copy whose defaults differ from the original's: its no-flag `--dry-run
+    --json` must resolve every original field to the same value, and both must train the smoke
+    preset 3 steps (seed 42) to the same val_loss (to 1e-6), in the sandbox, under
+    workdir/default-check/ (the original's results, by content hash, are reused)."""
+    sha = hashlib.sha256(Path(original).read_bytes()).hexdigest()[:12]
+    base = Path(workdir) / "default-check"
+    orig_dir, copy_dir = base / f"original-{sha}", base / "copy"
+    orig_dir.mkdir(parents=True, exist_ok=True)
+    if not (orig_dir / "llm.py").is_file():  # run from here: no report.py beside it to import
+        shutil.copyfile(original, orig_dir / "llm.py")
+    saved = orig_dir / "plan.json"
+    if not saved.is_file():
+        _write(saved, json.dumps(_default_plan(orig_dir / "llm.py", orig_dir / "dry", env, timeout,
+                                               "the original llm.py's dry run", no_sandbox)))
+    want = json.loads(saved.read_text(encoding="utf-8"))
+    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run",
+                        no_sandbox)
     if (got["n_runs"], got["axes"]) != (want["n_runs"], want["axes"]):
         raise EditError(f"the patched llm.py's default sweep differs: {got['n_runs']} runs over "
                         f"{got['axes']} instead of {want['n_runs']} over {want['axes']}; keep the "
-                        f"defaults")
+                        "defaults")
     for w, g in zip(want["configs"], got["configs"]):
         for key, value in w.items():
             if key not in g or g[key] != value:
                 raise EditError(f"the patched llm.py changes the default of config field {key} "
                                 f"from {value!r} to {g.get(key, '(removed)')!r}: keep every "
-                                f"default and pass the new value in the runs' args, or add a new "
-                                f"flag whose default keeps the old behaviour")
-
-
-def check_default_behaviour(copy: Path, original: Path, workdir: Path, env: dict,
-                            timeout: float) -> None:
-    """Refuse (EditError) a copy whose defaults differ from the original's: its `--dry-run --json`
-    plan with no flags must resolve every original config field to the same value, and both must
-    train `--preset smoke` for 3 steps with seed 42 to the same val_loss (to 1e-6), on CPU in the
-    sandbox.
-
-    Outputs go under workdir/default-check/; the original's, keyed by its content hash, are kept and
-    reused by later checks of the same original. timeout: seconds per run."""
-    base = Path(workdir) / "default-check"
-    sha = hashlib.sha256(Path(original).read_bytes()).hexdigest()[:12]
-    orig_dir, copy_dir = base / f"original-{sha}", base / "copy"
-    orig_dir.mkdir(parents=True, exist_ok=True)
-    if not (orig_dir / "llm.py").is_file():  # run from here: no report.py beside it to import
-        shutil.copyfile(original, orig_dir / "llm.py")
-    original = orig_dir / "llm.py"
-    want = _default_plan(original, orig_dir / "dry", env, timeout, "the original llm.py's dry run",
-                         keep=True)
-    got = _default_plan(copy, copy_dir / "dry", env, timeout, "the patched llm.py's dry run")
-    _compare_defaults(want, got)
-    losses, cache = [], orig_dir / "train" / "data_cache"
-    for code, folder, what in ((original, orig_dir / "train", "the original llm.py's smoke run"),
-                               (copy, copy_dir / "train", "the patched llm.py's smoke run")):
-        done = folder / "default.csv"
-        if code == original and done.is_file():  # this original's run, made by an earlier check
-            proc = subprocess.CompletedProcess([], 0, "", "")
-        else:  # the copy reads the tokens the original cached, as its real runs will
-            args = [*DEFAULT_RUN, "--out", done.name]
-            args += ["--cache-dir", str(cache)] if code == copy else []
-            proc = _run_llm(code, args, folder, env, timeout, what, report=False)
-        losses.append(_val_loss(_csv_rows(done, what, proc), what, proc))
+                                "default and pass the new value in the runs' args, or add a new "
+                                "flag whose default keeps the old behaviour")
+    losses, tail, cache = [], "", orig_dir / "train" / "data_cache"
+    for code, folder, what in ((orig_dir / "llm.py", orig_dir / "train", "the original"),
+                               (copy, copy_dir / "train", "the patched")):
+        what, done = f"{what} llm.py's smoke run", folder / "default.csv"
+        if code == copy or not done.is_file():  # else: this original's run, by an earlier check
+            args = [*DEFAULT_RUN, "--out", done.name] + (
+                ["--cache-dir", str(cache)] if code == copy else [])  # the original's tokens
+            proc = _run_llm(code, args, folder, env, timeout, what, no_sandbox)
+            tail = _tail(proc.stdout, proc.stderr)
+        rows = _rows(done, what, tail)
+        try:
+            losses.append(float(rows[-1]["val_loss"]))
+        except (KeyError, ValueError):
+            losses.append(math.nan)
+        if len(rows) != 1 or not math.isfinite(losses[-1]):
+            raise EditError(f"{what} gave {len(rows)} rows, val_loss "
+                            f"{rows[-1].get('val_loss')!r} (expected one finite value){tail}")
     if abs(losses[0] - losses[1]) > 1e-6:
         raise EditError(f"the patched llm.py changes the default behaviour: val_loss "
                         f"{losses[1]:.7f} vs the original's {losses[0]:.7f} (python llm.py "
                         f"{' '.join(DEFAULT_RUN)}); put the new behaviour behind a new flag whose "
-                        f"default keeps the old one{_tail(proc.stdout, proc.stderr)}")
+                        f"default keeps the old one{tail}")
 
 
 # Flags whose values the smoke check sets itself: output, length, device, data (the shipped corpus).
@@ -2331,21 +2025,16 @@ SMOKE_OWNED = {"--out", "--fresh", "--preset", "--max-steps", "--eval-every", "-
                "--dataset-config", "--data-files", "--tokenizer", "--num-documents", "--max-tokens",
                "--cache-dir", "--vocab-size", "--batch-size", "--max-seq-len",
                "--gradient-accumulation-steps"}
-
-
-ROUTING_FLAGS = {"--noise-std": "noise_std", "--lb-weight": "load_balancing_weight",
-                 "--seeds": "seed"}
+ROUTING_FLAGS = {"--noise-std": "--noise-std", "--lb-weight": "--lb-weight", "--seeds": "--seeds",
+                 "noise_std": "--noise-std", "load_balancing_weight": "--lb-weight",
+                 "lb_weight": "--lb-weight", "seed": "--seeds", "seeds": "--seeds"}
 
 
 def smoke_args(args: list[str]) -> list[str]:
-    """An entry's llm.py args at smoke scale: its model flags and their sweeps kept (the values a
-    code change branches on), the routing axes (--noise-std, --lb-weight, --seeds, and --grid on
-    them) cut to their first value (0.1, 0.01, 42 when absent), the flags in SMOKE_OWNED (and --grid
-    items naming their fields) dropped, then the smoke preset for 3 steps on CPU."""
-    def field(name: str) -> str:
-        return name.replace("-", "_")
-    grid_routing = {field(v): k for k, v in ROUTING_FLAGS.items()} | {"lb_weight": "--lb-weight",
-                                                                      "seeds": "--seeds"}
+    """An entry's args at smoke scale: its model flags and their sweeps kept (what a code change
+    branches on), the routing axes (--noise-std, --lb-weight, --seeds, and --grid on them) cut to
+    their first value (0.1, 0.01, 42 when absent), SMOKE_OWNED flags (and --grid items of their
+    fields) dropped, then the smoke preset for 3 steps on CPU."""
     out, i = [], 0
     while i < len(args):
         flag, eq, value = args[i].partition("=")
@@ -2353,13 +2042,13 @@ def smoke_args(args: list[str]) -> list[str]:
         while j < len(args) and not (eq or re.match(r"--?[A-Za-z]", args[j])):
             j += 1  # the flag's values
         values = [value] if eq else args[i + 1:j]
-        grid_field = field(values[0].split("=")[0]) if flag == "--grid" and values else None
-        if flag in SMOKE_OWNED or grid_field and "--" + grid_field.replace("_", "-") in SMOKE_OWNED:
+        field = values[0].split("=")[0].replace("-", "_") if flag == "--grid" and values else ""
+        if field:
+            flag, values = ROUTING_FLAGS.get(field, flag), [values[0].split("=", 1)[-1]]
+        if flag in SMOKE_OWNED or "--" + field.replace("_", "-") in SMOKE_OWNED:
             pass
         elif flag in ROUTING_FLAGS and values:
             out += [flag, values[0].split(",")[0]]
-        elif grid_field in grid_routing:
-            out += [grid_routing[grid_field], values[0].split("=", 1)[-1].split(",")[0]]
         else:
             out += args[i:j]
         i = j
@@ -2370,19 +2059,19 @@ def smoke_args(args: list[str]) -> list[str]:
 
 
 def smoke_check_entries(copy: Path, entry_args: list[list[str]], workdir: Path, env: dict,
-                        timeout: float) -> None:
-    """Each entry's args (through smoke_args) train a few steps of the copy in the sandbox, under
-    workdir/smoke-check/entry{i}/; a failure is an EditError with the reason and the output's tail.
-    timeout: seconds per entry."""
+                        timeout: float, no_sandbox: bool = False) -> None:
+    """Each entry's smoke_args train the copy in the sandbox, under workdir/smoke-check/entry{i}/;
+    EditError with the reason and the output's tail when one fails or diverges."""
     for i, args in enumerate(entry_args, 1):
         folder = Path(workdir) / "smoke-check" / f"entry{i}"
         what = f"entry {i}'s smoke run on the patched llm.py"
-        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout, what)
-        rows = _csv_rows(folder / "smoke.csv", what, proc)
-        bad = [r for r in rows if r.get("status") != "ok"]
+        proc = _run_llm(copy, [*smoke_args(args), "--out", "smoke.csv"], folder, env, timeout,
+                        what, no_sandbox, report=True)
+        tail = _tail(proc.stdout, proc.stderr)
+        bad = [r for r in _rows(folder / "smoke.csv", what, tail) if r.get("status") != "ok"]
         if bad:
-            raise EditError(f"{what} diverged ({len(bad)} of {len(rows)} runs, e.g. val_loss "
-                            f"{bad[0].get('val_loss')}){_tail(proc.stdout, proc.stderr)}")
+            raise EditError(f"{what} diverged ({len(bad)} runs, e.g. val_loss "
+                            f"{bad[0].get('val_loss')}){tail}")
 
 
 CODE_EDIT_RULES = """
@@ -2418,9 +2107,9 @@ def edit_refusal(e: EditError) -> PlanError:
 
 
 def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
-    """Nothing runs here: the plan's edits applied to base into folder/llm.py, the lock checked, the
-    diff saved as folder/llm.py.diff; plan.code and plan.diff set. Returns the lines that stand for
-    the budget (patched code is checked and counted in the sandbox only after consent)."""
+    """Nothing runs here: the edits applied to base into folder/llm.py, the lock checked, the diff
+    saved as folder/llm.py.diff, plan.code and plan.diff set. Returns the lines that stand for the
+    budget (patched code is checked and counted in the sandbox only after consent)."""
     kind = sandbox_kind()
     if kind is None and not limits.no_sandbox:
         raise UserError("this plan edits llm.py and no sandbox can be made here (neither "
@@ -2440,45 +2129,28 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
     plan.limit_s = 60 * limits.max_total_minutes
     plan.diff = (f"code: {_count(len(plan.edits), 'edit')} to {base}, applied to the copy {copy} "
                  f"(diff saved as {diff_file}):\n{clean(diff)}")
-    where = kind or "NO SANDBOX (--no-sandbox): network and files are open to it"
-    return (f"patched code runs in: {where}; after you confirm, its default behaviour and each "
-            f"entry at smoke scale are checked there first; each entry may run at most "
-            f"{limits.max_total_minutes:g} min (a copy's new flags are not budgeted ahead)")
+    where = (f"patched code runs in: {kind}" if kind else "patched code runs WITHOUT A SANDBOX "
+             "(--no-sandbox; none can be made here): it can reach the network and write wherever "
+             "you can; it still gets an environment without keys, no stdin and a time limit")
+    return (f"{where}; after you confirm, its default behaviour and each entry at smoke scale are "
+            f"checked there first; each entry may run at most {limits.max_total_minutes:g} min (a "
+            "copy's new flags are not budgeted ahead)")
 
 
 def check_copy(plan: Plan, folder: Path) -> None:
     """After consent: the copy's default behaviour against the user's llm.py, then each entry at
-    smoke scale, in the sandbox (PlanError, repairable, on failure). The original's smoke run also
-    fills the token cache of the shipped corpus."""
+    smoke scale, in the sandbox (a repairable PlanError on failure)."""
     env, work, timeout = child_env(), Path(folder) / "checks", max(300.0, plan.limit_s)
     try:
-        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout)
-        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout)
+        check_default_behaviour(plan.code, DEFAULT_CODE, work, env, timeout, plan.no_sandbox)
+        smoke_check_entries(plan.code, [e.args for e in plan.entries], work, env, timeout,
+                            plan.no_sandbox)
     except EditError as e:
         raise edit_refusal(e) from None
 
 
-def run_patched(plan: Plan, e: PlanEntry, out_dir, limit: float) -> tuple[int, str]:
-    """One entry on the patched copy in the sandbox (writable: out_dir); its exit code and last 40
-    lines of output, redacted."""
-    folder = Path(out_dir).resolve()
-    cmd = [sys.executable, str(Path(plan.code).resolve()), *e.args, "--out", str(e.csv(folder))]
-    try:
-        proc = sandboxed(cmd, writable=folder, timeout=limit, env=sandbox_env(child_env(), folder),
-                         no_sandbox=plan.no_sandbox)
-    except EditError as err:
-        return 124, redact(clean(str(err)))
-    text = redact(clean((proc.stdout or "") + (proc.stderr or "")))
-    with contextlib.suppress(BrokenPipeError):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    lines = [ln.rsplit("\r", 1)[-1] for ln in text.splitlines() if ln.strip()]
-    return proc.returncode, "\n".join(lines[-TAIL_LINES:])
-
-
 def better(verdicts_of_round: dict) -> bool:
-    """Whether any entry of a round has a "better" verdict on the primary metric
-    (report.summary)."""
+    """Whether an entry of a round has a "better" verdict on the primary metric."""
     return any(v.get("word") == "better" for res in verdicts_of_round.values()
                for v in res.get("verdicts", []))
 
@@ -2508,13 +2180,16 @@ def _cell(text: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _rounds(state: dict, upto: int | None = None):
+    return [(k, r) for k, r in sorted(state["round"].items(), key=lambda kv: int(kv[0]))
+            if upto is None or int(k) <= upto]
+
+
 def ledger_table(state: dict, upto: int | None = None) -> str:
-    """The ledger: one row per verdict of every finished entry (and per refused plan or failed run),
-    so a person, and the planner, reads what each round asked, changed, ran and found."""
+    """One row per verdict of every finished entry (and per refused plan or failed run): what each
+    round asked, changed, ran and found."""
     rows = []
-    for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
-        if upto is not None and int(k) > upto:
-            continue
+    for k, rnd in _rounds(state, upto):
         rows += [[k, "", "(plan refused)", "0", f"refused: {r}", "", "", ""]
                  for r in rnd.get("refusals", [])]
         for e in rnd.get("entries", []):
@@ -2526,30 +2201,19 @@ def ledger_table(state: dict, upto: int | None = None) -> str:
             cost = [f"{res.get('minutes', 0):.1f}", f"{res.get('tokens', 0):,}"]
             if "error" in res or not res.get("verdicts"):
                 rows.append(base + [res.get("error") or "no contrast (one condition)", ""] + cost)
-            for v in res.get("verdicts", []):
-                rows.append(base + [f"{v['contrast']}: {v['word']} (n={v['n']}, "
-                                    f"p_adj={v['p_adjusted']:.2g}, "
-                                    f"detectable {v['detectable']:.3g})",
-                                    f"{v['effect']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"]
-                        + cost)
+            rows += [base + [f"{v['contrast']}: {v['word']} (n={v['n']}, p_adj="
+                             f"{v['p_adjusted']:.2g}, detectable {v['detectable']:.3g})",
+                             f"{v['effect']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]"]
+                     + cost for v in res.get("verdicts", [])]
     if not rows:
         return ""
     head = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|" + "---|" * len(LEDGER_COLUMNS)]
     return "\n".join(head + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows])
 
 
-def _entry_cost(csv: Path) -> dict:
-    import pandas as pd
-    try:
-        df = pd.read_csv(csv)
-        return {"minutes": float(df["training_time_minutes"].sum()),
-                "tokens": int(df["train_tokens"].sum())}
-    except (OSError, ValueError, KeyError):
-        return {"minutes": 0.0, "tokens": 0}
-
-
 def verdicts(csv: Path) -> dict:
-    """An entry's findings from report.py's primary analysis (its public summary)."""
+    """An entry's findings from report.py's primary analysis (its public summary), and its cost."""
+    import pandas as pd
     rp = _project_module("report")
     try:
         s = rp.summary(csv)
@@ -2557,20 +2221,28 @@ def verdicts(csv: Path) -> dict:
                "text": rp.summary_text(s)}
     except (OSError, ValueError) as e:  # report.ReportError is a ValueError
         out = {"error": f"no verdict: {_one_line(e, 160)}"}
-    return {**out, **_entry_cost(csv)}
+    try:
+        df = pd.read_csv(csv)
+        return {**out, "minutes": float(df["training_time_minutes"].sum()),
+                "tokens": int(df["train_tokens"].sum())}
+    except (OSError, ValueError, KeyError):
+        return {**out, "minutes": 0.0, "tokens": 0}
 
 
 def _save_loop(out: Path, state: dict) -> None:
     _write(out / LOOP_STATE, json.dumps(state, indent=2) + "\n")
+    code = ("Current code: your llm.py (no code edit has won a \"better\" verdict yet)."
+            if not state.get("code") else
+            f"Current code: {state['code']} (a code edit that won a \"better\" verdict; your "
+            f"llm.py is unchanged); compare it with yours: `diff -u llm.py {out / state['code']}`")
     md = [f"# Research loop: {state['idea']}", "",
           f"{state['rounds']} round(s) asked. Each round: the chain plans from the ledger and the "
           "last reports, the plan's runs train, report.py gives the verdicts. Rerun the same "
           "command to continue.", "",
-          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "",
-          _code_line(state, out), ""]
-    for k, rnd in sorted(state["round"].items(), key=lambda kv: int(kv[0])):
-        md += [f"## Round {k}: {rnd['status']}", "", "- Results read: "
-                                                     f"{rnd.get('results_from') or 'none'}"]
+          "## Ledger", "", ledger_table(state) or "(no finished entry yet)", "", code, ""]
+    for k, rnd in _rounds(state):
+        md += [f"## Round {k}: {rnd['status']}", "",
+               f"- Results read: {rnd.get('results_from') or 'none'}"]
         if rnd.get("plan"):
             md.append(f"- Plan: [{rnd['plan']}]({rnd['plan']}) "
                       f"({_count(rnd.get('repairs', 0), 'repair')})")
@@ -2578,34 +2250,13 @@ def _save_loop(out: Path, state: dict) -> None:
             md.append(f"- Code: the plan's edits to {rnd.get('base')} ran as [{rnd['code']}]"
                       f"({rnd['code']}), diff [{rnd['diff']}]({rnd['diff']})")
         if rnd.get("entries"):
-            md += ["- Commands:", "", "  ```"] + [f"  {e['command']}"
-                                                  for e in rnd["entries"]] + ["  ```"]
+            md += ["- Commands:", "", "  ```", *[f"  {e['command']}" for e in rnd["entries"]],
+                   "  ```"]
         for name, res in rnd.get("verdicts", {}).items():
             md += [f"- **{name}** ([report](round{k}/{name}_analysis.md)):"]
             md += [f"  {line}" for line in (res.get("text") or res.get("error", "")).splitlines()]
         md.append("")
     _write(out / LEDGER, "\n".join(md))
-
-
-def _code_line(state: dict, out: Path) -> str:
-    """Which llm.py the next round starts from (code that won accumulates; yours is never
-    changed)."""
-    if not state.get("code"):
-        return "Current code: your llm.py (no code edit has won a \"better\" verdict yet)."
-    return (f"Current code: {state['code']} (a code edit that won a \"better\" verdict; your "
-            f"llm.py is unchanged); compare it with yours: `diff -u llm.py {out / state['code']}`")
-
-
-def _round_results(out: Path, k: int, rnd: dict) -> str:
-    """Round k's reports as the next round's {results}: one section per entry, headed by its
-    question."""
-    parts = []
-    for e in rnd.get("entries", []):
-        md = _project_module("report").report_paths(out / f"round{k}" / f"{e['name']}.csv")[0]
-        body = _report_text(md) if md.is_file() else "No report: no run of this entry finished."
-        parts.append(f"## Round {k}, entry {e['name']}: "
-                     f"{e.get('question') or 'no question given'}\n\n{body}")
-    return "\n\n".join(parts)
 
 
 def _load_state(out: Path, idea: str) -> dict:
@@ -2617,9 +2268,8 @@ def _load_state(out: Path, idea: str) -> dict:
         raise UserError(f"{out / LOOP_STATE} is unreadable ({_one_line(e)}); fix or delete it"
                         ) from None
     rounds = state.get("round") if isinstance(state, dict) else None
-    if not isinstance(rounds, dict) or not all(isinstance(r, dict) and isinstance(r.get("status"),
-                                                                                  str)
-                                               for r in rounds.values()):
+    if not isinstance(rounds, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("status"), str) for r in rounds.values()):
         raise UserError(f"{out / LOOP_STATE} is not a loop state of this tool; fix or delete it")
     if state.get("idea") not in (None, idea):
         raise UserError(f"{out} holds a loop over {state['idea']}, not {idea}; use another "
@@ -2636,7 +2286,9 @@ class Loop:
         self.state = _load_state(self.out, str(args.input))
         self.state.update(idea=str(args.input), rounds=args.rounds)
 
-    def save(self) -> None:
+    def save(self, rnd: dict | None = None, status: str | None = None) -> None:
+        if status:
+            rnd["status"] = status
         _save_loop(self.out, self.state)
 
     def run(self) -> int:
@@ -2648,13 +2300,22 @@ class Loop:
         return 0
 
     def variables(self, k: int, rnd: dict) -> dict:
+        """The chain's variables: round k-1's reports (round 1: the last results) after the
+        ledger, and the code that won so far."""
         values = dict(self.given)
         if "results" in self.given:
             rnd["results_from"] = "--var results"
             return values
         if k > 1:
-            text, rnd["results_from"] = _round_results(self.out, k - 1,
-                                                       self.state["round"][str(k - 1)]), \
+            parts = []
+            for e in self.state["round"][str(k - 1)].get("entries", []):
+                md = _project_module("report").report_paths(
+                    self.out / f"round{k - 1}" / f"{e['name']}.csv")[0]
+                body = _report_text(md) if md.is_file() else "No report: no run of this entry " \
+                    "finished."
+                parts.append(f"## Round {k - 1}, entry {e['name']}: "
+                             f"{e.get('question') or 'no question given'}\n\n{body}")
+            text, rnd["results_from"] = "\n\n".join(parts), \
                 f"the ledger and round {k - 1}'s reports"
         else:
             text, self.earlier, source = load_results(self.args.results, not self.args.no_results,
@@ -2665,13 +2326,9 @@ class Loop:
             text = ("The ledger of this loop, every round so far (do not ask again what it "
                     f"answers):\n\n{table}\n\n{text}")
         values["results"] = text
-        if self.state.get("code") and "code_content" not in values:  # the code that won so far
+        if self.state.get("code") and "code_content" not in values:
             values["code_content"] = fenced_code(self.out / self.state["code"])
         return values
-
-    def base_code(self) -> Path:
-        """The llm.py a round's edits apply to: the last winning copy, else the user's."""
-        return self.out / self.state["code"] if self.state.get("code") else DEFAULT_CODE
 
     def round(self, k: int) -> int | None:
         rnd = self.state["round"].setdefault(str(k), {"status": "not started"})
@@ -2683,19 +2340,16 @@ class Loop:
         _note(f"\n==== round {k}/{self.args.rounds} in {rdir}")
         if self.args.dry_run:
             return self.dry_run(chain, rdir, k)
-        rnd["status"] = "chain"
-        self.save()
+        self.save(rnd, "chain")
         try:
             chain.run(resume=True)
         except ChainError as e:
-            rnd["status"] = f"chain failed at step {e.step}"
-            self.save()
+            self.save(rnd, f"chain failed at step {e.step}")
             e.args = (f"round {k}: {e}",)
             e.hint = f"finished steps are saved in {rdir}; rerun the same command to continue"
             raise
         except KeyboardInterrupt:
-            rnd["status"] = "chain interrupted"
-            self.save()
+            self.save(rnd, "chain interrupted")
             _note(f"\ninterrupted in round {k}'s chain; rerun the same command to continue")
             return 130
         rnd.setdefault("plan", f"round{k}/{step_file(len(self.steps), self.steps[-1]['title'])}")
@@ -2711,8 +2365,7 @@ class Loop:
         rnd["verdicts"] = {e.name: verdicts(e.csv(rdir)) for e in plan.entries}
         if plan.edits and better(rnd["verdicts"]):  # code that wins accumulates
             self.state["code"] = f"round{k}/llm.py"
-        rnd["status"] = "done"
-        self.save()
+        self.save(rnd, "done")
         _note(f"round {k} done: verdicts in {self.out / LEDGER}")
         return None
 
@@ -2720,33 +2373,30 @@ class Loop:
         plan = read_plan(self.out / rnd["plan"], limits=self.limits)
         csvs = sorted(self.out.glob("round*/*.csv")) + self.earlier
         if plan.edits or self.state.get("code"):  # a winning copy stays the base, edits or not
+            base = self.out / self.state["code"] if self.state.get("code") else DEFAULT_CODE
             make_dir(rdir)
-            lines = prepare_copy(plan, self.base_code(), rdir, self.limits)
-            rnd.update(code=f"{rdir.name}/llm.py", diff=f"{rdir.name}/llm.py.diff",
-                       base=str(self.base_code()))
+            lines = prepare_copy(plan, base, rdir, self.limits)
+            rnd.update(code=f"{rdir.name}/llm.py", diff=f"{rdir.name}/llm.py.diff", base=str(base))
         else:
             lines = check_plan(plan, self.limits, rdir, csvs)
             rnd.pop("code", None)
         plan.text = plan_text(plan, rdir, lines)
         rnd["entries"] = [{"name": e.name, "question": e.question, "args": e.args, "runs": e.n_runs,
                            "command": shown(plan.command(e, rdir))} for e in plan.entries]
-        rnd["status"] = "runs"
-        self.save()
+        self.save(rnd, "runs")
         return plan
 
     def run_round(self, k: int, rnd: dict, plan: Plan, rdir: Path) -> int | None:
         print(plan.text)
         if not confirm(plan.text, f"Round {k}: run these {plan.total} runs?", self.args.yes):
-            rnd["status"] = "runs not confirmed"
-            self.save()
+            self.save(rnd, "runs not confirmed")
             _note("not confirmed: nothing was run; rerun the same command to be asked again")
             return 1
         if plan.patched:
             check_copy(plan, rdir)
         outcome = run_plan(plan, rdir, self.fd)
         if outcome.rc == 130:
-            rnd["status"] = "runs interrupted"
-            self.save()
+            self.save(rnd, "runs interrupted")
             return 130
         if outcome.rc:
             i = plan.entries.index(outcome.entry) + 1
@@ -2757,17 +2407,15 @@ class Loop:
         return None
 
     def repair_or_stop(self, chain: Chain, k: int, rnd: dict, e: PlanError) -> None:
-        """Send the final step its answer and the refusal, at most --repairs times a round; then
-        stop."""
+        """The final step gets its answer and the refusal, at most --repairs times a round."""
         first = str(e).splitlines()[0]
         rnd.setdefault("refusals", []).append(first)
-        rnd["status"] = getattr(e, "status", None) or f"plan refused: {first}"
-        self.save()
+        self.save(rnd, getattr(e, "status", None) or f"plan refused: {first}")
         done = rnd.get("repairs", 0)
         if done >= self.args.repairs:
             raise UserError(f"round {k}: {first}; edit {self.out / rnd['plan']} and rerun the same "
-                            "command"
-                            + (f" ({_count(done, 'repair')} tried)" if done else "")) from None
+                            "command" + (f" ({_count(done, 'repair')} tried)" if done else "")
+                            ) from None
         n, step = len(self.steps), self.steps[-1]
         _note(f"round {k}: refused ({first}); asking {step['model']} for a corrected plan "
               f"({done + 1} of {self.args.repairs})")
@@ -2777,8 +2425,8 @@ class Loop:
         entry = {**_step_entry(n, step, prompt, self.llm.models[step["model"]]), "repair": done + 1,
                  "refusal": first, "output": name}
         chain.manifest.setdefault("repairs", []).append(entry)
-        chain.ask_into(step["model"], prompt, entry, f"round {k}'s repair {done + 1} "
-                                                     f"({step['model']})", n)
+        chain.ask_into(step["model"], prompt, entry,
+                       f"round {k}'s repair {done + 1} ({step['model']})", n)
         rnd.update(repairs=done + 1, plan=f"round{k}/{name}")
         self.save()
 
@@ -2814,19 +2462,9 @@ def _loop_command(llm: SimpleLLM, args) -> int:
     with out_dir_lock(args.out_dir) as fd:  # before the chain: a second loop here sends nothing
         return Loop(llm, args, steps, given, fd).run()
 
+
 # --------------------------------------------------------------------------------------------------
 # Command line
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
-            raise UserError(f"{flag} {item!r}: expected NAME=VALUE with NAME made of letters, "
-                            "digits and _")
-        out[key.strip()] = value
-    return out
 
 
 def _bounded(convert, low: float, above: bool = False):
@@ -2854,26 +2492,23 @@ def _model_id(text: str) -> tuple[str, str]:
 
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--max-tokens", type=_bounded(int, 1), default=DEFAULT_MAX_TOKENS,
-                        help=f"longest answer in tokens, per call (default {DEFAULT_MAX_TOKENS}; "
-                             "gemini counts its thinking too)")
-    common.add_argument("--timeout", type=_bounded(float, 0, above=True), default=DEFAULT_TIMEOUT,
-                        help="seconds to wait to connect and between streamed chunks, reasoning "
-                             f"chunks included (default {DEFAULT_TIMEOUT:g})")
-    common.add_argument("--deadline", type=_bounded(float, 0, above=True), default=DEFAULT_DEADLINE,
-                        help="seconds for one whole answer, retries included (default "
-                             f"{DEFAULT_DEADLINE:g})")
-    common.add_argument("--max-answer-chars", type=_bounded(int, 1), default=DEFAULT_MAX_ANSWER,
-                        help="an answer longer than this fails its step, keeping the part received "
-                             f"(default {DEFAULT_MAX_ANSWER:,})")
-    common.add_argument("--retries", type=_bounded(int, 0), default=DEFAULT_RETRIES,
-                        help="retries for 429, 5xx, timeouts and refused connections, with "
-                             "exponential backoff that honours Retry-After (default "
-                             f"{DEFAULT_RETRIES}; 0 = off)")
+    positive = _bounded(float, 0, above=True)
+    for flag, kind, default, text in (
+            ("--max-tokens", _bounded(int, 1), DEFAULT_MAX_TOKENS, "longest answer in tokens, per "
+             "call (default %(default)s; gemini counts its thinking too)"),
+            ("--timeout", positive, DEFAULT_TIMEOUT, "seconds to wait to connect and between "
+             "streamed chunks, reasoning chunks included (default %(default)g)"),
+            ("--deadline", positive, DEFAULT_DEADLINE, "seconds for one whole answer, retries "
+             "included (default %(default)g)"),
+            ("--max-answer-chars", _bounded(int, 1), DEFAULT_MAX_ANSWER, "an answer longer than "
+             f"this fails its step, keeping the part received (default {DEFAULT_MAX_ANSWER:,})"),
+            ("--retries", _bounded(int, 0), DEFAULT_RETRIES, "retries for 429, 5xx, timeouts and "
+             "refused connections, with exponential backoff that honours Retry-After (default "
+             "%(default)s; 0 = off)")):
+        common.add_argument(flag, type=kind, default=default, help=text)
     common.add_argument("--model", action="append", default=[], type=_model_id,
-                        metavar="NAME=MODEL_ID",
-                        help="use another model id, e.g. gemini=gemini-pro-latest (repeatable; "
-                             "`models` lists them)")
+                        metavar="NAME=MODEL_ID", help="use another model id, e.g. "
+                        "gemini=gemini-pro-latest (repeatable; `models` lists them)")
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return common
 
@@ -2881,23 +2516,45 @@ def _common_parser() -> argparse.ArgumentParser:
 def _plan_options(p: argparse.ArgumentParser) -> None:
     """The limits a plan must keep and what it may load: `runs` and `loop`."""
     p.add_argument("--max-runs", type=_bounded(int, 1), default=DEFAULT_MAX_RUNS,
-                   help=f"refuse a plan with more runs than this (default {DEFAULT_MAX_RUNS})")
+                   help="refuse a plan with more runs than this (default %(default)s)")
     p.add_argument("--max-run-minutes", type=_bounded(float, 0, above=True),
-                   default=DEFAULT_MAX_RUN_MINUTES,
-                   help="refuse a run estimated longer than this, in training minutes (default "
-                        f"{DEFAULT_MAX_RUN_MINUTES:g})")
+                   default=DEFAULT_MAX_RUN_MINUTES, help="refuse a run estimated longer than "
+                   "this, in training minutes (default %(default)g)")
     p.add_argument("--max-total-minutes", type=_bounded(float, 0, above=True),
                    default=DEFAULT_MAX_TOTAL_MINUTES,
-                   help="refuse a plan estimated longer than this in all (default "
-                        f"{DEFAULT_MAX_TOTAL_MINUTES:g})")
+                   help="refuse a plan estimated longer than this in all (default %(default)g)")
     p.add_argument("--allow-data", action="append", default=[], metavar="NAME",
                    help="also allow this tokenizer or dataset (hub id or folder) in plans "
                         "(repeatable); allowed always: the defaults, bytes, random")
-    p.add_argument("--allow-code-edits", action="store_true", help="let a plan edit a copy of "
-                                                                   "llm.py (off)")
-    p.add_argument("--no-sandbox", action="store_true", help="run code-edited copies without a "
-                                                             "sandbox (off)")
+    p.add_argument("--allow-code-edits", action="store_true",
+                   help="let a plan edit a copy of llm.py (off)")
+    p.add_argument("--no-sandbox", action="store_true",
+                   help="run code-edited copies without a sandbox where none can be made (off)")
     p.add_argument("--yes", action="store_true", help="run without asking")
+
+
+def _chain_options(p: argparse.ArgumentParser, out_dir: str, out_help: str, dry_help: str,
+                   resume_help: str) -> None:
+    """What `chain` and `loop` share: the input, the files and variables the prompts are made of,
+    the folder, --dry-run and --resume."""
+    p.add_argument("input", help="markdown file with the research idea: {user_input}")
+    p.add_argument("--code", default=str(DEFAULT_CODE),
+                   help="code file for {code_content} (default llm.py)")
+    p.add_argument("--system", default=str(DEFAULT_SYSTEM), help="constraints file for "
+                   "{system_prompt} (default research_system_prompt.md)")
+    p.add_argument("--steps", metavar="FILE.json",
+                   help="JSON list of {title, model, prompt} replacing the built-in four steps")
+    p.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
+                   help="variable for {KEY} in prompts (repeatable; wins over all others)")
+    p.add_argument("--out-dir", default=out_dir, help=out_help)
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--dry-run", action="store_true", help=dry_help)
+    results = p.add_mutually_exclusive_group()
+    results.add_argument("--results", metavar="FILE", help="{results}: a report or a results CSV "
+                         f"(its report is built); default: the report of {DEFAULT_CSV_NAME} in "
+                         "the current folder, if any")
+    results.add_argument("--no-results", action="store_true",
+                         help="{results} says no results exist yet")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -2908,74 +2565,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{gemini,kimi,models,chain,runs,loop}")
     for name, p in PROVIDERS.items():
-        cmd = sub.add_parser(name, parents=[common], help=f"stream one answer from {name} "
-                                                          f"({p.model})")
-        cmd.add_argument("prompt", nargs="*", help="the prompt (words are joined); '-' or nothing "
-                                                   "reads stdin")
+        cmd = sub.add_parser(name, parents=[common],
+                             help=f"stream one answer from {name} ({p.model})")
+        cmd.add_argument("prompt", nargs="*",
+                         help="the prompt (words are joined); '-' or nothing reads stdin")
     models = sub.add_parser("models", parents=[common],
                             help="list the model ids your keys can call")
-    models.add_argument("provider", nargs="?", choices=list(PROVIDERS), help="one provider "
-                                                                             "(default: both)")
-    chain = sub.add_parser("chain", parents=[common], help="run the research chain on a markdown "
-                                                           "file")
-    chain.add_argument("input", help="markdown file with the research idea: {user_input}")
-    chain.add_argument("--code", default=str(DEFAULT_CODE), help="code file for {code_content} "
-                                                                 "(default llm.py)")
-    chain.add_argument("--system", default=str(DEFAULT_SYSTEM),
-                       help="constraints file for {system_prompt} (default "
-                            "research_system_prompt.md)")
-    chain.add_argument("--steps", metavar="FILE.json",
-                       help="JSON list of {title, model, prompt} replacing the built-in four steps")
-    chain.add_argument("--var", action="append", default=[], metavar="KEY=VALUE",
-                       help="variable for {KEY} in prompts (repeatable; wins over all others)")
-    chain.add_argument("--out-dir", default=".", help="folder for step files and chain_run.json "
-                                                      "(default .)")
-    chain.add_argument("--resume", action="store_true",
-                       help="reuse saved step files from --out-dir and call only for the missing "
-                            "steps")
-    chain.add_argument("--dry-run", action="store_true",
-                       help="print each rendered prompt and its size; needs no key and sends "
-                            "nothing")
-    results = chain.add_mutually_exclusive_group()
-    results.add_argument("--results", metavar="FILE",
-                         help="{results}: a report or a results CSV (its report is built); "
-                              f"default: the report of {DEFAULT_CSV_NAME} in the current folder, "
-                              "if any")
-    results.add_argument("--no-results", action="store_true", help="{results} says no results "
-                                                                   "exist yet")
-    _add_plan_commands(sub, chain)
-    return parser.parse_args(argv)
-
-
-def _add_plan_commands(sub, chain) -> None:
+    models.add_argument("provider", nargs="?", choices=list(PROVIDERS),
+                        help="one provider (default: both)")
+    chain = sub.add_parser("chain", parents=[common],
+                           help="run the research chain on a markdown file")
+    _chain_options(chain, ".", "folder for step files and chain_run.json (default .)",
+                   "print each rendered prompt and its size; needs no key and sends nothing",
+                   "reuse saved step files from --out-dir and call only for the missing steps")
     runs = sub.add_parser("runs",
                           help="check, budget, show and (with --run) run the runs of a plan")
     runs.add_argument("plan", help="markdown file ending in a block of runs (a chain's final step)")
-    runs.add_argument("--out-dir", default="runs", help="folder for each entry's NAME.csv and "
-                                                        "report (default runs)")
+    runs.add_argument("--out-dir", default="runs",
+                      help="folder for each entry's NAME.csv and report (default runs)")
     runs.add_argument("--run", action="store_true", help="run them, after a typed yes (or --yes)")
     runs.add_argument("--results", metavar="CSV", help="earlier results for the time estimate "
-                                                       "(default: "
-                      f"{DEFAULT_CSV_NAME} here, if any)")
+                      f"(default: {DEFAULT_CSV_NAME} here, if any)")
     runs.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    _plan_options(runs)
-    loop = sub.add_parser("loop", parents=[chain], conflict_handler="resolve",
-                          help="rounds of chain -> runs -> verdicts, each round planned from the "
-                               "ledger")
+    loop = sub.add_parser("loop", parents=[common], help="rounds of chain -> runs -> verdicts, "
+                          "each round planned from the ledger")
+    _chain_options(loop, DEFAULT_LOOP_DIR, f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} "
+                   f"(default {DEFAULT_LOOP_DIR})", "print the first unfinished round's prompts "
+                   "and what follows; no key, nothing sent", argparse.SUPPRESS)  # always resumes
     loop.add_argument("--rounds", type=_bounded(int, 1), default=1,
                       help="rounds to run (default 1)")
-    loop.add_argument("--out-dir", default=DEFAULT_LOOP_DIR,
-                      help=f"folder for round{{k}}/, {LOOP_STATE} and {LEDGER} (default "
-                           f"{DEFAULT_LOOP_DIR})")
     loop.add_argument("--repairs", type=_bounded(int, 0), default=DEFAULT_REPAIRS,
                       help="times a round's refused plan (or failed run) goes back to the final "
-                           f"step with the message (default {DEFAULT_REPAIRS})")
-    loop.add_argument("--dry-run", action="store_true",
-                      help="print the first unfinished round's prompts and what follows; no key, "
-                           "nothing sent")
-    # the loop always resumes
-    loop.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
-    _plan_options(loop)
+                           "step with the message (default %(default)s)")
+    for p in (runs, loop):
+        _plan_options(p)
+    return parser.parse_args(argv)
 
 
 def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]:
@@ -2988,15 +2612,19 @@ def _chain_inputs(args, limits: Limits | None = None) -> tuple[list[dict], dict]
             raise UserError(f"--steps {args.steps} is not valid JSON: {e}") from None
     check_steps(steps)
     values = {"user_input": _read_text(args.input, "prompt")}
-    # the defaults load only if a step uses them (Chain does that)
-    if args.code != str(DEFAULT_CODE):
-        values["code_content"] = fenced_code(args.code)  # "code file X not found" if missing
+    if args.code != str(DEFAULT_CODE):  # the defaults load only if a step uses them (Chain)
+        values["code_content"] = fenced_code(args.code)
     if args.system != str(DEFAULT_SYSTEM):
         values["system_prompt"] = _read_text(args.system, "--system")
     if limits is not None:
         values["plan_format"] = plan_format(limits.max_runs, limits)
         values["code_edit_rules"] = code_edit_rules(limits)
-    values.update(_pairs(args.var, "--var"))  # last, so that --var wins over every other source
+    for item in args.var:  # last, so that --var wins over every other source
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key.strip()):
+            raise UserError(f"--var {item!r}: expected NAME=VALUE with NAME made of letters, "
+                            "digits and _")
+        values[key.strip()] = value
     return steps, values
 
 
@@ -3006,13 +2634,36 @@ def _models_command(args) -> int:
     for name in names:
         api_key(name)  # every missing key before any request
     s = Settings(args.max_tokens, args.timeout, args.retries, args.deadline, args.max_answer_chars)
-    chosen = {n: dict(args.model).get(n) or os.environ.get(PROVIDERS[n].model_env)
-              or PROVIDERS[n].model
-              for n in names}
     for name in names:
+        chosen = dict(args.model).get(name) or os.environ.get(PROVIDERS[name].model_env) or \
+            PROVIDERS[name].model
         for model_id in list_models(name, s):
-            print(f"{name}\t{model_id}" + ("\tdefault" if model_id == chosen[name] else ""),
-                  flush=True)
+            print(f"{name}\t{model_id}" + ("\tdefault" if model_id == chosen else ""), flush=True)
+    return 0
+
+
+def _chain_command(llm: SimpleLLM, args, argv: list[str]) -> int:
+    steps, values = _chain_inputs(args)
+    chain = Chain(llm, steps, values, args.out_dir,
+                  results=lambda write: load_results(args.results, not args.no_results, write)[0])
+    script = sys.argv[0] if sys.argv[0].endswith("simple_llm.py") else "simple_llm.py"
+    resume = shlex.join(["python", script, *(a for a in argv if a != "--resume"), "--resume"])
+    try:
+        results = chain.run(resume=args.resume, dry_run=args.dry_run)
+    except ChainError as e:
+        done = e.step - 1
+        kept = ("step 1 is" if done == 1 else f"steps 1-{done} are") + f" saved in {e.out_dir}"
+        e.hint = f"{kept if done else 'no step had finished'}; continue with: {resume}"
+        raise
+    except KeyboardInterrupt:
+        n = chain.interrupted_step
+        kept = ("step 1 is" if n == 2 else f"steps 1-{n - 1} are") + f" kept in {args.out_dir}; "
+        if n:
+            _note(f"\ninterrupted at step {n}; {kept if n > 1 else ''}continue with: {resume}")
+        return 130
+    if not args.dry_run:
+        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see "
+              f"{MANIFEST})")
     return 0
 
 
@@ -3022,50 +2673,21 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "models":
         return _models_command(args)
     llm = SimpleLLM(max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries,
-                    deadline=args.deadline,
-                    max_answer=args.max_answer_chars, models=dict(args.model))
+                    deadline=args.deadline, max_answer=args.max_answer_chars,
+                    models=dict(args.model))
     if args.command == "loop":
         return _loop_command(llm, args)
-    if args.command in PROVIDERS:
-        prompt = " ".join(args.prompt)
-        if prompt.strip() in ("", "-"):
-            if sys.stdin.isatty():
-                _note("reading the prompt from stdin; end it with Ctrl-D")
-            prompt = sys.stdin.read()
-        if not prompt.strip():
-            raise UserError("empty prompt: pass it as arguments or pipe it on stdin")
-        llm.call_model(args.command, prompt)
-        return 0
-    steps, values = _chain_inputs(args)
-    chain = Chain(llm, steps, values, args.out_dir,
-                  results=lambda write: load_results(args.results, not args.no_results, write)[0])
-    try:
-        results = chain.run(resume=args.resume, dry_run=args.dry_run)
-    except ChainError as e:
-        kept = f"{_first_steps(e.step - 1)} saved in {e.out_dir}" if e.step > 1 else \
-            "no step had finished"
-        e.hint = f"{kept}; continue with: {_resume_command(argv)}"
-        raise
-    except KeyboardInterrupt:
-        n = chain.interrupted_step
-        kept = f"{_first_steps(n - 1)} kept in {args.out_dir}; " if n > 1 else ""
-        if n:
-            _note(f"\ninterrupted at step {n}; {kept}continue with: {_resume_command(argv)}")
-        return 130
-    if not args.dry_run:
-        _note(f"\nchain complete: {_count(len(results), 'step')} saved in {args.out_dir} (see "
-              f"{MANIFEST})")
+    if args.command == "chain":
+        return _chain_command(llm, args, argv)
+    prompt = " ".join(args.prompt)
+    if prompt.strip() in ("", "-"):
+        if sys.stdin.isatty():
+            _note("reading the prompt from stdin; end it with Ctrl-D")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("empty prompt: pass it as arguments or pipe it on stdin")
+    llm.call_model(args.command, prompt)
     return 0
-
-
-def _first_steps(n: int) -> str:
-    return "step 1 is" if n == 1 else f"steps 1-{n} are"
-
-
-def _resume_command(argv: list[str]) -> str:
-    script = sys.argv[0] if sys.argv[0].endswith("simple_llm.py") else "simple_llm.py"
-    return " ".join(shlex.quote(a) for a in ["python", script, *(a for a in argv
-                                                                 if a != "--resume"), "--resume"])
 
 
 def main(argv=None) -> int:
@@ -3078,11 +2700,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         _note("interrupted")
         return 130
-    except Exception as e:
-        # printed here, not re-raised, because SDK exceptions can carry a key in a header or body
+    except Exception as e:  # printed, not re-raised: SDK exceptions can carry a key
         if args.debug:
-            _note(clean(redact("".join(traceback.format_exception(type(e), e,
-                                                                  e.__traceback__)))).rstrip())
+            _note(clean(redact("".join(traceback.format_exception(e)))).rstrip())
         if isinstance(e, UserError):
             _note(clean(redact(f"error: {e}" + (f"\n  {e.hint}" if e.hint else ""))))
             return e.exit_code

@@ -740,3 +740,85 @@ def test_loop_runs_a_code_plan_end_to_end_and_the_next_round_starts_from_its_cop
     assert not (r2 / "checks").exists() and not list(r2.glob("*.csv"))
     assert sha(ROOT / "llm.py") == before
     assert_no_keys(out, err, folder=work / "L")
+
+
+# A code plan that attacks from inside the patched llm.py, behind a new flag (the defaults stay as
+# they were, so the default-behaviour check passes): it connects to the loopback provider server,
+# looks for any key in its environment and reads stdin, and writes what it found in its folder.
+PROBE = '''argv = sys.argv[1:] if argv is None else list(argv)
+if "--probe-port" in argv:
+    import socket
+    at = argv.index("--probe-port")
+    port = int(argv.pop(at + 1))
+    argv.pop(at)
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"GET /openai/models HTTP/1.0\\r\\n\\r\\n")
+        net = "CONNECTED"
+    except OSError as e:
+        net = f"NO CONNECTION {e.errno}"
+    keys = sorted(k for k, v in os.environ.items()
+                  if re.search("KEY|TOKEN|SECRET", k) or "SECRET-" in v)
+    found = f"PROBE net={net} keys={keys} stdin={sys.stdin.read()!r}"
+    print(found)
+    open("probe.txt", "a").write(found + "\\n")
+'''
+
+
+def probe_plan(tmp_path: Path, port: int) -> Path:
+    search = "def main(argv=None) -> int:\n"
+    body = "".join(f"{'    ' + ln if ln else ''}\n" for ln in PROBE.splitlines())
+    edit = f"llm.py\n```python\n<<<<<<< SEARCH\n{search}=======\n{search}{body}>>>>>>> REPLACE\n```\n"
+    runs = {"runs": [{"name": "probe", "args": ["--probe-port", str(port), *TINY]}]}
+    plan = tmp_path / "plan.md"
+    plan.write_text(f"# Probe\n\n{edit}\n```json\n{json.dumps(runs)}\n```\n")
+    return plan
+
+
+def probe_findings(out: Path) -> list[str]:
+    return [ln for p in sorted(out.rglob("probe.txt")) for ln in p.read_text().splitlines()]
+
+
+@pytest.mark.timeout(240)
+def test_cli_code_plan_in_the_sandbox_reaches_no_server_and_finds_no_key(fake, tmp_path,
+                                                                         monkeypatch, capfd):
+    monkeypatch.setenv("MOONSHOT_API_KEY", KIMI_KEY)
+    monkeypatch.setenv("SOME_CONFIG", GEMINI_KEY)  # a key's value under another name
+    monkeypatch.chdir(tmp_path)
+    port = int(fake.kimi_url.split(":")[2].split("/")[0])
+    before, listing = project_files(), {p.name for p in tmp_path.iterdir()}
+    rc = simple_llm.main(["runs", str(probe_plan(tmp_path, port)), "--allow-code-edits", "--run",
+                          "--yes", "--out-dir", "o"])
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    found = probe_findings(tmp_path / "o")
+    assert len(found) == 2, found  # the smoke check and the run itself
+    assert all(f.startswith("PROBE net=NO CONNECTION") and f.endswith(" keys=[] stdin=''")
+               for f in found), found
+    assert fake.server.log == [] and fake.calls == []
+    assert project_files() == before
+    assert {p.name for p in tmp_path.iterdir()} == listing | {"plan.md", "o"}
+    assert_no_keys(out, err, folder=tmp_path / "o")
+
+
+@pytest.mark.timeout(240)
+def test_no_sandbox_refuses_code_unless_asked_then_says_so_and_still_strips_keys(
+        fake, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(simple_llm, "sandbox_kind", lambda: None)  # neither bwrap nor unshare runs
+    monkeypatch.chdir(tmp_path)
+    port = int(fake.kimi_url.split(":")[2].split("/")[0])
+    plan = probe_plan(tmp_path, port)
+    args = ["runs", str(plan), "--allow-code-edits", "--run", "--yes", "--out-dir", "o"]
+    assert simple_llm.main(args) == 2
+    err = capfd.readouterr().err
+    assert "no sandbox can be made here" in err and "--no-sandbox" in err
+    assert not (tmp_path / "o" / "llm.py").exists() and not probe_findings(tmp_path / "o")
+    assert simple_llm.main(args + ["--no-sandbox"]) == 0
+    out, err = capfd.readouterr()
+    assert "patched code runs WITHOUT A SANDBOX" in out
+    assert "environment without keys, no stdin and a time limit" in out
+    found = probe_findings(tmp_path / "o")
+    assert found == ["PROBE net=CONNECTED keys=[] stdin=''"] * 2, found  # unconfined, yet key-free
+    assert_no_keys(out, err, folder=tmp_path / "o")
