@@ -114,7 +114,7 @@ def test_two_run_sweep_compiles_nothing_after_the_warm_up(tmp_path, monkeypatch,
     # The count is not blind: the raw compiled model, fed one strided tensor as both inputs, recompiles.
     w = torch.randint(0, 200, (4, 33))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        caches[0].fn.compiled(w[:, :-1], w[:, :-1])
+        caches[0].compiled(w[:, :-1], w[:, :-1])
     assert len(COMPILES) > after_warm_up[0]
 
 
@@ -212,7 +212,7 @@ def test_original_per_matrix_muon_equals_the_batched_one():
 
 def test_dense_ceiling_spends_the_moes_expert_flops_per_token():
     cfg = tiny_config(dropout=0.0)
-    moe, dense = llm.MoEMinimalLLM(cfg), llm.DenseLLM(cfg)
+    moe, dense = llm.MoEMinimalLLM(cfg), reference.DenseLLM(cfg)
     expert_params = sum(b.feed_forward.w1.numel() + b.feed_forward.w2.numel() for b in moe.blocks)
     dense_params = sum(p.numel() for b in dense.blocks for p in b.feed_forward.parameters())
     assert dense_params == expert_params * cfg.expert_top_k // cfg.num_experts  # the weights one token uses
