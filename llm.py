@@ -170,11 +170,11 @@ def config_hash(cfg: MoEModelConfig, tokens_sha256: str) -> str:
 # Model
 
 class Rotary(nn.Module):
-    """Rotary position embedding, interleaved pairs (dims 2i and 2i+1 rotate together), base 10000."""
+    """Rotary position embedding, base 10000, interleaved: dims 2i and 2i+1 rotate together."""
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+        inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -947,10 +947,12 @@ def build_optimizers(model: nn.Module, cfg: MoEModelConfig, rt: "Runtime", fused
                      exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     opts.fused, opts.fused_args = fused, dict(
         muon_p=muon_p, muon_bufs=muon.buffers_for(muon_p), adam_p=adam_p,
-        exp_avgs=[st[p]["exp_avg"] for p in adam_p], exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
+        exp_avgs=[st[p]["exp_avg"] for p in adam_p],
+        exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
         steps=[st[p]["step"] for p in adam_p], lr_muon=torch.zeros((), device=dev),
         lr_adam=torch.zeros((), device=dev),
-        muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay", "ns_dtype")},
+        muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay",
+                                    "ns_dtype")},
         adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1], weight_decay=ag["weight_decay"],
                      eps=ag["eps"]))
     return opts
@@ -1282,7 +1284,8 @@ class RunLog:
                                   aux=f"{aux:.3f}", cv_worst=f"{cv:.2f}"), refresh=False)
         self.bar.update(step - self.bar.n)
         self.write({"split": "train", "step": step, "loss": ce, "accuracy": acc,
-                    "aux_loss_unweighted": aux, "aux_loss_weighted": cfg.load_balancing_weight * aux,
+                    "aux_loss_unweighted": aux,
+                    "aux_loss_weighted": cfg.load_balancing_weight * aux,
                     "z_loss_unweighted": z, "z_loss_weighted": cfg.router_z_loss_weight * z,
                     "lr": lr, "tokens_per_s": tps, "routing": self.train_routing})
         return True
@@ -1340,7 +1343,7 @@ def run_update(fn, opt: Optimizers, batches: list, grad_clip: float, autocast, s
 
 def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                     metrics_path: typing.Optional[Path] = None, progress: bool = True) -> RunResult:
-    """Train one run from its seed and return its result; a non-finite loss ends it as 'diverged'."""
+    """Train one run from its seed; a non-finite loss ends it as 'diverged'."""
     from tqdm.auto import tqdm
     model, fn = models.get(cfg, data)  # compiles only for a new architecture, before the clock
     rt = models.rt
@@ -1534,7 +1537,7 @@ class SweepPlan:
     """A sweep, resolved from llm.py's arguments and never expanded: the runs are the product of the
     axes (the last, seed, varies fastest)."""
     base: MoEModelConfig  # preset + single-valued flags applied
-    axes: dict  # swept field -> tuple of values, as given; noise_std, load_balancing_weight, seed last
+    axes: dict  # swept field -> values, as given; noise_std, load_balancing_weight, seed last
     out: Path  # the CSV --out names
     n_runs: int  # computed from the axes
 
@@ -1572,8 +1575,9 @@ def resolve_plan(args) -> SweepPlan:
         axes[name] = tuple(check_distinct(name, getattr(args, name)))
     n_runs = math.prod(len(v) for v in axes.values())
     if n_runs > MAX_SWEEP_RUNS:
-        raise UserError(f"the sweep has {n_runs:,} runs ({' x '.join(str(len(v)) for v in axes.values())}"
-                        f"), more than {MAX_SWEEP_RUNS:,}; sweep fewer values")
+        sizes = " x ".join(str(len(v)) for v in axes.values())
+        raise UserError(f"the sweep has {n_runs:,} runs ({sizes}), more than {MAX_SWEEP_RUNS:,}; "
+                        f"sweep fewer values")
     base = MoEModelConfig(**{**PRESETS.get(args.preset, {}), **singles,
                              **{k: v[0] for k, v in axes.items()}})
     plan = SweepPlan(base, axes, Path(args.out), n_runs)
@@ -1664,15 +1668,13 @@ def corpus_key(cfg: MoEModelConfig) -> str:
 def dist_setup() -> tuple[int, int, int]:
     """(rank, world, local_rank); under torchrun a gloo group, only for broadcast and barriers."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    if not torch.cuda.is_available():  # CPU ranks share the cores: spinning threads would fight
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if not dist.is_initialized():  # runs take minutes, so waits at barriers are long
-        import datetime
+    if world > 1 and not dist.is_initialized():
+        if not torch.cuda.is_available():  # CPU ranks share the cores: spinning threads would fight
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get(
+                "LOCAL_WORLD_SIZE", world))))
+        import datetime  # runs take minutes, so waits at barriers are long
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 def barrier(world: int):
     if world > 1:
@@ -1721,8 +1723,7 @@ def runs_to_do(out: Path, runs: list[PlannedRun], rank: int, world: int, say) ->
     if rank == 0:
         done = read_done(out)
         todo = [[i for i, r in enumerate(runs) if r.config_hash not in done]]
-        others = len(done - {r.config_hash for r in runs})
-        if others:
+        if others := len(done - {r.config_hash for r in runs}):
             say(f"note: {out} also holds {others} run(s) of other setups; the report groups by "
                 f"every setting that differs")
     if world > 1:
@@ -1776,14 +1777,15 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
     from tqdm.auto import tqdm
     runs_dir = plan.out.with_name(plan.out.stem + "_runs")
     t_sweep = time.perf_counter()
-    with tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0, disable=None if rank == 0 else True,
-              bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}",
-              dynamic_ncols=True) as overall:
+    with tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0,
+              disable=None if rank == 0 else True, dynamic_ncols=True,
+              bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}") as overall:
         for k, i in enumerate(mine):
             run = runs[i]
             run_dir = runs_dir / run.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_file_safely(run_dir / "config.json", json.dumps(asdict(run.cfg), indent=1).encode())
+            write_file_safely(run_dir / "config.json",
+                              json.dumps(asdict(run.cfg), indent=1).encode())
             overall.set_description_str(run.run_id)
             result = train_with_fallback(run.cfg, data_of(run), models, run_dir / "metrics.jsonl",
                                          progress=rank == 0 and sys.stderr.isatty())
@@ -1800,16 +1802,14 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
             overall.update(world)
 
 def print_report(out: Path):
-    """report.py's summary and report, through its public API (imported only now: pandas, scipy);
-    the results are saved whatever the report makes of them."""
+    """report.py's summary and report, through its public API (imported only now: pandas, scipy)."""
     try:
         import report
     except ImportError as e:
-        warn(f"report.py cannot be imported ({e}); the results are in {out}")
-        return
+        return warn(f"report.py cannot be imported ({e}); the results are in {out}")
     try:
         print(report.summary_text(report.summary(out)))
-    except Exception as e:
+    except Exception as e:  # the results are saved whatever the report makes of them
         print(f"summary not available: {first_line(e)}")
     try:
         print(f"report: {report.write_report(out)}")
@@ -1855,11 +1855,12 @@ class Once(argparse.Action):
         name, spelling = self.dest, option_string
         if self.dest == "grid":
             name, values = parse_grid_item(values)
-            spelling = f"--grid {name}"
+            spelling = f"--grid {name}=..."
         given = namespace.__dict__.setdefault("given", {})  # field -> spelling, in order given
+        if given.get(name) == spelling:
+            raise UserError(f"{spelling} is given twice; give {name} once, with all its values")
         if name in given:
-            both = " and ".join(dict.fromkeys([given[name], spelling]))
-            raise UserError(f"{name} is given twice ({both}); keep one, with all its values")
+            raise UserError(f"{given[name]} and {spelling} both set {name}; keep one")
         given[name] = spelling
         setattr(namespace, name, values)
 
@@ -1871,7 +1872,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ, default in (("noise_std", float, [0.0, 0.1, 0.5]), ("seed", int, [42, 43, 44]),
                                ("load_balancing_weight", float, [0.01, 0.0])):
         g.add_argument(flag(name), dest=name, type=typ, nargs="+", action=Once, default=default,
-                       metavar=typ.__name__[0].upper(), help=f"values to sweep (default: {default})")
+                       metavar=typ.__name__[0].upper(),
+                       help=f"values to sweep (default: {default})")
     g.add_argument("--grid", action=Once, metavar="FIELD=V1,V2",
                    help="a field's flag with several values, spelt another way: expert_top_k=1,2")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny, the sample corpus, CPU")
