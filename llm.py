@@ -1278,8 +1278,8 @@ class RunLog:
             self.status, self.diverged_step = "diverged", bad
             self.bar.write(f"  run diverged: non-finite loss at update {bad}")
             return False
-        acc, cv = correct / (cfg.batch_size * cfg.max_seq_len), self.train_routing[
-            "expert_usage_cv_worst_layer"]
+        acc = correct / (cfg.batch_size * cfg.max_seq_len)
+        cv = self.train_routing["expert_usage_cv_worst_layer"]
         self.bar.set_postfix(dict(loss=f"{ce:.3f}", acc=f"{acc:.3f}", tok_s=f"{tps:,.0f}",
                                   aux=f"{aux:.3f}", cv_worst=f"{cv:.2f}"), refresh=False)
         self.bar.update(step - self.bar.n)
@@ -1307,23 +1307,21 @@ class RunLog:
             self.log.flush()
 
     def result(self, rt: Runtime, seconds: float, train_seconds: float) -> RunResult:
-        cfg, nan = self.cfg, float("nan")
-        ev = self.last_eval if self.status == "ok" else None
-        routing = ev.routing if ev else {k: [] if k.endswith("_per_layer") else nan
-                                         for k in ROUTING_KEYS}
+        cfg, nan, tr = self.cfg, float("nan"), self.train_routing
+        ok = self.status == "ok" and self.last_eval is not None  # else every figure is nan
+        ev = self.last_eval if ok else Evaluation(nan, nan, nan, {
+            k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS})
         tokens = self.steps * tokens_per_update(cfg)
         return RunResult(
             seed=cfg.seed, noise_std=cfg.noise_std, load_balancing_weight=cfg.load_balancing_weight,
-            val_loss=ev.val_loss if ev else nan, val_accuracy=ev.val_accuracy if ev else nan,
-            val_perplexity=ev.val_perplexity if ev else nan, training_time_minutes=seconds / 60,
-            peak_memory_gb=peak_memory_gb(rt.device),
-            best_val_perplexity=self.best_ppl if ev else nan, status=self.status,
+            val_loss=ev.val_loss, val_accuracy=ev.val_accuracy, val_perplexity=ev.val_perplexity,
+            training_time_minutes=seconds / 60, peak_memory_gb=peak_memory_gb(rt.device),
+            best_val_perplexity=self.best_ppl if ok else nan, status=self.status,
             diverged_step=self.diverged_step, steps=self.steps, train_tokens=tokens,
             tokens_per_s=tokens / train_seconds if train_seconds > 0 else nan,
-            train_expert_usage_cv_worst_layer=self.train_routing.get("expert_usage_cv_worst_layer",
-                                                                     nan),
-            train_dead_expert_fraction=self.train_routing.get("dead_expert_fraction", nan),
-            device=rt.device_name, dtype=rt.dtype_name, **{k: routing[k] for k in ROUTING_KEYS})
+            train_expert_usage_cv_worst_layer=tr.get("expert_usage_cv_worst_layer", nan),
+            train_dead_expert_fraction=tr.get("dead_expert_fraction", nan),
+            device=rt.device_name, dtype=rt.dtype_name, **{k: ev.routing[k] for k in ROUTING_KEYS})
 
 def open_log(path: typing.Optional[Path]):
     if path is None:
@@ -1565,8 +1563,10 @@ def resolve_plan(args) -> SweepPlan:
         if name in ROUTING_AXES or not hasattr(args, name):
             continue
         v = getattr(args, name)
-        if name == "data_files" or not isinstance(v, list):
-            singles[name] = tuple(v) if name == "data_files" else v
+        if name == "data_files":
+            singles[name] = tuple(v)
+        elif not isinstance(v, list):  # booleans: one value
+            singles[name] = v
         elif len(check_distinct(name, v)) > 1:
             axes[name] = tuple(v)
         else:
