@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.adam import adam as functional_adam  # torch's AdamW math over tensor lists
@@ -48,9 +49,11 @@ class UserError(Exception):
 def warn(msg: str):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:limit]
+
 def sample_corpus() -> Path:
-    """The smoke preset's corpus: the shipped sample, or $LLM_SAMPLE_CORPUS (set for patched
-    copies)."""
+    """The smoke preset's corpus: the shipped sample, or $LLM_SAMPLE_CORPUS (for patched copies)."""
     return Path(os.environ.get("LLM_SAMPLE_CORPUS") or HERE / "data_cache" / "sample_corpus.txt")
 
 
@@ -102,70 +105,63 @@ class MoEModelConfig:
 
     def __post_init__(self):
         self.data_files = tuple(str(p) for p in self.data_files)
-        self.validate()
-
-    @property
-    def d_k(self) -> int:
-        return self.d_model // self.n_heads
-
-    def validate(self):
-        """Raise UserError naming the flag and what to do; every message speaks in flags."""
-        for name in POSITIVE_FIELDS:
-            if getattr(self, name) < 1:
-                raise UserError(f"{flag(name)} must be at least 1 (got {getattr(self, name)})")
+        for name, (rule, ok) in RULES.items():  # every message speaks in flags
+            if not ok(getattr(self, name)):
+                raise UserError(f"{flag(name)} must be {rule} (got {getattr(self, name)!r})")
         if self.d_model % self.n_heads or self.d_k % 2:
             raise UserError(f"--d-model {self.d_model} must split into --n-heads {self.n_heads} "
                             f"heads of even size (rotary pairs); try --d-model {self.n_heads * 64}")
         if self.expert_top_k > self.num_experts:
             raise UserError(f"--expert-top-k {self.expert_top_k} is larger than --num-experts "
                             f"{self.num_experts}; choose --expert-top-k <= --num-experts")
-        for name in NON_NEGATIVE_FIELDS:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"{flag(name)} must be a finite number >= 0 (got {value})")
-        if not 0 <= self.seed < 2 ** 63:
-            raise UserError(f"--seeds must be in [0, 2**63) (got {self.seed})")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1) (got {self.dropout})")
-        for f in fields(self):
-            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
-                raise UserError(f"{flag(f.name)} must be one of {', '.join(f.metadata['choices'])} "
-                                f"(got {getattr(self, f.name)!r})")
-        if self.vocab_size is not None and self.vocab_size < 2:
-            raise UserError(f"--vocab-size must be at least 2 (got {self.vocab_size})")
 
-POSITIVE_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k",
-                   "batch_size", "max_steps", "gradient_accumulation_steps", "eval_every",
-                   "eval_steps", "log_every", "max_seq_len", "num_documents", "max_tokens")
-NON_NEGATIVE_FIELDS = ("noise_std", "load_balancing_weight", "router_z_loss_weight",
-                       "bias_update_rate", "muon_lr", "weight_decay", "grad_clip")
+    @property
+    def d_k(self) -> int:
+        return self.d_model // self.n_heads
+
+RULES = {  # field -> (what it must be, test); checked in this order
+    **{name: ("at least 1", lambda v: v >= 1) for name in (
+        "d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "batch_size",
+        "max_steps", "gradient_accumulation_steps", "eval_every", "eval_steps", "log_every",
+        "max_seq_len", "num_documents", "max_tokens")},
+    **{name: ("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0) for name in (
+        "noise_std", "load_balancing_weight", "router_z_loss_weight", "bias_update_rate",
+        "muon_lr", "weight_decay", "grad_clip")},
+    **{f.name: (f"one of {', '.join(f.metadata['choices'])}", lambda v, c=f.metadata["choices"]:
+                v in c) for f in fields(MoEModelConfig) if f.metadata["choices"]},
+    "seed": ("in [0, 2**63)", lambda v: 0 <= v < 2 ** 63),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "vocab_size": ("at least 2, or unset", lambda v: v is None or v >= 2),
+}
 NOT_IDENTITY = ("cache_dir", "log_every", "data_files")  # not a run's identity (the data's hash is)
 NOT_SWEPT = NOT_IDENTITY + ("use_amp",)  # one value per sweep: per process, or not a run's identity
 ROUTING_AXES = ("noise_std", "load_balancing_weight", "seed")  # always swept, last (seed last)
 DATA_FIELDS = ("dataset", "dataset_config", "data_files", "tokenizer", "num_documents",
                "max_tokens")
+ARCH_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout",
+               "vocab_size", "max_seq_len")  # one model (and its compiled graphs) serves these
 FLAG_NAMES = {"load_balancing_weight": "lb-weight", "seed": "seeds"}
-
-PRESETS = {
-    # Tiny model, byte tokenizer, the shipped sample corpus: the whole 18-run sweep in well under a
-    # minute on a CPU. fp32: at this size bf16's casts cost more than its matmuls save.
-    "smoke": dict(tokenizer="bytes", data_files=(str(sample_corpus()),), d_model=64, n_heads=4,
-                  n_layers=2,
-                  d_ff=128, batch_size=8, max_seq_len=64, max_steps=30, eval_every=10, eval_steps=4,
-                  log_every=5, num_documents=1000, max_tokens=100_000, use_amp=False),}
+# Tiny model, byte tokenizer, the shipped sample corpus: the whole 18-run sweep in well under a
+# minute on a CPU. fp32: at this size bf16's casts cost more than its matmuls save.
+PRESETS = {"smoke": dict(tokenizer="bytes", data_files=(str(sample_corpus()),), d_model=64,
+                         n_heads=4, n_layers=2, d_ff=128, batch_size=8, max_seq_len=64,
+                         max_steps=30, eval_every=10, eval_steps=4, log_every=5,
+                         num_documents=1000, max_tokens=100_000, use_amp=False)}
 
 def flag(name: str) -> str:
     """The command-line spelling of a config field."""
     return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
 
+def field_type(name: str) -> type:
+    hint = typing.get_type_hints(MoEModelConfig)[name]
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)  # Optional[int]
+
 def config_identity(cfg: MoEModelConfig) -> dict:
-    """Every field that changes a run's numbers (the data files count by their content hash
-    instead)."""
+    """Every field that changes a run's numbers (the data files count by their tokens' hash)."""
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
 
 def config_hash(cfg: MoEModelConfig, tokens_sha256: str) -> str:
-    """Identity of a run: its config plus the tokens' content hash, so resume works across copies.
-    """
+    """A run's identity: its config and its tokens' hash, so resume works across copies."""
     text = json.dumps([config_identity(cfg), tokens_sha256], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -174,12 +170,10 @@ def config_hash(cfg: MoEModelConfig, tokens_sha256: str) -> str:
 # Model
 
 class Rotary(nn.Module):
-    """Rotary position embedding, interleaved pairs (dims 2i and 2i+1 rotate together), base 10000.
-    """
+    """Rotary position embedding, base 10000, interleaved: dims 2i and 2i+1 rotate together."""
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
         super().__init__()
-        # (hd/2,)
         inv_freq = base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -245,8 +239,7 @@ class TopKRouter(nn.Module):
 @torch.no_grad()
 def update_routing_bias(bias, counts, rate: float):
     """DeepSeek-V3's balancing step, in place: bias (..., E) += rate * sign(mean load - load), then
-    centred (a shift common to all experts changes no choice). counts (..., E): the update's
-    assignments."""
+    centred (a shift common to all experts changes no choice). counts (..., E): one update's."""
     load = counts.float()  # (..., E)
     bias += rate * torch.sign(load.mean(dim=-1, keepdim=True) - load)
     bias -= bias.mean(dim=-1, keepdim=True)
@@ -262,13 +255,8 @@ def compute_dtype(x) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
-def has_grouped_mm() -> bool:
-    return hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")
-
-def grouped_mm(a, b, offs):
-    """a (M, K) rows sorted by group, b (G, K, N), offs (G,) int32 group ends -> (M, N)."""
-    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return fn(a, b, offs=offs)
+# a (M, K) rows sorted by group, b (G, K, N), offs (G,) int32 group ends -> (M, N); None: not here
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 def dropout(x, p: float, training: bool):
     """Inverted dropout, as F.dropout; on CPU the mask comes from torch.rand, about twice as fast
@@ -287,8 +275,7 @@ class MixtureOfExperts(nn.Module):
     """Dropless top-k MoE; expert weights stacked (E, out, in).
 
     dispatch "grouped": token copies sorted by expert, two grouped GEMMs, no host sync. "sorted":
-    the same sort with a loop over experts (one sync per layer), where grouped_mm cannot run
-    (default_dispatch)."""
+    the same sort with a loop over experts (one sync per layer), where grouped_mm cannot run."""
 
     def __init__(self, cfg: MoEModelConfig, dispatch: str = "grouped"):
         super().__init__()
@@ -314,13 +301,13 @@ class MixtureOfExperts(nn.Module):
         xs = x_flat[order // k].to(dt)  # (N*k, C)
         if self.dispatch == "grouped":
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-            h = grouped_mm(xs, self.w1.to(dt).transpose(-2, -1), offs)  # (N*k, d_ff)
+            h = GROUPED_MM(xs, self.w1.to(dt).transpose(-2, -1), offs=offs)  # (N*k, d_ff)
             h = dropout(F.silu(h), self.p, self.training)
-            ys = grouped_mm(h, self.w2.to(dt).transpose(-2, -1), offs)  # (N*k, C)
+            ys = GROUPED_MM(h, self.w2.to(dt).transpose(-2, -1), offs=offs)  # (N*k, C)
         else:
             ends = counts.cumsum(0).tolist()
-            ys = torch.cat([self._expert(xs[s:e], i, dt) for i, (s, e) in enumerate(zip([0] + ends,
-                                                                                        ends))])
+            ys = torch.cat([self._expert(xs[s:e], i, dt)
+                            for i, (s, e) in enumerate(zip([0] + ends, ends))])
         # Un-sort with a gather (deterministic, unlike index_add), then weight and sum the k copies.
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=x.device))
         y = ys[inverse].view(N, k, C).float()  # (N, k, C) in token order
@@ -344,8 +331,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     one-hot) is formed while its logits exist; only grad_h (N, C) and grad_W (V, C) are kept."""
 
     @staticmethod
-    # h (N, C), W (V, C), targets (N,)
-    def forward(ctx, h, W, targets, compute_dtype, need_grad: bool):
+    def forward(ctx, h, W, targets, compute_dtype, need_grad: bool):  # h (N, C), W (V, C), t (N,)
         N, V = h.size(0), W.size(0)
         chunk = max(1, (CE_CHUNK_LOGITS_CPU if h.device.type == "cpu" else CE_CHUNK_LOGITS) // V)
         hc, Wc = h.to(compute_dtype), W.to(compute_dtype)
@@ -359,8 +345,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             correct += (logits.argmax(dim=-1, keepdim=True) == t).sum()
             logp = logits.log_softmax(dim=-1)  # (n, V)
             loss -= logp.gather(1, t).sum()
-            if need_grad:
-                # p - onehot
+            if need_grad:  # p - onehot
                 g = logp.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=logp.dtype))
                 g = g.to(compute_dtype)
                 grad_h[s:s + chunk] = g @ Wc / N  # the 1/N of the mean on the small (n, C) side
@@ -411,30 +396,30 @@ class MoEMinimalLLM(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # tied
-        # buffers: no recompiles
-        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)
-        self.register_buffer("z_weight", torch.zeros(()), persistent=False)
+        self.register_buffer("lb_weight", torch.zeros(()), persistent=False)  # buffers: no
+        self.register_buffer("z_weight", torch.zeros(()), persistent=False)  # recompiles
         self.reset_parameters(cfg.seed)
+
+    def routers(self) -> list[TopKRouter]:
+        return [m for m in self.modules() if isinstance(m, TopKRouter)]
 
     def reset_parameters(self, seed: int):
         """Same seed, same weights: runs of one seed start identical in every condition."""
         torch.manual_seed(seed)
-        for _, p in self.named_parameters():  # visits the tied weight once
+        for p in self.parameters():  # visits the tied weight once
             if p.ndim >= 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
             else:
                 nn.init.ones_(p)  # RMSNorm gains
-        for m in self.modules():  # a bias learnt in the previous run must not steer this one
-            if isinstance(m, TopKRouter):
-                m.expert_bias.zero_()
+        for r in self.routers():  # a bias learnt in the previous run must not steer this one
+            r.expert_bias.zero_()
 
     def set_routing(self, noise_std: float, load_balancing_weight: float,
                     router_z_loss_weight: float = 0.0):
         self.lb_weight.fill_(load_balancing_weight)
         self.z_weight.fill_(router_z_loss_weight)
-        for m in self.modules():
-            if isinstance(m, TopKRouter):
-                m.noise_std.fill_(noise_std)
+        for r in self.routers():
+            r.noise_std.fill_(noise_std)
 
     def update_routing_bias(self, counts, rate: float):
         """counts (L, E): the last update's assignments per layer; see update_routing_bias."""
@@ -459,56 +444,38 @@ class MoEMinimalLLM(nn.Module):
             need_grad = torch.is_grad_enabled() and (h.requires_grad or
                                                      self.lm_head.weight.requires_grad)
             ce, correct = LinearCrossEntropy.apply(h, self.lm_head.weight, y, dt, need_grad)
-        # fp16 would underflow the fused loss's per-token gradients before the GradScaler scales
-        else:
+        else:  # fp16 would underflow the fused loss's per-token gradients before the GradScaler
             logits = self.lm_head(h)  # (B*T, V)
             ce, correct = F.cross_entropy(logits.float(), y), (logits.argmax(dim=-1) == y).sum()
         loss = ce + self.lb_weight * aux + self.z_weight * z
         return ModelOut(loss, ce, aux, z, counts, correct, None)
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(total, active per token): a token uses top_k of num_experts experts."""
-    total = sum(p.numel() for p in model.parameters())
-    cfg = model.cfg
-    expert = sum(b.feed_forward.w1.numel() + b.feed_forward.w2.numel() for b in model.blocks)
-    return total, total - expert + expert * cfg.expert_top_k // cfg.num_experts
-
 class Estimate(typing.NamedTuple):
     params: int
-    active_params: int  # per token
-    flops_per_token: float  # training FLOPs: 6 x active matmul weights + attention, as the MFU uses
+    active_params: int  # per token: top_k of num_experts experts
+    flops_per_token: float  # training: 6 x active matmul weights + attention scores (nanoGPT's)
     train_tokens: int  # max_steps x batch x accumulation x seq_len
     memory_gb: float  # rough upper bound of peak training memory
 
 def vocab_guess(cfg: MoEModelConfig) -> int:
-    """vocab_size, or the tokenizer's when it is known without loading it (bytes; the default's
-    49152)."""
+    """vocab_size, or the tokenizer's where known without loading it (bytes; the default's)."""
     return cfg.vocab_size or (256 if cfg.tokenizer == "bytes" else 49152)
 
-def flops_per_token(cfg: MoEModelConfig) -> float:
-    """Training FLOPs per token, nanoGPT's estimate: 6 x active matmul weights + attention scores.
-    """
-    C = cfg.d_model
-    per_layer = 4 * C ** 2 + C * cfg.num_experts + 2 * cfg.expert_top_k * C * cfg.d_ff
-    matmul_weights = cfg.n_layers * per_layer + vocab_guess(cfg) * C
-    return 6 * matmul_weights + 12 * cfg.n_layers * C * cfg.max_seq_len
-
 def estimate(cfg: MoEModelConfig) -> Estimate:
-    """Size, cost and memory of a run from its config alone: arithmetic, never allocates the model.
-    """
+    """Size, cost and memory of a run from its config alone: arithmetic, never allocates a model."""
     C, V, L, E, k = cfg.d_model, vocab_guess(cfg), cfg.n_layers, cfg.num_experts, cfg.expert_top_k
     experts = L * 2 * E * cfg.d_ff * C
     params = V * C + L * (4 * C * C + E * C + 2 * C) + C + experts
-    active = params - experts + experts * k // E
     B, T = cfg.batch_size, cfg.max_seq_len
-    tokens = cfg.max_steps * B * cfg.gradient_accumulation_steps * T
+    matmul_weights = L * (4 * C ** 2 + C * E + 2 * k * C * cfg.d_ff) + V * C
     # fp32 weights, gradients, Muon momentum / AdamW moments (at most two copies); activations kept
-    # for backward, per layer: ~16 C-wide and 3 d_ff-wide values per token copy, fp32; one logits
-    # chunk.
+    # for backward, per layer ~16 C-wide and 3 d_ff-wide fp32 values per token copy; a logits chunk
     state = 4 * params * 4
     activations = 4 * B * T * (L * (16 * C + 3 * k * cfg.d_ff + E) + 4 * C)
     logits = 4 * 3 * min(B * T * V, CE_CHUNK_LOGITS)
-    return Estimate(params, active, flops_per_token(cfg), tokens,
+    return Estimate(params, params - experts + experts * k // E,
+                    6 * matmul_weights + 12 * L * C * cfg.max_seq_len,
+                    cfg.max_steps * B * cfg.gradient_accumulation_steps * T,
                     (state + activations + logits) / 1e9)
 
 
@@ -523,11 +490,8 @@ class ByteTokenizer:
         return {"input_ids": [list(t.encode("utf-8")) for t in texts]}
 
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """A quick HTTP probe, so an offline user hears so in seconds, not after the hub client's
-    retries.
-
-    A request, not a TCP connect: a server that accepts and stays silent counts as unreachable. Any
-    HTTP answer, even an error status, counts as reachable."""
+    """An HTTP probe, so an offline user hears so in seconds, not after the hub client's retries.
+    Any HTTP answer counts, even an error status; a server that stays silent does not."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -535,22 +499,20 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     import urllib.error
     import urllib.request
     url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    answered = []
+    answered = threading.Event()
 
     def probe():  # in a thread: name resolution itself has no timeout
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
                                    timeout=timeout).close()
-            answered.append(True)
         except urllib.error.HTTPError:  # the server answered: it is there
-            answered.append(True)
-        except (OSError, ValueError):  # refused, timed out, no route, no name, a malformed URL
             pass
+        except (OSError, ValueError):  # refused, timed out, no route, no name, a malformed URL
+            return
+        answered.set()
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1)
-    return bool(answered)
+    threading.Thread(target=probe, daemon=True).start()
+    return answered.wait(timeout + 1)
 
 OFFLINE_HINT = ("to work offline use --data-files FILE [FILE ...] with --tokenizer bytes (or a "
                 "local tokenizer folder), or --preset smoke")
@@ -562,21 +524,8 @@ def load_tokenizer(name: str):
     try:  # never run a tokenizer folder's or hub repo's own code
         return AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=False)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); "
-                        f"{OFFLINE_HINT}") from None
-
-def data_file_stats(cfg: MoEModelConfig) -> list[dict]:
-    out = []
-    for p in cfg.data_files:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.parquet files")
-        st = path.stat()
-        if st.st_size == 0:
-            raise UserError(f"data file is empty: {p}; pass files that contain text")
-        out.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return out
+        raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}: "
+                        f"{first_line(e, 160)}); {OFFLINE_HINT}") from None
 
 def data_description(cfg: MoEModelConfig) -> str:
     """What the corpus is, in words (the CSV's `data` column; its content hash is data_sha256)."""
@@ -585,8 +534,16 @@ def data_description(cfg: MoEModelConfig) -> str:
     return "random" if cfg.dataset == "random" else f"{cfg.dataset}/{cfg.dataset_config}"
 
 def data_key(cfg: MoEModelConfig) -> dict:
-    """Everything the token stream depends on; the cache file name is its hash."""
-    files = data_file_stats(cfg)
+    """Everything the token stream depends on; the cache file's name is its hash."""
+    files = []
+    for p in cfg.data_files:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file not found: {p}; pass existing .txt/.jsonl/.parquet files")
+        st = path.stat()
+        if st.st_size == 0:
+            raise UserError(f"data file is empty: {p}; pass files that contain text")
+        files.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     hub = None if files else cfg.dataset
     return {"format": CACHE_FORMAT, "dataset": hub, "dataset_config": hub and cfg.dataset_config,
             "files": files, "tokenizer": cfg.tokenizer, "num_documents": cfg.num_documents,
@@ -618,101 +575,79 @@ def iter_documents(cfg: MoEModelConfig, files: list[dict]):
 def token_dtype(vocab: int):
     return np.uint16 if vocab <= 65536 else np.int32
 
-def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False, write_cache: bool = True
-                        ) -> tuple[np.ndarray, dict]:
-    """Token stream for cfg, from cache_dir when present (no network), else built (and cached).
-
-    The cache is a .npy array and a JSON sidecar holding the key; anything unreadable or mismatched
-    is rebuilt with a warning, never trusted."""
+def load_and_cache_data(cfg: MoEModelConfig, quiet: bool = False) -> tuple[np.ndarray, dict]:
+    """The token stream for cfg and its description: read from cache_dir where cached (no network),
+    else tokenized and cached as a .npy with a JSON sidecar holding its key. A cache entry that is
+    unreadable or does not match is rebuilt with a warning, never trusted."""
     key = data_key(cfg)
     if cfg.dataset == "random" and not cfg.data_files:  # uniform random tokens: timing without data
         vocab = cfg.vocab_size or 49152
-        tokens = np.random.default_rng(0).integers(0, vocab,
-                                                   cfg.max_tokens).astype(token_dtype(vocab))
+        tokens = np.random.default_rng(0).integers(0, vocab, cfg.max_tokens)
+        tokens = tokens.astype(token_dtype(vocab))
         meta = {"key": key, "n_tokens": cfg.max_tokens, "n_documents": 0, "vocab_size": vocab}
         return tokens, describe_tokens(tokens, meta, "random tokens, not cached")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     npy = Path(cfg.cache_dir) / f"tokens_{digest}.npy"
-    cached = read_token_cache(npy, key)
-    if cached is not None:
-        return cached
-    local_tokenizer = cfg.tokenizer == "bytes" or Path(cfg.tokenizer).expanduser().exists()
-    needs_hub = not key["files"] or not local_tokenizer
-    if needs_hub and not hub_reachable():
-        # read once by the hub libraries: then they fail in a second
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    tokens, meta = tokenize_corpus(cfg, key, quiet)
-    if write_cache:
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.save(buf, tokens)
-        write_file_safely(npy, buf.getvalue())
-        write_file_safely(npy.with_suffix(".json"), json.dumps(meta, indent=1).encode())
-    return tokens, describe_tokens(tokens, meta, str(npy))
-
-def read_token_cache(npy: Path, key: dict):
     sidecar = npy.with_suffix(".json")
-    if not (npy.exists() or sidecar.exists()):
-        return None
-    try:
-        meta = json.loads(sidecar.read_text())
-        tokens = np.load(npy, allow_pickle=False)
-        if meta.get("key") != key or tokens.ndim != 1 or len(tokens) != meta["n_tokens"]:
-            raise ValueError("contents do not match the sidecar")
-        return tokens, describe_tokens(tokens, meta, str(npy))
-    except Exception as e:
-        warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); rebuilding")
-        return None
+    if npy.exists() or sidecar.exists():
+        try:
+            meta, tokens = json.loads(sidecar.read_text()), np.load(npy, allow_pickle=False)
+            if meta.get("key") != key or tokens.ndim != 1 or len(tokens) != meta["n_tokens"]:
+                raise ValueError("contents do not match the sidecar")
+            return tokens, describe_tokens(tokens, meta, str(npy))
+        except Exception as e:
+            warn(f"token cache {npy} is unreadable or mismatched ({type(e).__name__}: {e}); "
+                 f"rebuilding")
+    local_tokenizer = cfg.tokenizer == "bytes" or Path(cfg.tokenizer).expanduser().exists()
+    if (not key["files"] or not local_tokenizer) and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by the hub libraries: they then fail in a second
+    tokens, meta = tokenize_corpus(cfg, key, quiet)
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    write_file_safely(npy, buf.getvalue())
+    write_file_safely(sidecar, json.dumps(meta, indent=1).encode())
+    return tokens, describe_tokens(tokens, meta, str(npy))
 
 def tokenize_corpus(cfg: MoEModelConfig, key: dict, quiet: bool) -> tuple[np.ndarray, dict]:
     from tqdm.auto import tqdm
     files = key["files"]
     tokenizer = load_tokenizer(cfg.tokenizer)
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
-    chunks, batch, n_tokens, n_docs = [], [], 0, 0
+    docs = itertools.islice(iter_documents(cfg, files), cfg.num_documents)
+    chunks, n_tokens, n_docs = [], 0, 0
     source = f"{len(files)} local file(s)" if files else cfg.dataset
-    bar = tqdm(total=cfg.max_tokens, desc=f"tokenizing {source}", unit="tok", disable=quiet,
-               leave=False)
-
-    def flush():  # the fast tokenizers parallelise over a batch of documents
-        nonlocal n_tokens
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            chunks.append(np.asarray(ids, dtype=np.int64))
-            n_tokens += len(ids)
-            bar.update(len(ids))
-        batch.clear()
-
     try:
-        for text in itertools.islice(iter_documents(cfg, files), cfg.num_documents):
-            batch.append(text)
-            n_docs += 1
-            if len(batch) == 256:
-                flush()
-                if n_tokens >= cfg.max_tokens:
-                    break
-        if batch:
-            flush()
+        with tqdm(total=cfg.max_tokens, desc=f"tokenizing {source}", unit="tok", disable=quiet,
+                  leave=False) as bar:
+            # 256 documents at a time: the fast tokenizers parallelise over a batch
+            while n_tokens < cfg.max_tokens and (batch := list(itertools.islice(docs, 256))):
+                n_docs += len(batch)
+                for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                    chunks.append(np.asarray(ids, dtype=np.int64))
+                    n_tokens += len(ids)
+                    bar.update(len(ids))
     except UserError:
         raise
     except Exception as e:
         where = "the data files" if files else f"dataset {cfg.dataset}/{cfg.dataset_config}"
-        hint = "" if files else f"; {OFFLINE_HINT}"
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read {where}: {type(e).__name__}: {first}{hint}") from None
-    finally:
-        bar.close()
+        raise UserError(f"cannot read {where}: {type(e).__name__}: {first_line(e)}"
+                        f"{'' if files else '; ' + OFFLINE_HINT}") from None
     if n_tokens == 0:
         raise UserError("the corpus produced no tokens; check --data-files / --dataset")
     tokens = np.concatenate(chunks)[: cfg.max_tokens].astype(token_dtype(vocab))
-    meta = {"key": key, "n_tokens": int(len(tokens)), "n_documents": n_docs,
-            "vocab_size": int(vocab),
-            "dtype": str(tokens.dtype), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return tokens, meta
+    return tokens, {"key": key, "n_tokens": int(len(tokens)), "n_documents": n_docs,
+                    "vocab_size": int(vocab), "dtype": str(tokens.dtype),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+def describe_tokens(tokens: np.ndarray, meta: dict, where: str) -> dict:
+    """meta and what the tokens themselves give: their content hash identifies the data."""
+    return {**meta, "cache_file": where, "max_id": int(tokens.max()),
+            "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
 
 def write_file_safely(path: Path, data: bytes):
-    """Write via a fresh temporary file in the same folder, then rename over path: a killed write
-    leaves no half file, and a planted symlink (at path or at a guessed temporary name) is never
-    followed."""
+    """Write a fresh temporary file beside path, then rename it over path: a killed write leaves no
+    half file, and a planted symlink (at path or a guessed temporary name) is never followed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -722,11 +657,6 @@ def write_file_safely(path: Path, data: bytes):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-def describe_tokens(tokens: np.ndarray, meta: dict, where: str) -> dict:
-    """Add what is derived from the tokens themselves: their content hash identifies the data."""
-    return {**meta, "cache_file": where, "max_id": int(tokens.max()),
-            "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,8 +789,7 @@ def lr_multiplier(step: int, max_steps: int) -> float:
 
 def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),
                                eps: float = 1e-7, dtype=torch.bfloat16):
-    """Orthogonalise each matrix of G (..., A, B) with the quintic Newton-Schulz iteration, batched.
-    """
+    """Orthogonalise each matrix of G (..., A, B) with the quintic Newton-Schulz iteration."""
     a, b, c = coefficients
     X = G.to(dtype)
     transposed = G.size(-2) > G.size(-1)
@@ -877,17 +806,9 @@ def zeropower_via_newtonschulz(G, steps: int = 5, coefficients=(3.4445, -4.7750,
     X = X.view(*G.shape[:-2], *X.shape[-2:])
     return X.mT if transposed else X
 
-def add_scaled(p, update, scale):
-    """p -= scale * update; scale is a float (eager) or a device tensor (the compiled step's lr)."""
-    if isinstance(scale, torch.Tensor):
-        p.sub_(update.to(p.dtype) * scale)
-    else:
-        p.add_(update.to(p.dtype), alpha=-scale)
-
 def muon_update(params, grads, bufs, lr, momentum: float, nesterov: bool, ns_steps: int,
                 weight_decay: float, ns_dtype):
-    """One Muon step over lists of matrices (p, grad, momentum buffer); lr is a float or device
-    tensor.
+    """One Muon step over lists of matrices; lr is a float or a device tensor (the compiled step).
 
     Matrices are bucketed by shape up to a transpose, each oriented wide (rows <= cols): the
     transpose's orthogonalisation is the transpose of it, so an expert's w1 (d_ff, C) and w2 (C,
@@ -911,23 +832,26 @@ def muon_update(params, grads, bufs, lr, momentum: float, nesterov: bool, ns_ste
         for p, u, flip, scale in items:
             o = ortho[offset:offset + len(u)]
             offset += len(u)
-            add_scaled(p, (o.mT if flip else o).reshape(p.shape), scale)
+            update = (o.mT if flip else o).reshape(p.shape).to(p.dtype)
+            if isinstance(scale, torch.Tensor):
+                p.sub_(update * scale)
+            else:
+                p.add_(update, alpha=-scale)
 
 class Muon(torch.optim.Optimizer):
-    """Muon: momentum, Nesterov, Newton-Schulz orthogonalised update scaled by sqrt(max(1,
-    rows/cols)).
+    """Muon: momentum, Nesterov, Newton-Schulz orthogonalised update scaled by
+    sqrt(max(1, rows/cols)).
 
     Not torch.optim.Muon: that one takes 2-D parameters only and orthogonalises one matrix at a
     time, so the default model's 96 expert matrices would be 96 chains of small kernels. This one
     treats a stacked (E, out, in) weight as E matrices and batches every matrix of one shape into
-    one call (muon_update); tests/test_llm.py checks it against torch.optim.Muon matrix by matrix.
-    """
+    one call; tests/test_llm.py checks it against torch.optim.Muon matrix by matrix."""
 
     def __init__(self, params, lr=0.01, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  ns_dtype=torch.bfloat16):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps,
-                                      weight_decay=weight_decay, ns_dtype=ns_dtype))
+                                      ns_steps=ns_steps, weight_decay=weight_decay,
+                                      ns_dtype=ns_dtype))
 
     def buffers_for(self, params):
         for p in params:
@@ -961,17 +885,16 @@ def clip_muon_adamw(muon_p, muon_g, muon_bufs, adam_p, adam_g, exp_avgs, exp_avg
 
 @dataclass
 class Optimizers:
-    """The optimizers of one run and how their step runs: eagerly (clip, each optimizer, GradScaler
-    for fp16) or as one compiled call of clip_muon_adamw with the learning rates in 0-d device
-    tensors (filled before each call: the cosine schedule never recompiles)."""
+    """One run's optimizers and how their step runs: eagerly (GradScaler for fp16, clip, each
+    optimizer) or as one compiled clip_muon_adamw call, the learning rates in 0-d device tensors
+    filled before each call (the schedule never recompiles)."""
     muon: torch.optim.Optimizer
     adamw: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    params: list
-    # zero gradients in place (CUDA graphs accumulate into them) instead of None
-    keep_grads: bool = False
-    fused: typing.Optional[typing.Callable] = None  # the compiled clip_muon_adamw, or None: eager
-    fused_state: dict = field(default_factory=dict)  # its tensor lists and hyperparameters
+    params: list  # every parameter, in the model's order (clipped together)
+    keep_grads: bool = False  # zero gradients in place (CUDA graphs accumulate into them)
+    fused: typing.Optional[typing.Callable] = None  # the compiled clip_muon_adamw; None: eager
+    fused_args: dict = field(default_factory=dict)  # its tensor lists and hyperparameters
 
     def set_lr(self, multiplier: float):
         for opt in (self.muon, self.adamw):
@@ -980,71 +903,59 @@ class Optimizers:
 
     def step(self, grad_clip: float):
         """Unscale (fp16), clip, step every optimizer, clear the gradients."""
+        opts = (self.muon, self.adamw)
         if self.fused is not None:
-            s = self.fused_state
-            s["lr"][0].fill_(self.muon.param_groups[0]["lr"])
-            s["lr"][1].fill_(self.adamw.param_groups[0]["lr"])
-            grads = [p.grad for p in s["muon_p"] + s["adam_p"]]
-            n = len(s["muon_p"])
-            self.fused(s["muon_p"], grads[:n], s["bufs"], s["adam_p"], grads[n:], s["exp_avgs"],
-                       s["exp_avg_sqs"], s["steps"], s["lr"][0], s["lr"][1], grad_clip,
-                       s["muon_hp"], s["adam_hp"])
+            a = self.fused_args
+            for lr, opt in zip((a["lr_muon"], a["lr_adam"]), opts):
+                lr.fill_(opt.param_groups[0]["lr"])
+            self.fused(muon_g=[p.grad for p in a["muon_p"]], adam_g=[p.grad for p in a["adam_p"]],
+                       grad_clip=grad_clip, **a)
             return
-        for opt in (self.muon, self.adamw):
+        for opt in opts:
             self.scaler.unscale_(opt)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
-        for opt in (self.muon, self.adamw):
+        for opt in opts:
             self.scaler.step(opt)
         self.scaler.update()
-        for opt in (self.muon, self.adamw):
+        for opt in opts:
             opt.zero_grad(set_to_none=not self.keep_grads)
-
-def fused_state(muon: Muon, adamw: torch.optim.AdamW) -> dict:
-    """Tensor lists for clip_muon_adamw, in torch's AdamW state layout (capturable: step on the
-    device)."""
-    muon_p = [p for g in muon.param_groups for p in g["params"]]
-    adam_p = [p for g in adamw.param_groups for p in g["params"]]
-    dev = muon_p[0].device
-    for p in adam_p:
-        adamw.state[p].update(step=torch.zeros((), dtype=torch.float32, device=dev),
-                              exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    mg, ag = muon.param_groups[0], adamw.param_groups[0]
-    st = adamw.state
-    return dict(muon_p=muon_p, adam_p=adam_p, bufs=muon.buffers_for(muon_p),
-                exp_avgs=[st[p]["exp_avg"] for p in adam_p],
-                exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
-                steps=[st[p]["step"] for p in adam_p], lr=[torch.zeros((), device=dev),
-                                                           torch.zeros((), device=dev)],
-                muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay",
-                                            "ns_dtype")},
-                adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1],
-                             weight_decay=ag["weight_decay"], eps=ag["eps"]))
 
 def build_optimizers(model: nn.Module, cfg: MoEModelConfig, rt: "Runtime", fused=None,
                      keep_grads: bool = False) -> Optimizers:
-    """Muon for the hidden matrices (attention, router gates, experts); AdamW for embedding and
-    norms.
-
-    fused: a compiled clip_muon_adamw to run the whole step (ModelCache passes one on CUDA)."""
+    """Muon for the hidden matrices (attention, router gates, experts), AdamW for the embedding
+    and norms; fused: a compiled clip_muon_adamw to run the whole step (not with a GradScaler)."""
     named = list(model.named_parameters())
-    muon_params = [p for n, p in named if p.ndim >= 2 and "token_embedding" not in n]
-    adam_params = [p for n, p in named if p.ndim < 2 or "token_embedding" in n]
-    # bf16 Newton-Schulz as the original and torch.optim.Muon, except where bf16 matmuls are slow (a
-    # CPU without bf16 instructions, MPS): there fp32 costs no more and is more precise.
+    muon_p = [p for n, p in named if p.ndim >= 2 and "token_embedding" not in n]
+    adam_p = [p for n, p in named if p.ndim < 2 or "token_embedding" in n]
+    # bf16 Newton-Schulz as the original and torch.optim.Muon, except where bf16 matmuls are slow
+    # (a CPU without bf16 instructions, MPS): there fp32 costs no more and is more precise.
     fast_bf16 = rt.device.type == "cuda" or (rt.device.type == "cpu" and cpu_has_native_bf16())
-    muon = Muon(muon_params, lr=cfg.muon_lr,
-                ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
-    adamw = torch.optim.AdamW(adam_params, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
+    muon = Muon(muon_p, lr=cfg.muon_lr, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
+    adamw = torch.optim.AdamW(adam_p, lr=cfg.muon_lr * 0.1, weight_decay=cfg.weight_decay,
                               fused=rt.device.type == "cuda")
     for opt in (muon, adamw):
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    if scaler.is_enabled():
-        fused = None  # the fp16 GradScaler path stays eager (unscale before the clip, skip on inf)
-    state = fused_state(muon, adamw) if fused is not None else {}
-    return Optimizers(muon, adamw, scaler, [p for _, p in named], keep_grads, fused, state)
+    opts = Optimizers(muon, adamw, scaler, [p for _, p in named], keep_grads)
+    if fused is None or scaler.is_enabled():  # fp16: unscale before the clip, skip steps on inf
+        return opts
+    dev, st, mg, ag = muon_p[0].device, adamw.state, muon.param_groups[0], adamw.param_groups[0]
+    for p in adam_p:  # torch's AdamW state layout, capturable: the step count on the device
+        st[p].update(step=torch.zeros((), dtype=torch.float32, device=dev),
+                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    opts.fused, opts.fused_args = fused, dict(
+        muon_p=muon_p, muon_bufs=muon.buffers_for(muon_p), adam_p=adam_p,
+        exp_avgs=[st[p]["exp_avg"] for p in adam_p],
+        exp_avg_sqs=[st[p]["exp_avg_sq"] for p in adam_p],
+        steps=[st[p]["step"] for p in adam_p], lr_muon=torch.zeros((), device=dev),
+        lr_adam=torch.zeros((), device=dev),
+        muon_hp={k: mg[k] for k in ("momentum", "nesterov", "ns_steps", "weight_decay",
+                                    "ns_dtype")},
+        adam_hp=dict(beta1=ag["betas"][0], beta2=ag["betas"][1], weight_decay=ag["weight_decay"],
+                     eps=ag["eps"]))
+    return opts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1060,9 +971,9 @@ class Runtime:
 
     @property
     def device_name(self) -> str:
+        """Which device, and which CPU: recorded timings say where they were taken."""
         if self.device.type == "cuda":
             return f"{self.device} ({torch.cuda.get_device_name(self.device)})"
-        # which CPU, so that recorded timings say where they were taken
         if self.device.type == "cpu":
             name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
             return f"cpu ({name}, {torch.get_num_threads()} threads)"
@@ -1081,13 +992,11 @@ class Runtime:
                               enabled=self.amp_dtype is not None)
 
 def cpu_capabilities() -> dict:
-    """What torch detected about this CPU (instruction sets, name); empty on a torch too old to say.
-    """
+    """What torch detected about this CPU (instruction sets, name); empty where it cannot say."""
     return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX): there bf16 autocast
-    pays."""
+    """AVX512-BF16 or AMX: there bf16 autocast pays."""
     caps = cpu_capabilities()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
@@ -1112,22 +1021,17 @@ def resolve_runtime(device: str = "auto", use_amp: bool = True,
         raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} "
                         f"visible); start at most that many processes per node (--nproc-per-node)")
     dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-    if dev.type == "cuda":
-        # TF32 stays off (torch's default): what runs in float32 (the router; --no-use-amp) really
-        # is.
+    if dev.type == "cuda":  # TF32 stays off (torch's default): what runs in float32 really is
         torch.cuda.set_device(dev)
-        try:  # without this flag, pre-Ampere GPUs report (slow, emulated) bf16 as supported
-            bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:
-            bf16 = torch.cuda.get_device_capability(dev)[0] >= 8
-        amp, why = amp_policy(use_amp, bf16)
-    elif dev.type == "cpu" and use_amp and cpu_has_native_bf16():
-        amp, why = torch.bfloat16, "bf16 autocast (the CPU has native bf16: AVX512-BF16 or AMX)"
+        # without the flag, pre-Ampere GPUs report (slow, emulated) bf16 as supported
+        amp, why = amp_policy(use_amp, torch.cuda.is_bf16_supported(including_emulation=False))
     elif not use_amp:
         amp, why = amp_policy(False, False)
+    elif dev.type == "cpu" and cpu_has_native_bf16():
+        amp, why = torch.bfloat16, "bf16 autocast (the CPU has native bf16: AVX512-BF16 or AMX)"
     else:
-        amp, why = None, "fp32 (" + ("this CPU has no bf16 matmul instructions" if dev.type == "cpu"
-                                     else "MPS") + ")"
+        amp, why = None, ("fp32 (this CPU has no bf16 matmul instructions)" if dev.type == "cpu"
+                          else "fp32 (MPS)")
     use_compile = dev.type == "cuda" if compile is None else compile
     why += (f"; torch.compile {'on' if use_compile else 'off'} "
             f"({'flag' if compile is not None else 'default'})")
@@ -1140,64 +1044,44 @@ def compile_backend() -> str:
     return os.environ.get("LLM_COMPILE_BACKEND", "inductor")
 
 def default_dispatch(rt: Runtime) -> str:
-    """"grouped" where grouped_mm runs forward and backward (tried once), else "sorted".
-
-    Under torch.compile the grouped kernels need a bf16 GPU; on CPU they run eagerly."""
+    """"grouped" where grouped_mm runs forward and backward (tried once), else "sorted". Under
+    torch.compile the grouped kernels need a bf16 GPU; on CPU they run eagerly."""
     bf16_gpu = rt.device.type == "cuda" and rt.amp_dtype == torch.bfloat16
-    if not has_grouped_mm() or rt.device.type == "mps" or (rt.compile and not bf16_gpu):
+    if GROUPED_MM is None or rt.device.type == "mps" or (rt.compile and not bf16_gpu):
         return "sorted"
     try:  # the model's exact layout: transposed (E, out, in) weights, with a backward pass
         dt = rt.amp_dtype or torch.float32
         a = torch.randn(32, 16, device=rt.device, dtype=dt, requires_grad=True)
         w = torch.randn(2, 24, 16, device=rt.device, dtype=dt, requires_grad=True)
-        y = grouped_mm(a, w.transpose(-2, -1), torch.tensor([8, 32], dtype=torch.int32,
-                                                            device=rt.device))
+        offs = torch.tensor([8, 32], dtype=torch.int32, device=rt.device)
+        y = GROUPED_MM(a, w.transpose(-2, -1), offs=offs)
         (y * torch.randn_like(y)).sum().backward()
         return "grouped"
     except Exception as e:
         warn(f"grouped_mm does not run here ({type(e).__name__}); using the sorted per-expert loop")
         return "sorted"
 
-class CompiledStep:
-    """The compiled model, called as the model is.
-
-    Inputs are made contiguous, so training batches (strided views) and validation batches meet one
-    graph instead of recompiling on a stride guard. With CUDA graphs each call starts a new graph
-    step: callers consume the outputs before the next call, which overwrites them."""
-
-    def __init__(self, compiled, cudagraphs: bool):
-        self.compiled, self.cudagraphs = compiled, cudagraphs
-
-    def __call__(self, idx, targets=None):
-        if self.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(idx.contiguous(), None if targets is None else targets.contiguous())
-
 class ModelCache:
-    """The current architecture's model (and its compiled step), re-initialised for every run.
+    """The current architecture's model and compiled step, re-initialised for every run.
 
-    Reusing the module lets torch.compile build its graphs once per architecture, by a warm-up
-    before the first run (noise, loss weights and routing biases are buffers: changing them does not
-    recompile). One compile path: where compiling or a compiled step fails, to_eager() switches the
-    rest of the sweep to eager. Only one architecture is kept: old graphs and CUDA-graph pools would
-    hold GPU memory."""
-
-    ARCH = ("d_model", "n_heads", "n_layers", "d_ff", "num_experts", "expert_top_k", "dropout",
-            "vocab_size", "max_seq_len")
+    Graphs are built once per architecture, by a warm-up before the first run (noise, loss weights
+    and routing biases are buffers: changing them does not recompile). The one compile path: where
+    compiling or a compiled step fails, to_eager() switches the rest of the sweep to eager. One
+    architecture at a time: old graphs and CUDA-graph pools would hold GPU memory."""
 
     def __init__(self, rt: Runtime, quiet: bool = False, build=None):
         self.rt, self.quiet, self.build = rt, quiet, build or MoEMinimalLLM
         self.dispatch = default_dispatch(rt)
-        self.key = self.model = self.fn = self.step_fn = None
+        self.key = self.model = self.fn = self.compiled = self.step_fn = None
         self.cudagraphs = False
 
     def get(self, cfg: MoEModelConfig, data: typing.Optional[TokenData] = None):
         """(model, fn) for cfg: fn is the model or its compiled step, called fn(idx[, targets])."""
-        key = tuple(getattr(cfg, k) for k in self.ARCH) + (cfg.batch_size,)
+        key = tuple(getattr(cfg, k) for k in ARCH_FIELDS) + (cfg.batch_size,)
         if key != self.key:
             self.release()
-            self.model = self.build(cfg, self.dispatch).to(self.rt.device)
-            self.fn, self.key = self.model, key
+            self.key, self.model = key, self.build(cfg, self.dispatch).to(self.rt.device)
+            self.fn = self.model
             if self.rt.compile and not self._compile(cfg, data):
                 return self.get(cfg, data)  # now eager
         self.model.reset_parameters(cfg.seed)
@@ -1211,12 +1095,10 @@ class ModelCache:
         return build_optimizers(model, cfg, self.rt, self.step_fn, keep_grads=self.cudagraphs)
 
     def release(self):
-        """Drop the model, compiled code and (on CUDA) its graph pools and cached memory."""
-        compiled = self.fn is not None and self.fn is not self.model
-        self.key = self.model = self.fn = None
-        if compiled:
-            import torch._dynamo
+        """Drop the model and compiled code, and on CUDA the graph pools and cached memory."""
+        if self.compiled is not None:
             torch._dynamo.reset()  # also frees the CUDA-graph trees and their memory pools
+        self.key = self.model = self.fn = self.compiled = None
         if self.rt.device.type == "cuda":
             import gc
             gc.collect()
@@ -1232,22 +1114,30 @@ class ModelCache:
 
     def _compile(self, cfg: MoEModelConfig, data) -> bool:
         """Compile and warm up; False (after to_eager) where that fails. CUDA graphs where the step
-        has static shapes (grouped dispatch, no GradScaler); the sorted dispatch slices by data-
-        dependent sizes."""
+        has static shapes: grouped dispatch (sorted slices by data-dependent sizes), no GradScaler.
+        """
         import torch._dynamo
-        # a new architecture counts as a recompile
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        dynamo = torch._dynamo.config  # a new architecture counts as a recompile
+        dynamo.recompile_limit = max(64, dynamo.recompile_limit)
         backend, t = compile_backend(), time.perf_counter()
-        self.cudagraphs = (self.rt.device.type == "cuda" and backend == "inductor" and
-                           self.dispatch == "grouped" and self.rt.amp_dtype != torch.float16)
-        mode = "reduce-overhead" if self.cudagraphs else None
+        graphs = self.cudagraphs = (self.rt.device.type == "cuda" and backend == "inductor"
+                                    and self.dispatch == "grouped"
+                                    and self.rt.amp_dtype != torch.float16)
+        mode = "reduce-overhead" if graphs else None
         try:
             if self.rt.compile_optimizer and self.step_fn is None:
                 self.step_fn = torch.compile(clip_muon_adamw, backend=backend)
-            self.fn = CompiledStep(torch.compile(self.model, backend=backend, mode=mode),
-                                   self.cudagraphs)
+            compiled = self.compiled = torch.compile(self.model, backend=backend, mode=mode)
+
+            def step(idx, targets=None):
+                # Contiguous inputs: training views and validation batches meet one graph instead
+                # of recompiling on a stride guard. With CUDA graphs each call starts a graph step:
+                # callers consume the outputs before the next call overwrites them.
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                return compiled(idx.contiguous(), None if targets is None else targets.contiguous())
+
+            self.fn = step
             self._warm_up(cfg, data)
         except Exception as e:
             self.to_eager(f"torch.compile failed ({type(e).__name__}: {first_line(e)})")
@@ -1258,10 +1148,9 @@ class ModelCache:
         return True
 
     def _warm_up(self, cfg: MoEModelConfig, data):
-        """Build every graph a run uses, through the calls a run makes, on batches laid out as the
-        real ones: training step with backward and optimizer step, evaluation forward (no grad, eval
-        mode). Three rounds: CUDA-graph trees record on a later call than the first. get() re-
-        initialises."""
+        """Build every graph a run uses, through the calls a run makes (a training update, an
+        evaluation forward), on batches laid out as the real ones. Three rounds: CUDA-graph trees
+        record on a later call than the first. get() re-initialises the model afterwards."""
         model, dev = self.model, self.rt.device
         if data is not None:
             gen = torch.Generator(device=dev if dev.type == "cuda" else "cpu").manual_seed(0)
@@ -1269,26 +1158,19 @@ class ModelCache:
         else:  # made the same way: two views of one (B, T+1) window, like sample_batch
             w = torch.randint(0, cfg.vocab_size, (cfg.batch_size, cfg.max_seq_len + 1), device=dev)
             train_batch, val_x = (w[:, :-1], w[:, 1:]), w[:, :-1]
-        # gradients of our own, not graph-pool outputs the next replay overwrites
-        if self.cudagraphs:
+        if self.cudagraphs:  # own gradients, not graph-pool outputs that the next replay overwrites
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
         opt = self.optimizers(model, cfg)
         for _ in range(3):
             model.train()
-            with self.rt.autocast():
-                loss = self.fn(*train_batch).loss
-            opt.scaler.scale(loss).backward()
-            opt.step(cfg.grad_clip)
+            run_update(self.fn, opt, [train_batch], cfg.grad_clip, self.rt.autocast)
             model.eval()
             with torch.no_grad(), self.rt.autocast():
                 self.fn(val_x)
         model.train()
         sync(self.rt)
         model.zero_grad(set_to_none=not self.cudagraphs)
-
-def first_line(e: BaseException, limit: int = 200) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:limit]
 
 def sync(rt: Runtime):
     if rt.device.type == "cuda":
@@ -1326,8 +1208,7 @@ class RunResult:
     expert_load_max_mean_per_layer: list
     routing_entropy_per_layer: list
     expert_load_per_layer: list  # (L, E) load shares
-    # the last log window's training batches, noise included
-    train_expert_usage_cv_worst_layer: float
+    train_expert_usage_cv_worst_layer: float  # the last log window's batches, noise included
     train_dead_expert_fraction: float
     device: str
     dtype: str
@@ -1347,68 +1228,122 @@ def peak_memory_gb(device: torch.device) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
-@dataclass
-class LogWindow:
-    """Running sums on the device over one log window, read back with one round of host syncs."""
-    # (4,) cross-entropy, aux, z (unweighted), correct predictions; float32 (MPS)
-    sums: torch.Tensor
-    counts: torch.Tensor  # (L, E) routing assignments of the training batches
-    first_bad: torch.Tensor  # () the first update with a non-finite loss; 0 = none yet
-    micro_batches: int = 0
+def tokens_per_update(cfg: MoEModelConfig) -> int:
+    return cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
 
-    @classmethod
-    def zeros(cls, cfg: MoEModelConfig, device) -> "LogWindow":
-        return cls(torch.zeros(4, device=device),
-                   torch.zeros(cfg.n_layers, cfg.num_experts, dtype=torch.int64, device=device),
-                   torch.zeros((), device=device))
+class RunLog:
+    """One run's record as it trains: running sums on the device over each log window (read back
+    with one round of host syncs), its evaluations, and its metrics file (or None)."""
+
+    def __init__(self, cfg: MoEModelConfig, device, log, bar):
+        self.cfg, self.log, self.bar = cfg, log, bar
+        # (4,) cross-entropy, aux, z (unweighted), correct predictions; float32 (MPS)
+        self.sums = torch.zeros(4, device=device)
+        self.counts = torch.zeros(cfg.n_layers, cfg.num_experts, dtype=torch.int64, device=device)
+        self.first_bad = torch.zeros((), device=device)  # first update with a non-finite loss
+        self.update_counts = 0  # (L, E) this update's assignments, for the bias rule
+        self.micro_batches = self.updates = self.steps = 0
+        self.status, self.diverged_step, self.best_ppl = "ok", None, float("inf")
+        self.last_eval, self.train_routing = None, {}
+        self.eval_time = self.eval_since_log = 0.0  # training time and tokens/s leave evals out
+        self.t_log = time.perf_counter()
 
     def add(self, out: ModelOut, step: int):
+        """Fold in one micro-batch's outputs, on the device (read before the next call)."""
         bad = ~torch.isfinite(out.loss.detach()) & (self.first_bad == 0)
         self.first_bad += bad.float() * step
         self.sums += torch.stack([out.ce.detach().float(), out.aux.detach().float(),
                                   out.z.detach().float(), out.correct.float()])
         self.counts += out.counts
+        self.update_counts = self.update_counts + out.counts
         self.micro_batches += 1
 
-    def read(self) -> tuple[list, int, np.ndarray]:
-        """(mean ce, aux, z, correct per micro-batch), first bad update, counts; then a new window.
-        """
-        means = [v / self.micro_batches for v in self.sums.tolist()]
+    def write(self, record: dict):
+        if self.log:
+            self.log.write(json.dumps(record) + "\n")
+
+    def log_window(self, step: int, lr: float) -> bool:
+        """Read the window back, show and log it; False where the run diverged in it."""
+        cfg = self.cfg
+        ce, aux, z, correct = [v / self.micro_batches for v in self.sums.tolist()]
         bad, counts = int(self.first_bad.item()), self.counts.cpu().numpy().copy()
         self.sums.zero_()
         self.counts.zero_()
-        self.micro_batches = 0
-        return means, bad, counts
+        now = time.perf_counter()
+        tps = self.updates * tokens_per_update(cfg) / max(now - self.t_log - self.eval_since_log,
+                                                          1e-9)
+        self.t_log, self.eval_since_log, self.updates, self.micro_batches = now, 0.0, 0, 0
+        self.train_routing = routing_metrics(counts)
+        if bad:
+            self.status, self.diverged_step = "diverged", bad
+            self.bar.write(f"  run diverged: non-finite loss at update {bad}")
+            return False
+        acc = correct / (cfg.batch_size * cfg.max_seq_len)
+        cv = self.train_routing["expert_usage_cv_worst_layer"]
+        self.bar.set_postfix(dict(loss=f"{ce:.3f}", acc=f"{acc:.3f}", tok_s=f"{tps:,.0f}",
+                                  aux=f"{aux:.3f}", cv_worst=f"{cv:.2f}"), refresh=False)
+        self.bar.update(step - self.bar.n)
+        self.write({"split": "train", "step": step, "loss": ce, "accuracy": acc,
+                    "aux_loss_unweighted": aux,
+                    "aux_loss_weighted": cfg.load_balancing_weight * aux,
+                    "z_loss_unweighted": z, "z_loss_weighted": cfg.router_z_loss_weight * z,
+                    "lr": lr, "tokens_per_s": tps, "routing": self.train_routing})
+        return True
 
-@dataclass
-class RunState:
-    window: LogWindow
-    steps: int = 0
-    status: str = "ok"
-    diverged_step: typing.Optional[int] = None
-    best_ppl: float = float("inf")
-    last_eval: typing.Optional[Evaluation] = None
-    train_routing: dict = field(default_factory=dict)
-    eval_time: float = 0.0  # training time and tokens/s leave evaluation out
-    t_log: float = 0.0
-    eval_since_log: float = 0.0
-    updates_since_log: int = 0
+    def evaluate(self, fn, model, data: TokenData, rt: Runtime, step: int):
+        sync(rt)
+        t = time.perf_counter()
+        ev = evaluate(fn, model, data, rt.autocast)
+        self.last_eval, self.best_ppl = ev, min(self.best_ppl, ev.val_perplexity)
+        spent = time.perf_counter() - t
+        self.eval_time, self.eval_since_log = self.eval_time + spent, self.eval_since_log + spent
+        if self.log:
+            routing = dict(ev.routing)
+            if self.cfg.balancing == "bias":
+                routing["expert_bias"] = [r.expert_bias.tolist() for r in model.routers()]
+            self.write({"split": "val", "step": step, "loss": ev.val_loss,
+                        "accuracy": ev.val_accuracy, "perplexity": ev.val_perplexity,
+                        "routing": routing})
+            self.log.flush()
 
-def tokens_per_update(cfg: MoEModelConfig) -> int:
-    return cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps
+    def result(self, rt: Runtime, seconds: float, train_seconds: float) -> RunResult:
+        cfg, nan, tr = self.cfg, float("nan"), self.train_routing
+        ok = self.status == "ok" and self.last_eval is not None  # else every figure is nan
+        ev = self.last_eval if ok else Evaluation(nan, nan, nan, {
+            k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS})
+        tokens = self.steps * tokens_per_update(cfg)
+        return RunResult(
+            seed=cfg.seed, noise_std=cfg.noise_std, load_balancing_weight=cfg.load_balancing_weight,
+            val_loss=ev.val_loss, val_accuracy=ev.val_accuracy, val_perplexity=ev.val_perplexity,
+            training_time_minutes=seconds / 60, peak_memory_gb=peak_memory_gb(rt.device),
+            best_val_perplexity=self.best_ppl if ok else nan, status=self.status,
+            diverged_step=self.diverged_step, steps=self.steps, train_tokens=tokens,
+            tokens_per_s=tokens / train_seconds if train_seconds > 0 else nan,
+            train_expert_usage_cv_worst_layer=tr.get("expert_usage_cv_worst_layer", nan),
+            train_dead_expert_fraction=tr.get("dead_expert_fraction", nan),
+            device=rt.device_name, dtype=rt.dtype_name, **{k: ev.routing[k] for k in ROUTING_KEYS})
 
 def open_log(path: typing.Optional[Path]):
     if path is None:
         return contextlib.nullcontext()
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW, 0o644), "w")
 
+def run_update(fn, opt: Optimizers, batches: list, grad_clip: float, autocast, seen=None):
+    """One optimizer update over the micro-batches, with no host sync; seen(out) gets each output
+    before the next call overwrites it (CUDA graphs)."""
+    for x, y in batches:
+        with autocast():
+            out = fn(x, y)
+        opt.scaler.scale(out.loss / len(batches)).backward()
+        if seen:
+            seen(out)
+    opt.step(grad_clip)
+
 def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                     metrics_path: typing.Optional[Path] = None, progress: bool = True) -> RunResult:
-    """Train one run from its seed and return its result; a non-finite loss ends it as 'diverged'.
-    """
+    """Train one run from its seed; a non-finite loss ends it as 'diverged'."""
     from tqdm.auto import tqdm
-    # compiles only for a new architecture, before the clock starts
-    model, fn = models.get(cfg, data)
+    model, fn = models.get(cfg, data)  # compiles only for a new architecture, before the clock
     rt = models.rt
     t_run = time.perf_counter()
     if rt.device.type == "cuda":
@@ -1417,143 +1352,59 @@ def train_moe_model(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
     gen = torch.Generator(device=rt.device if rt.device.type == "cuda" else "cpu")
     gen.manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and router noise
-    run = RunState(LogWindow.zeros(cfg, rt.device))
     bar = tqdm(total=cfg.max_steps, desc=f"seed {cfg.seed} noise {cfg.noise_std} lb "
                f"{cfg.load_balancing_weight}", unit="step", leave=False, disable=not progress,
                position=1, dynamic_ncols=True)
-    run.t_log = t_loop = time.perf_counter()
-    try:
-        with open_log(metrics_path) as log:
-            for step in range(1, cfg.max_steps + 1):
-                opt.set_lr(lr_multiplier(step - 1, cfg.max_steps))
-                train_update(cfg, model, fn, opt, data, gen, run.window, rt, step)
-                run.steps, run.updates_since_log = step, run.updates_since_log + 1
-                last = step == cfg.max_steps
-                if (step % cfg.log_every == 0 or last) and not log_window(cfg, run, opt, bar, log,
-                                                                          step):
-                    break
-                if step % cfg.eval_every == 0 or last:
-                    evaluate_and_log(cfg, fn, model, data, rt, run, log, step)
-    finally:
-        bar.close()
+    with bar, open_log(metrics_path) as log:
+        run = RunLog(cfg, rt.device, log, bar)
+        t_loop = run.t_log
+        for step in range(1, cfg.max_steps + 1):
+            opt.set_lr(lr_multiplier(step - 1, cfg.max_steps))
+            run.update_counts = 0
+            batches = [data.sample_batch(gen) for _ in range(cfg.gradient_accumulation_steps)]
+            run_update(fn, opt, batches, cfg.grad_clip, rt.autocast, lambda o: run.add(o, step))
+            if cfg.balancing == "bias":
+                model.update_routing_bias(run.update_counts, cfg.bias_update_rate)
+            run.steps, run.updates = step, run.updates + 1
+            last = step == cfg.max_steps
+            if ((step % cfg.log_every == 0 or last)
+                    and not run.log_window(step, opt.muon.param_groups[0]["lr"])):
+                break
+            if step % cfg.eval_every == 0 or last:
+                run.evaluate(fn, model, data, rt, step)
     sync(rt)
-    train_seconds = time.perf_counter() - t_loop - run.eval_time
-    return run_result(cfg, run, rt, time.perf_counter() - t_run, train_seconds)
-
-def train_update(cfg, model, fn, opt: Optimizers, data: TokenData, gen, window: LogWindow, rt,
-                 step):
-    """One optimizer update over gradient_accumulation_steps micro-batches (no host sync)."""
-    accum, update_counts = cfg.gradient_accumulation_steps, 0
-    for _ in range(accum):
-        x, y = data.sample_batch(gen)
-        with rt.autocast():
-            out = fn(x, y)
-        opt.scaler.scale(out.loss / accum).backward()
-        window.add(out, step)
-        # (L, E), read before the next call overwrites it
-        update_counts = update_counts + out.counts
-    opt.step(cfg.grad_clip)
-    if cfg.balancing == "bias":
-        model.update_routing_bias(update_counts, cfg.bias_update_rate)
-
-def log_window(cfg, run: RunState, opt: Optimizers, bar, log, step: int) -> bool:
-    """Read the window back, show and log it; False where the run diverged in it."""
-    (ce, aux, z, correct), bad, counts = run.window.read()
-    now = time.perf_counter()
-    tps = run.updates_since_log * tokens_per_update(cfg) / max(now - run.t_log - run.eval_since_log,
-                                                               1e-9)
-    run.t_log, run.eval_since_log, run.updates_since_log = now, 0.0, 0
-    run.train_routing = routing_metrics(counts)
-    if bad:
-        run.status, run.diverged_step = "diverged", bad
-        bar.write(f"  run diverged: non-finite loss at update {bad}")
-        return False
-    rec = {"loss": ce, "accuracy": correct / (cfg.batch_size * cfg.max_seq_len),
-           "aux_loss_unweighted": aux,
-           "aux_loss_weighted": cfg.load_balancing_weight * aux, "z_loss_unweighted": z,
-           "z_loss_weighted": cfg.router_z_loss_weight * z}
-    shown = dict(loss=f"{ce:.3f}", acc=f"{rec['accuracy']:.3f}", tok_s=f"{tps:,.0f}",
-                 aux=f"{aux:.3f}",
-                 cv_worst=f"{run.train_routing['expert_usage_cv_worst_layer']:.2f}")
-    bar.set_postfix(shown, refresh=False)
-    bar.update(step - bar.n)
-    if log:
-        log.write(json.dumps({"split": "train", "step": step, **rec,
-                              "lr": opt.muon.param_groups[0]["lr"],
-                              "tokens_per_s": tps, "routing": run.train_routing}) + "\n")
-    return True
-
-def evaluate_and_log(cfg, fn, model, data: TokenData, rt: Runtime, run: RunState, log, step: int):
-    sync(rt)
-    t = time.perf_counter()
-    ev = evaluate(fn, model, data, rt.autocast)
-    run.last_eval, run.best_ppl = ev, min(run.best_ppl, ev.val_perplexity)
-    spent = time.perf_counter() - t
-    run.eval_time, run.eval_since_log = run.eval_time + spent, run.eval_since_log + spent
-    if log:
-        routing = dict(ev.routing)
-        if cfg.balancing == "bias":
-            routing["expert_bias"] = [b.feed_forward.router.expert_bias.tolist()
-                                      for b in model.blocks]
-        log.write(json.dumps({"split": "val", "step": step, "loss": ev.val_loss,
-                              "accuracy": ev.val_accuracy,
-                              "perplexity": ev.val_perplexity, "routing": routing}) + "\n")
-        log.flush()
-
-def run_result(cfg, run: RunState, rt: Runtime, seconds: float, train_seconds: float) -> RunResult:
-    nan = float("nan")
-    ev = run.last_eval if run.status == "ok" else None
-    missing = {k: [] if k.endswith("_per_layer") else nan for k in ROUTING_KEYS}
-    routing = ev.routing if ev else missing
-    tokens = run.steps * tokens_per_update(cfg)
-    return RunResult(
-        seed=cfg.seed, noise_std=cfg.noise_std, load_balancing_weight=cfg.load_balancing_weight,
-        val_loss=ev.val_loss if ev else nan, val_accuracy=ev.val_accuracy if ev else nan,
-        val_perplexity=ev.val_perplexity if ev else nan, training_time_minutes=seconds / 60,
-        peak_memory_gb=peak_memory_gb(rt.device), best_val_perplexity=run.best_ppl if ev else nan,
-        status=run.status, diverged_step=run.diverged_step, steps=run.steps, train_tokens=tokens,
-        tokens_per_s=tokens / train_seconds if train_seconds > 0 else nan,
-        train_expert_usage_cv_worst_layer=run.train_routing.get("expert_usage_cv_worst_layer", nan),
-        train_dead_expert_fraction=run.train_routing.get("dead_expert_fraction", nan),
-        device=rt.device_name, dtype=rt.dtype_name, **{k: routing[k] for k in ROUTING_KEYS})
+    return run.result(rt, time.perf_counter() - t_run,
+                      time.perf_counter() - t_loop - run.eval_time)
 
 def train_with_fallback(cfg: MoEModelConfig, data: TokenData, models: ModelCache,
                         metrics_path: typing.Optional[Path], progress: bool) -> RunResult:
     """train_moe_model; where a compiled or graph-captured step raises (at any step), the sweep
-    switches to eager with one warning and this run restarts from its beginning: nothing half-
-    trained is kept."""
-    if not models.rt.compile:
-        return train_moe_model(cfg, data, models, metrics_path, progress)
+    switches to eager with one warning and this run restarts from its beginning: nothing
+    half-trained is kept."""
     try:
         return train_moe_model(cfg, data, models, metrics_path, progress)
     except UserError:
         raise
     except Exception as e:
+        if not models.rt.compile:
+            raise
         models.to_eager(f"a compiled step failed ({type(e).__name__}: {first_line(e)}); rerunning "
                         f"this run from its start")
         return train_moe_model(cfg, data, models, metrics_path, progress)
 
-def run_update(fn, opt: Optimizers, batches: list, grad_clip: float, autocast):
-    """One whole update over the given micro-batches: the step the benchmark and --time-steps time.
-    """
-    for x, y in batches:
-        with autocast():
-            loss = fn(x, y).loss
-        opt.scaler.scale(loss / len(batches)).backward()
-    opt.step(grad_clip)
+def random_batches(cfg: MoEModelConfig, device, n: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    shape = (cfg.batch_size, cfg.max_seq_len)
+    return [(torch.randint(0, cfg.vocab_size, shape, generator=g).to(device),
+             torch.randint(0, cfg.vocab_size, shape, generator=g).to(device)) for _ in range(n)]
 
 def time_training_steps(cfg: MoEModelConfig, rt: Runtime, steps: int) -> float:
-    """Tokens/s of `steps` whole updates of cfg's shape on random tokens (after one untimed update).
-    """
+    """Tokens/s of `steps` whole updates of cfg's shape on random tokens (after an untimed one)."""
     cfg = replace(cfg, vocab_size=vocab_guess(cfg))
     models = ModelCache(rt, quiet=True)
     model, fn = models.get(cfg)
     opt = models.optimizers(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    shape = (cfg.batch_size, cfg.max_seq_len)
-    batches = [(torch.randint(0, cfg.vocab_size, shape, generator=g).to(rt.device),
-                torch.randint(0, cfg.vocab_size, shape, generator=g).to(rt.device))
-               for _ in range(cfg.gradient_accumulation_steps)]
+    batches = random_batches(cfg, rt.device, cfg.gradient_accumulation_steps)
     run_update(fn, opt, batches, cfg.grad_clip, models.rt.autocast)
     sync(rt)
     t = time.perf_counter()
@@ -1584,34 +1435,8 @@ def matmul_peak_tflops(rt: Runtime) -> tuple[float, str]:
         best = min(best, (time.perf_counter() - t) / 3)
     return 2 * n ** 3 / best / 1e12, f"{str(dt).replace('torch.', '')} {n}x{n} matmul"
 
-class DenseFFN(nn.Module):
-    """The benchmark's ceiling: one MLP of d_ff * top_k hidden units in place of the MoE, so a token
-    spends the same matmul FLOPs as in its k experts, with no routing, sorting or grouped kernels.
-    """
-
-    def __init__(self, cfg: MoEModelConfig):
-        super().__init__()
-        hidden = cfg.d_ff * cfg.expert_top_k
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
-        self.p = cfg.dropout
-
-    def forward(self, x) -> MoEOut:  # x (B, T, C)
-        h = dropout(F.silu(self.w1(x)), self.p, self.training)  # (B, T, d_ff * k)
-        zero = x.new_zeros((), dtype=torch.float32)
-        return MoEOut(self.w2(h), zero, zero, torch.zeros(1, dtype=torch.int64, device=x.device))
-
-class DenseLLM(MoEMinimalLLM):
-    """MoEMinimalLLM with DenseFFN blocks: the same attention, embedding, loss and training path."""
-
-    def __init__(self, cfg: MoEModelConfig, dispatch: str = "grouped"):
-        super().__init__(cfg, dispatch)
-        for block in self.blocks:
-            block.feed_forward = DenseFFN(cfg)
-        self.reset_parameters(cfg.seed)
-
 def load_reference():
-    """tests/reference.py, the original's implementation: the benchmark's "original" side."""
+    """tests/reference.py: the original's implementation and the dense ceiling."""
     import importlib.util
     path = HERE / "tests" / "reference.py"
     if not path.is_file():
@@ -1623,38 +1448,29 @@ def load_reference():
     spec.loader.exec_module(module)
     return module
 
-def bench_sides(cfg: MoEModelConfig, rt: Runtime):
-    """(name, runtime, fn, optimizers, keep-alive) for this project, the original and the dense
-    model."""
-    ref = load_reference()
-    for name in ("this project", "original", "dense"):
-        if name == "original":  # eager, per-expert loop, plain loss, its optimizers and precision
-            side_rt = ref.original_runtime(rt)
-            model = ref.OriginalLLM(cfg).to(rt.device)
-            model.set_routing(cfg.noise_std, cfg.load_balancing_weight, cfg.router_z_loss_weight)
-            yield name, side_rt, model, ref.original_optimizers(model, cfg, side_rt), model
-        else:  # exactly what a sweep runs (compiled on CUDA; compilation counts as warm-up)
-            models = ModelCache(rt, quiet=True, build=DenseLLM if name == "dense" else None)
-            model, fn = models.get(cfg)
-            yield name, models.rt, fn, models.optimizers(model, cfg), models
+def bench_side(name: str, cfg: MoEModelConfig, rt: Runtime, ref):
+    """(runtime, fn, optimizers, what to keep alive) of one side of the benchmark."""
+    if name == "original":  # eager, per-expert loop, plain loss, its optimizers and precision
+        side_rt, model = ref.original_runtime(rt), ref.OriginalLLM(cfg).to(rt.device)
+        model.set_routing(cfg.noise_std, cfg.load_balancing_weight, cfg.router_z_loss_weight)
+        return side_rt, model, ref.original_optimizers(model, cfg, side_rt), model
+    # exactly what a sweep runs (compiled on CUDA; compilation counts as warm-up)
+    models = ModelCache(rt, quiet=True, build=ref.DenseLLM if name == "dense" else None)
+    model, fn = models.get(cfg)
+    return models.rt, fn, models.optimizers(model, cfg), models
 
 def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict:
     """Median time of whole updates (micro-batches and optimizer step) for this project's step, the
-    original's (tests/reference.py: its precision, per-expert loop with a host sync per expert,
-    torch's dropout, plain cross-entropy, per-matrix Muon, default AdamW, no compiled model) and a
-    dense model of the same active FLOPs, in one process; timed updates alternate between the sides.
-    """
+    original's (tests/reference.py) and a dense model of the same active FLOPs, in one process;
+    timed updates alternate between the sides, so drift on a shared machine hits all alike."""
     cfg = replace(cfg, vocab_size=cfg.vocab_size or 49152)
     peak, peak_what = matmul_peak_tflops(rt)
-    flops, tokens = flops_per_token(cfg), tokens_per_update(cfg)
-    g = torch.Generator().manual_seed(0)
-    shape = (cfg.batch_size, cfg.max_seq_len)
-    batches = [(torch.randint(0, cfg.vocab_size, shape, generator=g).to(rt.device),
-                torch.randint(0, cfg.vocab_size, shape,
-                              generator=g).to(rt.device)) for _ in range(4)]
-    accum = cfg.gradient_accumulation_steps
+    flops, tokens = estimate(cfg).flops_per_token, tokens_per_update(cfg)
+    batches, accum = random_batches(cfg, rt.device, 4), cfg.gradient_accumulation_steps
+    ref = load_reference()
     impls, steppers, alive = [], [], []
-    for name, side_rt, fn, opt, keep in bench_sides(cfg, rt):
+    for name in ("this project", "original", "dense"):
+        side_rt, fn, opt, keep = bench_side(name, cfg, rt, ref)
         base_mem = 0.0
         if rt.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -1676,7 +1492,7 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
         steppers.append(step)
         alive.append(keep)
     times = [[] for _ in steppers]
-    for i in range(steps):  # alternating, so drift on a shared machine hits all sides alike
+    for i in range(steps):
         for k, step in enumerate(steppers):
             t = time.perf_counter()
             step(i)
@@ -1696,8 +1512,8 @@ def benchmark(cfg: MoEModelConfig, rt: Runtime, steps: int, warmup: int) -> dict
 
 def print_benchmark(res: dict):
     print(f"\nbenchmark: {res['tokens_per_step']:,} tokens per update "
-          f"({res['gradient_accumulation_steps']} "
-          f"micro-batches), {res['flops_per_token'] / 1e9:.3f} GFLOP/token, compile "
+          f"({res['gradient_accumulation_steps']} micro-batches), "
+          f"{res['flops_per_token'] / 1e9:.3f} GFLOP/token, compile "
           f"{'on' if res['compile'] else 'off'}, torch {res['torch']}")
     print(f"peak: {res['peak_tflops']:.1f} TFLOP/s measured with a {res['peak_measured_with']} "
           f"(MFU is against this)")
@@ -1719,15 +1535,13 @@ class SweepPlan:
     """A sweep, resolved from llm.py's arguments and never expanded: the runs are the product of the
     axes (the last, seed, varies fastest)."""
     base: MoEModelConfig  # preset + single-valued flags applied
-    # swept field -> tuple of values, in sweep order; noise_std, load_balancing_weight, seed last
-    axes: dict
+    axes: dict  # swept field -> values, as given; noise_std, load_balancing_weight, seed last
     out: Path  # the CSV --out names
     n_runs: int  # computed from the axes
 
     def configs(self) -> typing.Iterator[MoEModelConfig]:
-        names = list(self.axes)
         for combo in itertools.product(*self.axes.values()):
-            yield replace(self.base, **dict(zip(names, combo)))  # validated by the constructor
+            yield replace(self.base, **dict(zip(self.axes, combo)))  # validated by the constructor
 
     def design(self) -> str:
         return " x ".join(f"{len(v)} {k}" for k, v in self.axes.items())
@@ -1742,42 +1556,28 @@ def plan_sweep(argv: list[str]) -> SweepPlan:
     return resolve_plan(args)
 
 def resolve_plan(args) -> SweepPlan:
-    values = {}  # field -> list of values (several: an axis) or one value, in the order given
-    for name in getattr(args, "given", []):
-        values[name] = getattr(args, name)
-    gridded = set()
-    for item in args.grid:
-        name, grid_values = parse_grid_item(item)
-        if name in gridded:
-            raise UserError(f"--grid {name} is given twice; give all its values in one --grid")
-        if name in values:
-            raise UserError(f"{flag(name)} and --grid {name}=... both set {name}; keep one")
-        gridded.add(name)
-        values[name] = grid_values
-    for f in fields(MoEModelConfig):  # booleans: given once by argparse's own action
-        if f.name not in values and hasattr(args, f.name) and f.name not in ROUTING_AXES:
-            values[f.name] = getattr(args, f.name)
+    """A field given several values is an axis, in the order given; the routing axes come last."""
+    names = dict.fromkeys([*getattr(args, "given", {}), *(f.name for f in fields(MoEModelConfig))])
     axes, singles = {}, {}
-    for name, v in values.items():
-        if name in ROUTING_AXES or name == "data_files" or not isinstance(v, list):
+    for name in names:
+        if name in ROUTING_AXES or not hasattr(args, name):
             continue
-        check_distinct(name, v)
-        if len(v) > 1:
+        v = getattr(args, name)
+        if name == "data_files":
+            singles[name] = tuple(v)
+        elif not isinstance(v, list):  # booleans: one value
+            singles[name] = v
+        elif len(check_distinct(name, v)) > 1:
             axes[name] = tuple(v)
         else:
             singles[name] = v[0]
     for name in ROUTING_AXES:
-        v = values.get(name, getattr(args, name))
-        check_distinct(name, v)
-        axes[name] = tuple(v)
+        axes[name] = tuple(check_distinct(name, getattr(args, name)))
     n_runs = math.prod(len(v) for v in axes.values())
     if n_runs > MAX_SWEEP_RUNS:
-        raise UserError(f"the sweep has {n_runs:,} runs "
-                        f"({' x '.join(str(len(v)) for v in axes.values())}"
-                        f"), more than {MAX_SWEEP_RUNS:,}; sweep fewer values")
-    if "data_files" in values:
-        singles["data_files"] = tuple(values["data_files"])
-    singles.update({k: v for k, v in values.items() if not isinstance(v, list)})
+        sizes = " x ".join(str(len(v)) for v in axes.values())
+        raise UserError(f"the sweep has {n_runs:,} runs ({sizes}), more than {MAX_SWEEP_RUNS:,}; "
+                        f"sweep fewer values")
     base = MoEModelConfig(**{**PRESETS.get(args.preset, {}), **singles,
                              **{k: v[0] for k, v in axes.items()}})
     plan = SweepPlan(base, axes, Path(args.out), n_runs)
@@ -1785,35 +1585,11 @@ def resolve_plan(args) -> SweepPlan:
         pass
     return plan
 
-def check_distinct(name: str, values: list):
+def check_distinct(name: str, values: list) -> list:
     if len(set(values)) < len(values):
-        listed = " ".join(map(str, values))
-        raise UserError(f"{name} lists a value twice ({listed}); list each value once")
-
-def field_type(name: str):
-    hint = typing.get_type_hints(MoEModelConfig)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if typing.get_origin(hint) is typing.Union else hint
-
-def parse_grid_item(item: str) -> tuple[str, list]:
-    """--grid FIELD=V1,V2 -> (field, typed values): another spelling of FIELD's flag with those
-    values."""
-    name, sep, text = item.partition("=")
-    name = name.strip().replace("-", "_")
-    names = {f.name for f in fields(MoEModelConfig)}
-    if not sep or not text.strip():
-        raise UserError(f"--grid {item!r}: expected FIELD=V1,V2 (for example expert_top_k=1,2)")
-    if name not in names:
-        raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: "
-                        f"{', '.join(sorted(names))}")
-    if name in NOT_SWEPT:
-        raise UserError(f"--grid {name}: this field does not change a run's numbers or is "
-                        f"per-process; set it once with {flag(name)}")
-    typ = field_type(name)
-    try:
-        return name, [typ(v.strip()) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"--grid {item!r}: values must be {typ.__name__}") from None
+        raise UserError(f"{name} lists a value twice ({' '.join(map(str, values))}); list each "
+                        f"value once")
+    return values
 
 def run_id_for(cfg: MoEModelConfig, axes: dict) -> str:
     """A safe file name: the routing values and numeric swept fields (never raw strings), then a
@@ -1828,11 +1604,11 @@ def run_id_for(cfg: MoEModelConfig, axes: dict) -> str:
     return f"{text[:90]}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 def csv_value(v) -> str:
+    """None: empty; floats round-trip; per-layer lists ";"-joined, a matrix's rows "|"-joined."""
     if v is None:
         return ""
     if isinstance(v, float):
         return "nan" if math.isnan(v) else repr(v)
-    # per layer ";"-joined; a matrix (expert_load_per_layer): "|"-joined
     if isinstance(v, (list, tuple)):
         if v and isinstance(v[0], (list, tuple)):
             return "|".join(csv_value(row) for row in v)
@@ -1840,7 +1616,7 @@ def csv_value(v) -> str:
     return str(v)
 
 def read_done(path: Path) -> set[str]:
-    """config_hash of every finished run in an existing CSV (a torn last line is ignored, with a
+    """config_hash of every finished run in an existing CSV (a torn line is ignored, with a
     warning)."""
     if not path.exists() or path.stat().st_size == 0:
         return set()
@@ -1850,12 +1626,11 @@ def read_done(path: Path) -> set[str]:
         raise UserError(f"{path} has other columns than this llm.py writes; pass --fresh to start "
                         f"a new file (the old one is kept as a backup) or choose another --out")
     done = set()
-    hash_col, status_col = CSV_COLUMNS.index("config_hash"), CSV_COLUMNS.index("status")
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(CSV_COLUMNS):
             warn(f"{path}: line {i} is incomplete (a run killed while writing?); ignoring it")
-        elif row[status_col] in ("ok", "diverged"):
-            done.add(row[hash_col])
+        elif row[CSV_COLUMNS.index("status")] in ("ok", "diverged"):
+            done.add(row[CSV_COLUMNS.index("config_hash")])
     return done
 
 def append_row(path: Path, result: RunResult):
@@ -1893,51 +1668,41 @@ def corpus_key(cfg: MoEModelConfig) -> str:
 def dist_setup() -> tuple[int, int, int]:
     """(rank, world, local_rank); under torchrun a gloo group, only for broadcast and barriers."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    # CPU ranks share the cores; spinning OpenMP threads would fight
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    import datetime
-    import torch.distributed as dist
-    if not dist.is_initialized():  # runs take minutes, so waits at barriers are long
+    if world > 1 and not dist.is_initialized():
+        if not torch.cuda.is_available():  # CPU ranks share the cores: spinning threads would fight
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get(
+                "LOCAL_WORLD_SIZE", world))))
+        import datetime  # runs take minutes, so waits at barriers are long
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 def barrier(world: int):
     if world > 1:
-        import torch.distributed as dist
         dist.barrier()
 
-def load_corpora(plan: SweepPlan, local_rank: int, world: int, say) -> dict:
-    """Every token stream the sweep needs. Local rank 0 builds the caches; the others then read
-    them."""
+def plan_runs(plan: SweepPlan, local_rank: int, world: int, say) -> tuple[list, dict]:
+    """Every run, resolved against its token stream, and the token streams (local rank 0 builds the
+    caches; the other ranks then read them)."""
     corpora = {}
     if local_rank != 0:
         barrier(world)
     for cfg in plan.configs():
-        key = corpus_key(cfg)
-        if key not in corpora:
-            corpora[key] = tokens, meta = load_and_cache_data(cfg, quiet=local_rank != 0)
+        if corpus_key(cfg) not in corpora:
+            corpora[corpus_key(cfg)] = _, meta = load_and_cache_data(cfg, quiet=local_rank != 0)
             say(f"data: {meta['n_tokens']:,} tokens from {meta['n_documents']:,} documents "
                 f"({meta['cache_file']})")
     if local_rank == 0:
         barrier(world)
-    return corpora
-
-def plan_runs(plan: SweepPlan, corpora: dict) -> list[PlannedRun]:
     runs = []
     for cfg in plan.configs():
-        key = corpus_key(cfg)
-        meta = corpora[key][1]
+        meta = corpora[corpus_key(cfg)][1]
         cfg = replace(cfg, vocab_size=cfg.vocab_size or meta["vocab_size"])
         if meta["max_id"] >= cfg.vocab_size:
             raise UserError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's ids "
                             f"(up to {meta['max_id']}); raise it or leave it unset")
         runs.append(PlannedRun(cfg, config_hash(cfg, meta["sha256"]), run_id_for(cfg, plan.axes),
-                               key, meta))
-    return runs
+                               corpus_key(cfg), meta))
+    return runs, corpora
 
 def split_for(run: PlannedRun, corpora: dict, splits: dict, device, say) -> TokenData:
     """The run's TokenData, one at a time (runs of one data shape are contiguous in the sweep)."""
@@ -1952,65 +1717,57 @@ def split_for(run: PlannedRun, corpora: dict, splits: dict, device, say) -> Toke
             f"{cfg.batch_size} x {cfg.max_seq_len} (the last 10%, non-overlapping){fewer}")
     return splits[key]
 
-def runs_to_do(out: Path, runs: list[PlannedRun], main_rank: bool, world: int, say) -> list[int]:
-    """Indices of the runs not yet in the CSV; one rank decides, so every rank has the same list."""
-    todo = None
-    if main_rank:
+def runs_to_do(out: Path, runs: list[PlannedRun], rank: int, world: int, say) -> list[int]:
+    """Indices of the runs not yet in the CSV; rank 0 decides, so every rank has the same list."""
+    todo = [None]
+    if rank == 0:
         done = read_done(out)
-        todo = [i for i, r in enumerate(runs) if r.config_hash not in done]
-        others = len(done - {r.config_hash for r in runs})
-        if others:
+        todo = [[i for i, r in enumerate(runs) if r.config_hash not in done]]
+        if others := len(done - {r.config_hash for r in runs}):
             say(f"note: {out} also holds {others} run(s) of other setups; the report groups by "
                 f"every setting that differs")
     if world > 1:
-        import torch.distributed as dist
-        shared = [todo]
-        dist.broadcast_object_list(shared, src=0)
-        todo = shared[0]
-    if len(todo) < len(runs):
-        done = len(runs) - len(todo)
-        say(f"resuming {out}: {done} of {len(runs)} runs already done, {len(todo)} to go")
-    return todo
-
-def prepare_out(out: Path, fresh: bool, say):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fresh and (out.exists() or out.is_symlink()):
-        backup = out.with_name(f"{out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak{out.suffix}")
-        out.rename(backup)
-        say(f"--fresh: moved the existing {out} to {backup}")
+        dist.broadcast_object_list(todo, src=0)
+    if len(todo[0]) < len(runs):
+        say(f"resuming {out}: {len(runs) - len(todo[0])} of {len(runs)} runs already done, "
+            f"{len(todo[0])} to go")
+    return todo[0]
 
 def run_sweep(plan: SweepPlan, device: str = "auto", compile: typing.Optional[bool] = None,
               fresh: bool = False) -> int:
     rank, world, local_rank = dist_setup()
-    main_rank = rank == 0
-    say = print if main_rank else (lambda *a, **k: None)
+    say = print if rank == 0 else (lambda *a, **k: None)
     say(f"MoE routing experiment: {plan.design()} = {plan.n_runs} runs" +
         (f" over {world} processes" if world > 1 else ""))
     for k, v in plan.axes.items():
         say(f"  {k}: {', '.join(map(str, v))}")
-    if main_rank:
-        prepare_out(plan.out, fresh, say)
+    if rank == 0:
+        plan.out.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and (plan.out.exists() or plan.out.is_symlink()):
+            backup = plan.out.with_name(f"{plan.out.stem}.{time.strftime('%Y%m%d-%H%M%S')}.bak"
+                                        f"{plan.out.suffix}")
+            plan.out.rename(backup)
+            say(f"--fresh: moved the existing {plan.out} to {backup}")
     rt = resolve_runtime(device, plan.base.use_amp, compile, local_rank)
     say(f"device: {rt.device_name}; {rt.reason}")
-    corpora = load_corpora(plan, local_rank, world, say)
-    runs, splits = plan_runs(plan, corpora), {}
+    runs, corpora = plan_runs(plan, local_rank, world, say)
+    splits = {}
     data_of = lambda run: split_for(run, corpora, splits, rt.device, say)  # noqa: E731
     data_of(runs[0])  # fails early on a corpus too short for the first run
-    # before compiling: a wrong --out fails fast
-    todo = runs_to_do(plan.out, runs, main_rank, world, say)
-    models = ModelCache(rt, quiet=not main_rank)
-    first = runs[0].cfg
-    size = estimate(first)
+    todo = runs_to_do(plan.out, runs, rank, world, say)  # before compiling: a bad --out fails fast
+    models = ModelCache(rt, quiet=rank != 0)
+    size = estimate(runs[0].cfg)
     say(f"model: {size.params:,} parameters, {size.active_params:,} active per token; "
         f"{size.flops_per_token / 1e9:.3f} GFLOP per training token")
-    say("config: " + json.dumps({k: v for k, v in asdict(first).items() if k not in ROUTING_AXES}))
+    say("config: " + json.dumps({k: v for k, v in asdict(runs[0].cfg).items()
+                                 if k not in ROUTING_AXES}))
     both = sum(r.cfg.balancing == "bias" and r.cfg.load_balancing_weight > 0 for r in runs)
     if both:
         say(f"note: {both} run(s) with --balancing bias also add the balancing loss (--lb-weight > "
             f"0); --lb-weight 0 gives DeepSeek-V3's loss-free balancing")
     train_runs(plan, runs, todo[rank::world], models, data_of, rank, world)
     barrier(world)
-    if main_rank:
+    if rank == 0:
         say(f"\nresults: {plan.out}")
         print_report(plan.out)
     return 0
@@ -2019,50 +1776,41 @@ def train_runs(plan: SweepPlan, runs: list[PlannedRun], mine: list[int], models:
                data_of, rank: int, world: int):
     from tqdm.auto import tqdm
     runs_dir = plan.out.with_name(plan.out.stem + "_runs")
-    overall = tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0,
-                   disable=None if rank == 0
-                   else True, bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}",
-                   dynamic_ncols=True)
     t_sweep = time.perf_counter()
-    try:
+    with tqdm(total=len(mine) * world, desc="sweep", unit="run", position=0,
+              disable=None if rank == 0 else True, dynamic_ncols=True,
+              bar_format="run {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {desc}") as overall:
         for k, i in enumerate(mine):
             run = runs[i]
             run_dir = runs_dir / run.run_id
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_file_safely(run_dir / "config.json", json.dumps(asdict(run.cfg),
-                                                                  indent=1).encode())
+            write_file_safely(run_dir / "config.json",
+                              json.dumps(asdict(run.cfg), indent=1).encode())
             overall.set_description_str(run.run_id)
             result = train_with_fallback(run.cfg, data_of(run), models, run_dir / "metrics.jsonl",
                                          progress=rank == 0 and sys.stderr.isatty())
-            result = replace(result, run_id=run.run_id, config_hash=run.config_hash,
-                             data=data_description(run.cfg), data_sha256=run.meta["sha256"],
-                             config_json=json.dumps(config_identity(run.cfg)))
-            append_row(plan.out, result)
+            r = replace(result, run_id=run.run_id, config_hash=run.config_hash,
+                        data=data_description(run.cfg), data_sha256=run.meta["sha256"],
+                        config_json=json.dumps(config_identity(run.cfg)))
+            append_row(plan.out, r)
             eta = (time.perf_counter() - t_sweep) / (k + 1) * (len(mine) - k - 1)
-            msg = (f"run {k + 1}/{len(mine)} ({run.run_id}): {result.status}, best val ppl "
-                   f"{result.best_val_perplexity:.2f}, cv {result.expert_usage_cv:.3f} (worst "
-                   f"layer "
-                   f"{result.expert_usage_cv_worst_layer:.3f}), {result.training_time_minutes:.2f} "
-                   f"min, {result.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
+            msg = (f"run {k + 1}/{len(mine)} ({run.run_id}): {r.status}, best val ppl "
+                   f"{r.best_val_perplexity:.2f}, cv {r.expert_usage_cv:.3f} (worst layer "
+                   f"{r.expert_usage_cv_worst_layer:.3f}), {r.training_time_minutes:.2f} min, "
+                   f"{r.tokens_per_s:,.0f} tok/s; ETA {eta / 60:.1f} min")
             tqdm.write(msg) if rank == 0 else print(f"[rank {rank}] {msg}", flush=True)
             overall.update(world)
-    finally:
-        overall.close()
 
 def print_report(out: Path):
     """report.py's summary and report, through its public API (imported only now: pandas, scipy)."""
     try:
         import report
     except ImportError as e:
-        warn(f"report.py cannot be imported ({e}); the results are in {out}")
-        return
-    if hasattr(report, "summary") and hasattr(report, "summary_text"):
-        try:
-            print(report.summary_text(report.summary(out)))
-        except Exception as e:  # the results are saved whatever the report makes of them
-            print(f"summary not available: {first_line(e)}")
-    else:
-        warn("this report.py has no summary()/summary_text(); run `python report.py CSV` instead")
+        return warn(f"report.py cannot be imported ({e}); the results are in {out}")
+    try:
+        print(report.summary_text(report.summary(out)))
+    except Exception as e:  # the results are saved whatever the report makes of them
+        print(f"summary not available: {first_line(e)}")
     try:
         print(f"report: {report.write_report(out)}")
     except Exception as e:
@@ -2079,17 +1827,42 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (python llm.py --help lists the flags)")
 
+def parse_grid_item(item: str) -> tuple[str, list]:
+    """--grid FIELD=V1,V2 -> (field, typed values): FIELD's flag with those values, spelt another
+    way."""
+    name, sep, text = item.partition("=")
+    name = name.strip().replace("-", "_")
+    names = {f.name for f in fields(MoEModelConfig)}
+    if not sep or not text.strip():
+        raise UserError(f"--grid {item!r}: expected FIELD=V1,V2 (for example expert_top_k=1,2)")
+    if name not in names:
+        raise UserError(f"--grid {item!r}: unknown field {name!r}; fields: "
+                        f"{', '.join(sorted(names))}")
+    if name in NOT_SWEPT:
+        raise UserError(f"--grid {name}: this field does not change a run's numbers or is "
+                        f"per-process; set it once with {flag(name)}")
+    typ = field_type(name)
+    try:
+        return name, [typ(v.strip()) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--grid {item!r}: values must be {typ.__name__}") from None
+
 class Once(argparse.Action):
-    """Store a flag's values; a field set twice (in any spelling) is refused, not silently replaced.
-    """
+    """Store a field's values, from its flag or from --grid FIELD=V1,V2; a field set twice, in any
+    spelling, is refused rather than silently replaced."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        given = namespace.__dict__.setdefault("given", [])
-        if self.dest in given:
-            raise argparse.ArgumentError(self, f"given twice; give {self.dest} once, with all its "
-                                               f"values")
-        given.append(self.dest)
-        setattr(namespace, self.dest, values)
+        name, spelling = self.dest, option_string
+        if self.dest == "grid":
+            name, values = parse_grid_item(values)
+            spelling = f"--grid {name}=..."
+        given = namespace.__dict__.setdefault("given", {})  # field -> spelling, in order given
+        if given.get(name) == spelling:
+            raise UserError(f"{spelling} is given twice; give {name} once, with all its values")
+        if name in given:
+            raise UserError(f"{given[name]} and {spelling} both set {name}; keep one")
+        given[name] = spelling
+        setattr(namespace, name, values)
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a small MoE LM over a sweep of settings; write a CSV.",
@@ -2099,9 +1872,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ, default in (("noise_std", float, [0.0, 0.1, 0.5]), ("seed", int, [42, 43, 44]),
                                ("load_balancing_weight", float, [0.01, 0.0])):
         g.add_argument(flag(name), dest=name, type=typ, nargs="+", action=Once, default=default,
-                       metavar=typ.__name__[0].upper(), 
+                       metavar=typ.__name__[0].upper(),
                        help=f"values to sweep (default: {default})")
-    g.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+    g.add_argument("--grid", action=Once, metavar="FIELD=V1,V2",
                    help="a field's flag with several values, spelt another way: expert_top_k=1,2")
     g.add_argument("--preset", choices=sorted(PRESETS), help="smoke: tiny, the sample corpus, CPU")
     g = p.add_argument_group("output and runtime")
@@ -2114,35 +1887,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="with --dry-run: one JSON object with each "
                    "run's config, FLOPs per token, tokens, parameters and memory estimate")
     g.add_argument("--time-steps", type=int, metavar="K", help="with --dry-run --json: time K "
-                                                               "steps "
-                   "of each model shape on random tokens (adds tokens_per_s)")
+                   "steps of each model shape on random tokens (adds tokens_per_s)")
     g.add_argument("--bench", action="store_true", help="time the training step against the "
                    "original's and a dense model's (tests/reference.py), on random tokens")
     g.add_argument("--bench-steps", type=int, metavar="N", help="timed steps (default: 30, CPU 20)")
     g.add_argument("--bench-out", metavar="JSON", help="also write the --bench figures as JSON")
-    add_config_flags(p)
-    return p
-
-def add_config_flags(p: argparse.ArgumentParser):
     groups = {}
     for f in fields(MoEModelConfig):
         if f.name in ROUTING_AXES:
             continue
-        if f.metadata["group"] not in groups:
-            groups[f.metadata["group"]] = p.add_argument_group(f"config: {f.metadata['group']}")
-        typ, kw = field_type(f.name), dict(action=Once)
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = p.add_argument_group(f"config: {group}")
+        typ, choices = field_type(f.name), f.metadata["choices"] or None
+        kw = dict(action=Once, type=typ, nargs="+", choices=choices,
+                  metavar=None if choices else typ.__name__.upper())
         if typ is bool:
             kw = dict(action=argparse.BooleanOptionalAction)
         elif f.name == "data_files":
-            kw.update(nargs="+", metavar="PATH")
+            kw.update(type=None, metavar="PATH")
         elif f.name in NOT_SWEPT:
-            kw.update(type=typ, metavar=typ.__name__.upper())
-        else:
-            kw.update(type=typ, nargs="+", choices=f.metadata["choices"] or None,
-                      metavar=None if f.metadata["choices"] else typ.__name__.upper())
-        groups[f.metadata["group"]].add_argument(
-            flag(f.name), dest=f.name, default=argparse.SUPPRESS,
-            help=f"{f.metadata['help']} (default: {f.default})", **kw)
+            del kw["nargs"]
+        groups[group].add_argument(flag(f.name), dest=f.name, default=argparse.SUPPRESS,
+                                   help=f"{f.metadata['help']} (default: {f.default})", **kw)
+    return p
 
 def dry_run(plan: SweepPlan, args) -> int:
     """Print the runs (or one JSON object with their cost); nothing is trained or written."""
@@ -2151,37 +1919,32 @@ def dry_run(plan: SweepPlan, args) -> int:
         for i, cfg in enumerate(plan.configs(), 1):
             print(f"run {i}/{plan.n_runs}: {json.dumps(asdict(cfg))}")
         return 0
-    speeds = {}
-    if args.time_steps:
-        rt = resolve_runtime(args.device, plan.base.use_amp, args.compile)
-        for cfg in plan.configs():
-            key = shape_key(cfg)
-            if key not in speeds:
-                speeds[key] = time_training_steps(cfg, rt, args.time_steps)
+    speeds = {}  # tokens/s by model shape
+    rt = resolve_runtime(args.device, plan.base.use_amp, args.compile) if args.time_steps else None
     runs = []
     for cfg in plan.configs():
+        shape = tuple(getattr(cfg, k) for k in ARCH_FIELDS) + (cfg.batch_size,
+                                                               cfg.gradient_accumulation_steps)
+        if rt and shape not in speeds:
+            speeds[shape] = time_training_steps(cfg, rt, args.time_steps)
         e = estimate(cfg)
         runs.append({"run_id": run_id_for(cfg, plan.axes), "config": asdict(cfg),
                      "flops_per_token": e.flops_per_token, "train_tokens": e.train_tokens,
                      "params": e.params, "memory_gb": e.memory_gb,
-                     **({"tokens_per_s": speeds[shape_key(cfg)]} if speeds else {})})
+                     **({"tokens_per_s": speeds[shape]} if rt else {})})
     print(json.dumps({"n_runs": plan.n_runs, "out": str(plan.out),
                       "axes": {k: list(v) for k, v in plan.axes.items()}, "runs": runs}))
     return 0
-
-def shape_key(cfg: MoEModelConfig) -> tuple:
-    return tuple(getattr(cfg, k) for k in ModelCache.ARCH) + (cfg.batch_size,
-                                                              cfg.gradient_accumulation_steps)
 
 def run_benchmark(plan: SweepPlan, args) -> int:
     if args.bench_out and not Path(args.bench_out).resolve().parent.is_dir():
         raise UserError(f"--bench-out {args.bench_out}: its folder does not exist")
     rt = resolve_runtime(args.device, plan.base.use_amp, args.compile)
     print(f"device: {rt.device_name}; {rt.reason}")
-    steps = args.bench_steps or (30 if rt.device.type == "cuda" else 20)
     cfg = replace(plan.base, noise_std=plan.axes["noise_std"][-1],
                   load_balancing_weight=plan.axes["load_balancing_weight"][0])
-    res = benchmark(cfg, rt, steps=steps, warmup=10 if rt.compile else 2)
+    res = benchmark(cfg, rt, steps=args.bench_steps or (30 if rt.device.type == "cuda" else 20),
+                    warmup=10 if rt.compile else 2)
     print_benchmark(res)
     if args.bench_out:
         write_file_safely(Path(args.bench_out), json.dumps(res, indent=1).encode())

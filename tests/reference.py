@@ -1,4 +1,5 @@
-"""The original's implementation, as plain code: the tests' oracle and the benchmark's "original".
+"""The original's implementation, as plain code: the tests' oracle and the benchmark's "original";
+and the benchmark's dense ceiling.
 
 What the original did and llm.py does differently: a Python loop over experts with a boolean mask
 and a host sync per expert, torch's own dropout, cross-entropy on materialised logits, Muon one
@@ -10,6 +11,7 @@ import math
 from dataclasses import replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import llm
@@ -140,3 +142,30 @@ def original_optimizers(model, cfg, rt: llm.Runtime) -> llm.Optimizers:
             g["initial_lr"] = g["lr"]
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     return llm.Optimizers(muon, adamw, scaler, [p for _, p in named])
+
+
+class DenseFFN(nn.Module):
+    """The benchmark's ceiling: one MLP of d_ff * top_k hidden units in place of the MoE, so a token
+    spends the same matmul FLOPs as in its k experts, with no routing, sorting or grouped kernels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = cfg.d_ff * cfg.expert_top_k
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.p = cfg.dropout
+
+    def forward(self, x) -> llm.MoEOut:  # x (B, T, C)
+        h = llm.dropout(F.silu(self.w1(x)), self.p, self.training)  # (B, T, d_ff * k)
+        zero = x.new_zeros((), dtype=torch.float32)
+        return llm.MoEOut(self.w2(h), zero, zero, torch.zeros(1, dtype=torch.int64, device=x.device))
+
+
+class DenseLLM(llm.MoEMinimalLLM):
+    """MoEMinimalLLM with DenseFFN blocks: the same attention, embedding, loss and training path."""
+
+    def __init__(self, cfg, dispatch="grouped"):
+        super().__init__(cfg, dispatch)
+        for block in self.blocks:
+            block.feed_forward = DenseFFN(cfg)
+        self.reset_parameters(cfg.seed)

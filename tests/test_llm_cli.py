@@ -537,7 +537,7 @@ def test_bench_writes_json_with_the_original_and_the_dense_ceiling(run_llm, tmp_
     res = json.loads((tmp_path / "b.json").read_text())
     cfg = llm.MoEModelConfig(vocab_size=512, d_model=32, n_heads=4, n_layers=1, d_ff=64, batch_size=2, max_seq_len=32)
     assert res["gradient_accumulation_steps"] == 2 and res["tokens_per_step"] == 2 * 64  # whole updates
-    assert res["flops_per_token"] == pytest.approx(llm.flops_per_token(cfg))
+    assert res["flops_per_token"] == pytest.approx(llm.estimate(cfg).flops_per_token)
     assert res["peak_tflops"] > 0 and res["dtype"] and res["torch"] == llm.torch.__version__
     assert [r["impl"] for r in res["impls"]] == ["this project", "original", "dense"]
     ours, orig, dense = res["impls"]
