@@ -559,7 +559,7 @@ def test_zero_experts_layer_against_a_plain_reference(zero_copy):
     for p in layers["grouped"].parameters():
         torch.nn.init.normal_(p, std=0.3)
     layers["sorted"].load_state_dict(layers["grouped"].state_dict())
-    x = torch.randn(2, 16, cfg.d_model)
+    x = torch.randn(2, 16, cfg.d_model, requires_grad=True)
     route = layers["grouped"].router(x.reshape(-1, cfg.d_model))
     assert (route.experts >= cfg.num_experts).any() and (route.experts < cfg.num_experts).any()
     ref = torch.zeros(32, cfg.d_model)
@@ -568,10 +568,17 @@ def test_zero_experts_layer_against_a_plain_reference(zero_copy):
             m = layers["grouped"]
             y = xn if e >= cfg.num_experts else torch.nn.functional.silu(xn @ m.w1[e].T) @ m.w2[e].T
             ref[n] += w * y
+    # Gradients too: grouped_mm leaves the identity copies' rows of its input gradient unset, so an
+    # unmasked layer sends garbage (nan at times) into x's gradient (the example's first version did).
+    g = torch.randn(32, cfg.d_model)
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
     for d, layer in layers.items():
         out = layer(x)
         got = out.out.reshape(-1, cfg.d_model)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=d)
+        for _ in range(3):  # unset memory differs between calls: a lucky zero must not pass
+            (grad,) = torch.autograd.grad(layer(x).out.reshape(-1, cfg.d_model), x, g)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5, msg=d)
         assert out.counts.shape == (cfg.num_experts,)
         assert out.counts.sum() == (route.experts < cfg.num_experts).sum()
     cfg0 = old.MoEModelConfig(**{**old.PRESETS["smoke"], "vocab_size": 256})
