@@ -5,6 +5,7 @@ them explicitly), and the Hugging Face caches point into the test's temporary di
 machine is read or written.
 """
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def llm_main(tmp_path, monkeypatch, capsys):
         return types.SimpleNamespace(returncode=rc, stdout=out, stderr=err)
 
     return run
+
+
+def sigint_default():
+    """preexec_fn for a child that a test stops with Ctrl-C: pytest-xdist's workers ignore SIGINT, a child
+    inherits an ignored signal, and Python then installs no KeyboardInterrupt handler (the child ran on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 SMOKE_FAST = ("--preset", "smoke", "--max-steps", "10", "--eval-every", "5", "--log-every", "5")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import llm
-from conftest import merge_smoke
+from conftest import merge_smoke, sigint_default
 import report
 
 CSV_NAME = "moe_routing_noise_experiment_results.csv"
@@ -220,7 +220,8 @@ def test_ctrl_c_mid_sweep_exits_130_keeping_finished_runs(tmp_path, smoke_fast):
     args = [*smoke_fast, "--max-steps", "10", "--noise-std", "0.0", "--seeds", *map(str, range(42, 50)),
             "--lb-weight", "0.01", "--out", "r.csv"]
     out = tmp_path / "r.csv"
-    proc = _popen_sweep(tmp_path, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _popen_sweep(tmp_path, args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        preexec_fn=sigint_default)
     _wait_for_rows(out, 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()

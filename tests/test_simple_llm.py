@@ -34,6 +34,7 @@ import pytest
 
 import simple_llm
 from fake_providers import FakeProviders, answer, blocked, error, raw, stalled
+from conftest import sigint_default
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "simple_llm.py"
@@ -488,7 +489,8 @@ def test_ctrl_c_exits_130_and_keeps_finished_steps(fake, work):
     release = threading.Event()
     fake.then("gemini", lambda: answer("gemini", "a slow review " * 5, hold=release))
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *chain_args()], cwd=work, env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_default)
     try:
         deadline = time.time() + 60  # step 2 is held (up to 60 s) once it starts
         while len(fake.calls) < 2 and time.time() < deadline:
