@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-import report
 import simple_llm as ce
 import simple_llm
 from simple_llm import EditError, Edit
@@ -709,18 +708,15 @@ evaluate = None
 
 @pytest.mark.timeout(240)
 def test_loop_runs_a_code_plan_end_to_end_and_the_next_round_starts_from_its_copy(
-        fake, work, capfd, monkeypatch):
+        fake, work, capfd):
     before = sha(ROOT / "llm.py")
-    real = simple_llm.verdicts
-
-    def constructed(csv_path):  # smoke scale gives no verdict: a "better" summary stands for it
-        out = real(csv_path)
-        better = report.Verdict("zero_experts", "2 vs 0", "val_loss", -0.1, -0.2, -0.05, False, 3,
-                                0.01, 0.05, "better")
-        return {**out, "verdicts": [better._asdict()]}
-    monkeypatch.setattr(simple_llm, "verdicts", constructed)
-    plan1 = code_plan([{"name": "zero2", "question": "Do 2 zero experts train?",
-                        "args": ["--zero-experts", "2", *TINY]}])
+    # A real verdict, not a constructed one: on the patched copy, a Muon learning rate 4x the default
+    # lowers the loss at smoke scale on every seed (about -1.5 nats at 10 updates): "better".
+    runs = ["--zero-experts", "2", "--preset", "smoke", "--max-steps", "6", "--eval-every", "6",
+            "--eval-steps", "1", "--noise-std", "0.1", "--lb-weight", "0.01", "--muon-lr", "0.01",
+            "0.04", "--seeds", "42", "43", "44"]
+    plan1 = code_plan([{"name": "zero2", "question": "Do 2 zero experts train, and does a higher "
+                        "Muon LR help them?", "args": runs}])
     fake.then("gemini", lambda: answer("gemini", "review one"), lambda: answer("gemini", plan1),
               lambda: answer("gemini", "review two"), lambda: answer("gemini", ROUND2))
     rc = simple_llm.main(["loop", "idea.md", "--rounds", "2", "--yes", "--allow-code-edits",
@@ -738,7 +734,8 @@ def test_loop_runs_a_code_plan_end_to_end_and_the_next_round_starts_from_its_cop
     state = json.loads((work / "L" / "loop_state.json").read_text())
     assert state["round"]["1"]["status"] == "done" and state["code"] == "round1/llm.py"
     ledger = (work / "L" / "ledger.md").read_text()
-    assert "[round1/llm.py.diff](round1/llm.py.diff)" in ledger and "better" in ledger
+    assert "[round1/llm.py.diff](round1/llm.py.diff)" in ledger
+    assert re.search(r"muon_lr 0\.04 vs 0\.01: better \(n=3", ledger), ledger
     assert "diff -u llm.py L/round1/llm.py" in ledger
     # round 2: its prompt carries the copy's code; its edit applies to the copy only
     assert "zero_experts" in fake.calls[7].prompt and "zero_experts" not in fake.calls[3].prompt
