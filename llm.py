@@ -1912,6 +1912,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    help=f"{f.metadata['help']} (default: {f.default})", **kw)
     return p
 
+class FlagSpec(typing.NamedTuple):
+    options: tuple  # ("--lb-weight", ...)
+    dest: str
+    nargs: object
+    metavar: typing.Optional[str]
+    help: typing.Optional[str]
+
+def flag_specs() -> list[FlagSpec]:
+    """The command line's options, for tools that write or check llm.py arguments (simple_llm.py's
+    plans). argparse keeps its actions private: this is the one place that reads them."""
+    return [FlagSpec(tuple(a.option_strings), a.dest, a.nargs, a.metavar, a.help)
+            for a in build_parser()._actions if a.option_strings]
+
 def dry_run(plan: SweepPlan, args) -> int:
     """Print the runs (or one JSON object with their cost); nothing is trained or written."""
     if not args.json:

@@ -1118,15 +1118,15 @@ def code_edit_rules(limits: Limits) -> str:
     return CODE_EDIT_RULES if limits.allow_code_edits else ""
 
 
-def _actions():
-    """llm.py's argparse actions. argparse has no public list of them; they only word messages and
-    the prompt: llm.plan_sweep decides what is valid."""
-    return _project_module("llm").build_parser()._actions
+def _flags():
+    """llm.py's options (llm.flag_specs): they word messages and the prompt; llm.plan_sweep decides
+    what is valid."""
+    return _project_module("llm").flag_specs()
 
 
 def llm_flags() -> dict[str, tuple[str, object]]:
     """llm.py's options: flag -> (dest, nargs)."""
-    return {s: (a.dest, a.nargs) for a in _actions() for s in a.option_strings}
+    return {s: (a.dest, a.nargs) for a in _flags() for s in a.options}
 
 
 def check_flags(label: str, args: list[str], flags: dict) -> None:
@@ -1457,13 +1457,13 @@ def plan_example() -> dict:
 def plan_format(max_runs: int = DEFAULT_MAX_RUNS, limits: Limits = Limits()) -> str:
     """{plan_format}: how the final plan ends in runs, with the flags from llm.py's own parser."""
     flags, owned = [], []
-    for a in _actions():
+    for a in _flags():
         if a.dest in TOOL_OWNED:
-            owned += a.option_strings
-        elif a.option_strings and a.help != argparse.SUPPRESS:
+            owned += a.options
+        elif a.help != argparse.SUPPRESS:
             meta = a.metavar or a.dest.upper()
             use = {0: "", "+": f" {meta} [{meta} ...]"}.get(a.nargs, f" {meta}")
-            flags.append(f"{' / '.join(a.option_strings)}{use}: {a.help}")
+            flags.append(f"{' / '.join(a.options)}{use}: {a.help}")
     return "\n".join([
         "After the plan, end your answer with exactly one fenced ```json block that turns it into "
         "runs:", "", "```json", json.dumps(plan_example()), "```", "",

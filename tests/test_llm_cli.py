@@ -733,3 +733,12 @@ def test_the_evaluation_section_is_protected_and_self_contained():
                for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
     rebound |= {n.name for n in rest.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert not defined & rebound
+
+
+def test_flag_specs_lists_every_option_as_the_parser_reads_it():
+    specs = {o: s for s in llm.flag_specs() for o in s.options}
+    assert specs["--lb-weight"].dest == "load_balancing_weight" and specs["--lb-weight"].nargs == "+"
+    assert specs["--seeds"].dest == "seed" and specs["--grid"].options == ("--grid",)
+    parsed = vars(llm.build_parser().parse_args(["--lb-weight", "0", "0.01", "--d-model", "64"]))
+    assert parsed[specs["--lb-weight"].dest] == [0.0, 0.01] and specs["--d-model"].dest in parsed
+    assert all(s.options and all(o.startswith("-") for o in s.options) for s in specs.values())
