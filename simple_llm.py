@@ -2121,6 +2121,7 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
         check_protected(original, patched, plan.edits)
     except EditError as e:
         raise edit_refusal(e) from None
+    n = count_code_plan(plan, limits, folder)  # before anything is written
     copy, diff_file = folder / "llm.py", folder / "llm.py.diff"
     diff = unified_diff(original, patched)
     _write(copy, patched)
@@ -2132,9 +2133,49 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
     where = (f"patched code runs in: {kind}" if kind else "patched code runs WITHOUT A SANDBOX "
              "(--no-sandbox; none can be made here): it can reach the network and write wherever "
              "you can; it still gets an environment without keys, no stdin and a time limit")
+    counted = (f"{_count(n, 'run')} counted by the unpatched llm.py (new flags times their "
+               "values)" if n else
+               "runs not counted ahead (the unpatched llm.py refuses the args)")
     return (f"{where}; after you confirm, its default behaviour and each entry at smoke scale are "
-            f"checked there first; each entry may run at most {limits.max_total_minutes:g} min (a "
-            "copy's new flags are not budgeted ahead)")
+            f"checked there first; {counted}; each entry may run at most "
+            f"{limits.max_total_minutes:g} min (the copy's runs are not timed ahead)")
+
+
+def count_code_plan(plan: Plan, limits: Limits, out_dir) -> int:
+    """A code plan's runs, counted before anything patched runs: the unpatched llm.py's planner on
+    the flags it knows, times the number of values of each flag (or --grid field) it does not know
+    (the copy's new ones). Over --max-runs: PlanError. 0 where the unpatched planner refuses the
+    args (the copy may accept them): then only the time limit bounds the plan."""
+    llm, flags, total = _project_module("llm"), llm_flags(), 0
+    fields = {f.name for f in dataclasses.fields(llm.MoEModelConfig)}
+    for i, e in enumerate(plan.entries, 1):
+        known, factor, groups = [], 1, []
+        for tok in e.args:
+            if tok.startswith("-") and not _NEGATIVE_NUMBER.match(tok):
+                flag, eq, value = tok.partition("=")
+                groups.append([flag, *([value] if eq else [])])
+            elif groups:
+                groups[-1].append(tok)
+        for flag, *values in groups:
+            if flag == "--grid":
+                new = [v for v in values if v.partition("=")[0].replace("-", "_") not in fields]
+                factor *= math.prod(len(v.partition("=")[2].split(",")) for v in new)
+                values = [v for v in values if v not in new]
+                known += [flag, *values] if values else []
+            elif flag in flags:
+                known += [flag, *values]
+            else:
+                factor *= max(1, len(values))
+        try:
+            e.n_runs = factor * llm.plan_sweep([*known, "--out", str(e.csv(out_dir))]).n_runs
+        except llm.UserError:
+            return 0
+        total += e.n_runs
+        if total > limits.max_runs:
+            raise PlanError(f"entry {i} ({e.name}) brings the plan to {total} runs or more, more "
+                            f"than --max-runs {limits.max_runs}; shrink the plan or raise "
+                            "--max-runs")
+    return total
 
 
 def check_copy(plan: Plan, folder: Path) -> None:

@@ -667,6 +667,36 @@ def code_plan(runs) -> str:
     return head + "```json\n" + json.dumps({"runs": runs}) + "\n```\n"
 
 
+def test_a_code_plans_runs_are_counted_and_limited_before_consent(tmp_path):
+    """Nothing patched runs to count them: the unpatched planner on the flags it knows, times the
+    values of each new flag or new --grid field."""
+    seeds = ["--seeds", "42", "43", "44"]
+    plan_md = tmp_path / "plan.md"
+    plan_md.write_text(code_plan([
+        {"name": "flag", "args": ["--zero-experts", "0", "2", "--noise-std", "0", "0.1",
+                                  "--lb-weight", "0.01", *seeds]},
+        {"name": "grid", "args": ["--grid", "zero_experts=0,2,4", "noise_std=0,0.1", "--lb-weight",
+                                  "0.01", *seeds]},
+        {"name": "one", "args": ["--zero-experts=2", "--lb-weight", "0", "0.01", "--noise-std", "0",
+                                 "--seeds", "7"]}]))
+    limits = ce.Limits(allow_code_edits=True)
+    plan = ce.read_plan(plan_md, limits=limits)
+    for d in "opq":
+        (tmp_path / d).mkdir()
+    lines = ce.prepare_copy(plan, USER_LLM, tmp_path / "o", limits)
+    assert [e.n_runs for e in plan.entries] == [12, 18, 2] and plan.total == 32
+    assert "32 runs counted by the unpatched llm.py" in lines
+    assert "plan.md: 3 entries, 32 runs" in ce.plan_text(plan, tmp_path / "o", lines)
+    small = ce.Limits(max_runs=20, allow_code_edits=True)
+    with pytest.raises(ce.PlanError, match=r"entry 2 \(grid\) brings the plan to 30 runs or more, "
+                                           r"more than --max-runs 20"):
+        ce.prepare_copy(ce.read_plan(plan_md, limits=small), USER_LLM, tmp_path / "p", small)
+    assert not list((tmp_path / "p").iterdir())  # refused before the copy was written
+    plan_md.write_text(code_plan([{"name": "x", "args": ["--d-model", "-3", *seeds]}]))
+    plan = ce.read_plan(plan_md, limits=limits)  # the unpatched planner refuses: not counted
+    assert "runs not counted ahead" in ce.prepare_copy(plan, USER_LLM, tmp_path / "q", limits)
+
+
 def test_code_plan_without_allow_code_edits_is_refused_and_yes_never_runs_code(tmp_path, capsys):
     plan = tmp_path / "plan.md"
     plan.write_text(code_plan([{"name": "z", "args": ["--zero-experts", "2", *TINY]}]))
