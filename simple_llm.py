@@ -2144,8 +2144,10 @@ def prepare_copy(plan: Plan, base: Path, folder: Path, limits: Limits) -> str:
 def count_code_plan(plan: Plan, limits: Limits, out_dir) -> int:
     """A code plan's runs, counted before anything patched runs: the unpatched llm.py's planner on
     the flags it knows, times the number of values of each flag (or --grid field) it does not know
-    (the copy's new ones). Over --max-runs: PlanError. 0 where the unpatched planner refuses the
-    args (the copy may accept them): then only the time limit bounds the plan."""
+    (the copy's new ones). The known flags and their configs are checked as a plain plan's are
+    (tool-owned flags, data files, tokenizer, dataset). Over --max-runs: PlanError. 0 where the
+    unpatched planner refuses the args (the copy may accept them): then only the time limit
+    bounds the plan."""
     llm, flags, total = _project_module("llm"), llm_flags(), 0
     fields = {f.name for f in dataclasses.fields(llm.MoEModelConfig)}
     for i, e in enumerate(plan.entries, 1):
@@ -2162,14 +2164,19 @@ def count_code_plan(plan: Plan, limits: Limits, out_dir) -> int:
                 factor *= math.prod(len(v.partition("=")[2].split(",")) for v in new)
                 values = [v for v in values if v not in new]
                 known += [flag, *values] if values else []
-            elif flag in flags:
-                known += [flag, *values]
+            elif flag in flags or any(f.startswith(flag) for f in flags if f.startswith("--")):
+                known += [flag, *values]  # a prefix too: the copy's argparse would take it so
             else:
                 factor *= max(1, len(values))
+        label = f"entry {i} ({e.name})"
+        check_flags(label, known, flags)  # the tool's own flags stay the tool's
         try:
-            e.n_runs = factor * llm.plan_sweep([*known, "--out", str(e.csv(out_dir))]).n_runs
+            sweep = llm.plan_sweep([*known, "--out", str(e.csv(out_dir))])
         except llm.UserError:
             return 0
+        for cfg in sweep.configs():  # what gets loaded: files, tokenizer, dataset
+            _check_config(label, cfg, llm, limits)
+        e.n_runs = factor * sweep.n_runs
         total += e.n_runs
         if total > limits.max_runs:
             raise PlanError(f"entry {i} ({e.name}) brings the plan to {total} runs or more, more "

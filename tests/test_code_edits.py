@@ -692,6 +692,14 @@ def test_a_code_plans_runs_are_counted_and_limited_before_consent(tmp_path):
                                            r"more than --max-runs 20"):
         ce.prepare_copy(ce.read_plan(plan_md, limits=small), USER_LLM, tmp_path / "p", small)
     assert not list((tmp_path / "p").iterdir())  # refused before the copy was written
+    for args, refusal in ((["--fre"], r"--fre \(--fresh\) is chosen by the tool"),
+                          (["--cache-dir", "/tmp/x"], r"--cache-dir \(--cache-dir\) is chosen by"),
+                          (["--data-files", "/etc/hostname"], r"data file /etc/hostname is .*outside"),
+                          (["--tokenizer", "evil/remote-code"], r"tokenizer 'evil/remote-code' is not")):
+        plan_md.write_text(code_plan([{"name": "x", "args": ["--zero-experts", "2", *args, *seeds]}]))
+        with pytest.raises(ce.PlanError, match=r"entry 1 \(x\): " + refusal):
+            ce.prepare_copy(ce.read_plan(plan_md, limits=limits), USER_LLM, tmp_path / "p", limits)
+    assert not list((tmp_path / "p").iterdir())
     plan_md.write_text(code_plan([{"name": "x", "args": ["--d-model", "-3", *seeds]}]))
     plan = ce.read_plan(plan_md, limits=limits)  # the unpatched planner refuses: not counted
     assert "runs not counted ahead" in ce.prepare_copy(plan, USER_LLM, tmp_path / "q", limits)
