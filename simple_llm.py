@@ -2148,7 +2148,7 @@ def count_code_plan(plan: Plan, limits: Limits, out_dir) -> int:
     (tool-owned flags, data files, tokenizer, dataset). Over --max-runs: PlanError. 0 where the
     unpatched planner refuses the args (the copy may accept them): then only the time limit
     bounds the plan."""
-    llm, flags, total = _project_module("llm"), llm_flags(), 0
+    llm, flags, total, uncounted = _project_module("llm"), llm_flags(), 0, False
     fields = {f.name for f in dataclasses.fields(llm.MoEModelConfig)}
     for i, e in enumerate(plan.entries, 1):
         known, factor, groups = [], 1, []
@@ -2173,16 +2173,16 @@ def count_code_plan(plan: Plan, limits: Limits, out_dir) -> int:
         try:
             sweep = llm.plan_sweep([*known, "--out", str(e.csv(out_dir))])
         except llm.UserError:
-            return 0
-        for cfg in sweep.configs():  # what gets loaded: files, tokenizer, dataset
-            _check_config(label, cfg, llm, limits)
+            uncounted = True  # the other entries are still checked and counted
+            continue
         e.n_runs = factor * sweep.n_runs
         total += e.n_runs
         if total > limits.max_runs:
-            raise PlanError(f"entry {i} ({e.name}) brings the plan to {total} runs or more, more "
-                            f"than --max-runs {limits.max_runs}; shrink the plan or raise "
-                            "--max-runs")
-    return total
+            raise PlanError(f"{label} brings the plan to {total} runs or more, more than "
+                            f"--max-runs {limits.max_runs}; shrink the plan or raise --max-runs")
+        for cfg in sweep.configs():  # what gets loaded: files, tokenizer, dataset
+            _check_config(label, cfg, llm, limits)
+    return 0 if uncounted else total
 
 
 def check_copy(plan: Plan, folder: Path) -> None:

@@ -703,6 +703,10 @@ def test_a_code_plans_runs_are_counted_and_limited_before_consent(tmp_path):
     plan_md.write_text(code_plan([{"name": "x", "args": ["--d-model", "-3", *seeds]}]))
     plan = ce.read_plan(plan_md, limits=limits)  # the unpatched planner refuses: not counted
     assert "runs not counted ahead" in ce.prepare_copy(plan, USER_LLM, tmp_path / "q", limits)
+    plan_md.write_text(code_plan([{"name": "x", "args": ["--d-model", "-3", *seeds]},
+                                  {"name": "y", "args": ["--data-files", "/etc/hostname", *seeds]}]))
+    with pytest.raises(ce.PlanError, match=r"entry 2 \(y\): data file /etc/hostname"):
+        ce.prepare_copy(ce.read_plan(plan_md, limits=limits), USER_LLM, tmp_path / "q", limits)
 
 
 def test_code_plan_without_allow_code_edits_is_refused_and_yes_never_runs_code(tmp_path, capsys):
